@@ -1,0 +1,128 @@
+"""SSA attention ops with backend dispatch: Triton kernels on CUDA, the PyTorch reference elsewhere.
+
+Shapes: q [B, T, HQ, D], k, v [B, TK, H, D] (TK >= T, queries are the last T keys), doc_start [B, T] or None
+(see `documents.py`), block_indices [B, T, H, block_count] int32 (-1 = unused slot).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .documents import doc_start_from_cu_seqlens, doc_start_from_position_ids
+from .reference import alignment_loss, attention_sparsity, check_qkv
+
+__all__ = [
+    "select_blocks",
+    "attend_blocks",
+    "sparse_attention",
+    "full_attention",
+    "attention_sparsity",
+    "alignment_loss",
+    "doc_start_from_position_ids",
+    "doc_start_from_cu_seqlens",
+    "resolve_backend",
+]
+
+
+def _triton_ops():
+    """The Triton kernel module, or None where it cannot run (no triton, or no kernels in this build)."""
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("ssa_adapt.ops.triton") is None:
+        return None
+    from . import triton as triton_ops
+
+    return triton_ops
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Map 'auto' to the backend that runs for tensor x: 'triton' for CUDA tensors when the kernels exist,
+    'reference' otherwise. An explicit 'triton' without kernels raises with the fix."""
+    if backend == "auto":
+        return "triton" if x.is_cuda and _triton_ops() is not None else "reference"
+    if backend == "triton" and _triton_ops() is None:
+        raise RuntimeError(
+            "backend='triton' needs the `triton` package and ssa_adapt's kernels: pip install 'ssa_adapt[kernels]'."
+        )
+    if backend == "fla" and importlib.util.find_spec("fla") is None:
+        raise RuntimeError("backend='fla' needs fla-core: pip install 'ssa_adapt[fla]'.")
+    if backend not in ("reference", "triton", "fla"):
+        raise ValueError(f"backend={backend!r}: use one of 'auto', 'reference', 'triton', 'fla'.")
+    return backend
+
+
+def select_blocks(
+    q, k, *, block_size=16, block_count=16, sink_blocks=0, local_blocks=1, scale=None, doc_start=None, backend="auto"
+) -> torch.Tensor:
+    """Block selection (no gradient): q [B, T, HQ, D], k [B, TK, H, D] -> [B, T, H, block_count] int32."""
+    kwargs = dict(
+        block_size=block_size,
+        block_count=block_count,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+        scale=scale,
+        doc_start=doc_start,
+    )
+    if resolve_backend(backend, q) == "triton":
+        return _triton_ops().select_blocks(q, k, **kwargs)
+    return reference.select_blocks(q, k, **kwargs)
+
+
+def attend_blocks(
+    q, k, v, block_indices, *, block_size=16, scale=None, doc_start=None, backend="auto"
+) -> torch.Tensor:
+    """Attention over the selected blocks, differentiable in q, k, v -> o [B, T, HQ, D]."""
+    kwargs = dict(block_size=block_size, scale=scale, doc_start=doc_start)
+    if resolve_backend(backend, q) == "triton":
+        return _triton_ops().attend_blocks(q, k, v, block_indices, **kwargs)
+    return reference.attend_blocks(q, k, v, block_indices, **kwargs)
+
+
+def sparse_attention(
+    q,
+    k,
+    v,
+    *,
+    block_size=16,
+    block_count=16,
+    sink_blocks=0,
+    local_blocks=1,
+    scale=None,
+    doc_start=None,
+    backend="auto",
+    return_indices=False,
+):
+    """The sparse stream: selection then attention. -> o [B, T, HQ, D] (and block_indices if asked)."""
+    indices = select_blocks(
+        q,
+        k,
+        block_size=block_size,
+        block_count=block_count,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+        scale=scale,
+        doc_start=doc_start,
+        backend=backend,
+    )
+    out = attend_blocks(q, k, v, indices, block_size=block_size, scale=scale, doc_start=doc_start, backend=backend)
+    return (out, indices) if return_indices else out
+
+
+def full_attention(q, k, v, *, scale=None, doc_start=None, sliding_window=None, backend="auto") -> torch.Tensor:
+    """The full stream: causal attention inside each document -> o [B, T, HQ, D].
+
+    Uses SDPA (GQA without copying K/V) when there are no document boundaries and no window; the reference
+    otherwise on CPU, FlexAttention document masks on CUDA when the kernels provide them.
+    """
+    B, T, TK, HQ, H, D = check_qkv(q, k, v)
+    if doc_start is None and sliding_window is None and (T == TK or T == 1):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=T > 1, scale=scale, enable_gqa=HQ != H
+        )
+        return out.transpose(1, 2)
+    triton_ops = _triton_ops() if q.is_cuda and backend in ("auto", "triton") else None
+    if triton_ops is not None and hasattr(triton_ops, "full_attention"):
+        return triton_ops.full_attention(q, k, v, scale=scale, doc_start=doc_start, sliding_window=sliding_window)
+    return reference.full_attention(q, k, v, scale=scale, doc_start=doc_start, sliding_window=sliding_window)

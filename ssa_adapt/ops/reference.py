@@ -1,0 +1,345 @@
+"""PyTorch reference of SSA attention: block selection, block-sparse attention, full attention, statistics.
+
+This file is the truth the Triton kernels are tested against, and the CPU path. It favours clarity over speed,
+but keeps memory bounded: queries are processed in chunks, so no [T, TK] tensor exists for all heads at once.
+
+Shapes (SPEC section 1):
+    q            [B, T, HQ, D]   queries after RoPE; they are the last T of the TK key positions
+    k, v         [B, TK, H, D]   keys after RoPE, values; HQ = G * H for any group size G >= 1
+    doc_start    [B, T] int64    key index where each query's document starts (packed sequences, left padding);
+                                 None means every document starts at key 0. Keys before it are invisible, and
+                                 blocks are counted from it.
+    block_indices [B, T, H, S]   int32, the selected block numbers (relative to the document start), ascending,
+                                 -1 in unused slots; S = block_count.
+
+Everything is computed in float32 (float64 when the inputs are float64) and returned in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "select_blocks",
+    "attend_blocks",
+    "full_attention",
+    "attention_sparsity",
+    "alignment_loss",
+    "check_qkv",
+]
+
+# Elements of the largest per-chunk score tensor [B, Tc, HQ, L]; bounds the reference's memory.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input checks and document segmentation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[int, int, int, int, int, int]:
+    """Validate shapes and return (B, T, TK, HQ, H, D)."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"q must be [B, T, HQ, D] and k [B, TK, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}. "
+            "Transpose HF's [B, heads, T, D] layout with .transpose(1, 2)."
+        )
+    B, T, HQ, D = q.shape
+    Bk, TK, H, Dk = k.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch size or head_dim.")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have k's shape {tuple(k.shape)}.")
+    if HQ % H != 0:
+        raise ValueError(f"query heads HQ={HQ} must be a multiple of key/value heads H={H} (GQA).")
+    if TK < T:
+        raise ValueError(
+            f"key length TK={TK} is shorter than query length T={T}; queries are the last T key positions."
+        )
+    return B, T, TK, HQ, H, D
+
+
+def _segments(doc_start: torch.Tensor | None, B: int, T: int, TK: int):
+    """Yield (b, q0, q1, s): queries [q0, q1) of row b (b=None: all rows) whose document starts at key s."""
+    if doc_start is None:
+        yield None, 0, T, 0
+        return
+    if doc_start.shape != (B, T):
+        raise ValueError(f"doc_start must be [B, T] = {(B, T)}; got {tuple(doc_start.shape)}.")
+    ds = doc_start.detach().to("cpu", torch.int64)
+    off = TK - T
+    if bool((ds < 0).any()) or bool((ds > torch.arange(T) + off).any()):
+        raise ValueError(
+            "doc_start must satisfy 0 <= doc_start[b, t] <= t + (TK - T): a document starts at or before its query."
+        )
+    if bool((ds == 0).all()):
+        yield None, 0, T, 0
+        return
+    for b in range(B):
+        values, counts = torch.unique_consecutive(ds[b], return_counts=True)
+        q0 = 0
+        for s, n in zip(values.tolist(), counts.tolist()):
+            yield b, q0, q0 + n, s
+            q0 += n
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk_len(B: int, HQ: int, L: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, B * HQ * L))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-segment cores: keys 0..L-1 of one document, queries at positions q_pos (all rows share the segmentation)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _select_segment(q, k, q_pos, block_size, block_count, sink_blocks, local_blocks, scale):
+    """q [B, Tq, HQ, D], k [B, L, H, D], q_pos [Tq] -> block indices [B, Tq, H, S] (int32, -1 padded)."""
+    B, Tq, HQ, D = q.shape
+    L, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    BS, S = block_size, block_count
+    NB = -(-L // BS)  # blocks, the last one possibly partial
+    NBc = L // BS  # complete blocks of the whole segment
+    cdt = _compute_dtype(q)
+    kbar = k[:, : NBc * BS].to(cdt).reshape(B, NBc, BS, H, D).mean(2)  # [B, NBc, H, D]
+    blocks = torch.arange(NB, device=q.device)
+    out = torch.full((B, Tq, H, S), -1, dtype=torch.int32, device=q.device)
+    step = _chunk_len(B, HQ, max(NB, 1))
+    for t0 in range(0, Tq, step):
+        pos = q_pos[t0 : t0 + step]  # [Tc]
+        Tc = pos.numel()
+        cur = pos // BS  # the query's own block
+        complete = blocks[None, :] < ((pos + 1) // BS)[:, None]  # [Tc, NB]
+        forced = ((blocks[None, :] < sink_blocks) | (blocks[None, :] > (cur - local_blocks)[:, None])) & (
+            blocks[None, :] <= cur[:, None]
+        )
+        candidate = complete & ~forced
+        budget = (block_count - forced.sum(-1)).clamp(min=0)  # [Tc]
+
+        importance = torch.zeros(B, Tc, H, NB, dtype=cdt, device=q.device)
+        if NBc > 0:
+            qg = q[:, t0 : t0 + Tc].to(cdt).reshape(B, Tc, H, G, D)
+            logits = torch.einsum("bthgd,bnhd->bthgn", qg, kbar) * scale
+            logits = logits.masked_fill(~complete[None, :, None, None, :NBc], float("-inf"))
+            probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without complete blocks -> 0
+            importance[..., :NBc] = probs.sum(3)  # I(j) = sum over the group's heads
+        score = importance.masked_fill(~candidate[None, :, None, :], float("-inf"))
+        # stable descending sort: among equal scores the lower block index wins (deterministic ties)
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, blocks.expand_as(order))
+        chosen = candidate[None, :, None, :] & (rank < budget[None, :, None, None])
+        selected = chosen | forced[None, :, None, :]
+        keyed = torch.where(selected, blocks, NB)  # unselected blocks sort to the end
+        ordered = torch.sort(keyed, dim=-1).values[..., :S]
+        ordered = torch.where(ordered == NB, -1, ordered).to(torch.int32)
+        out[:, t0 : t0 + Tc, :, : ordered.shape[-1]] = ordered
+    return out
+
+
+def _key_mask(q_pos, L, block_indices, block_size, sliding_window):
+    """Visible keys [B or 1, Tc, H or 1, L]: causal, inside the selected blocks and the sliding window if given."""
+    keys = torch.arange(L, device=q_pos.device)
+    mask = (keys[None, :] <= q_pos[:, None])[None, :, None, :]  # [1, Tc, 1, L]
+    if sliding_window is not None:
+        mask = mask & (keys[None, :] > (q_pos[:, None] - sliding_window))[None, :, None, :]
+    if block_indices is not None:
+        NB = -(-L // block_size)
+        idx = block_indices.long()
+        idx = torch.where(idx < 0, NB, idx)  # unused slots -> a dropped extra column
+        Bi, Tc, H, _ = idx.shape
+        in_block = torch.zeros(Bi, Tc, H, NB + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+        mask = mask & in_block[..., :NB].repeat_interleave(block_size, dim=-1)[..., :L]
+    return mask
+
+
+def _attend_segment(q, k, v, q_pos, scale, block_indices=None, block_size=16, sliding_window=None):
+    """Masked softmax attention of q [B, Tq, HQ, D] over k, v [B, L, H, D] -> [B, Tq, HQ, D] (compute dtype)."""
+    B, Tq, HQ, D = q.shape
+    L, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    cdt = _compute_dtype(q)
+    kf, vf = k.to(cdt), v.to(cdt)
+    outs = []
+    step = _chunk_len(B, HQ, L)
+    for t0 in range(0, Tq, step):
+        pos = q_pos[t0 : t0 + step]
+        Tc = pos.numel()
+        qg = q[:, t0 : t0 + Tc].to(cdt).reshape(B, Tc, H, G, D)
+        sel = None if block_indices is None else block_indices[:, t0 : t0 + Tc]
+        mask = _key_mask(pos, L, sel, block_size, sliding_window)  # [B|1, Tc, H|1, L]
+        logits = torch.einsum("bthgd,blhd->bthgl", qg, kf) * scale
+        logits = logits.masked_fill(~mask[:, :, :, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        outs.append(torch.einsum("bthgl,blhd->bthgd", probs, vf).reshape(B, Tc, HQ, D))
+    return torch.cat(outs, dim=1)
+
+
+def _full_probs_mass(q, k, q_pos, scale, block_indices, block_size):
+    """Full causal attention mass inside the selected blocks: [B, Tq, HQ] (compute dtype)."""
+    B, Tq, HQ, D = q.shape
+    L, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    cdt = _compute_dtype(q)
+    kf = k.to(cdt)
+    outs = []
+    step = _chunk_len(B, HQ, L)
+    for t0 in range(0, Tq, step):
+        pos = q_pos[t0 : t0 + step]
+        Tc = pos.numel()
+        qg = q[:, t0 : t0 + Tc].to(cdt).reshape(B, Tc, H, G, D)
+        causal = _key_mask(pos, L, None, block_size, None)
+        selected = _key_mask(pos, L, block_indices[:, t0 : t0 + Tc], block_size, None)
+        logits = torch.einsum("bthgd,blhd->bthgl", qg, kf) * scale
+        probs = torch.softmax(logits.masked_fill(~causal[:, :, :, None, :], float("-inf")), dim=-1)
+        outs.append((probs * selected[:, :, :, None, :]).sum(-1).reshape(B, Tc, HQ))
+    return torch.cat(outs, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public reference functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _run_segments(q, k, doc_start, fn, out):
+    """Apply fn(q_seg, k_seg_slice, q_pos, b, q0, q1, s) per document segment and write into out[:, q0:q1]."""
+    B, T, TK = q.shape[0], q.shape[1], k.shape[1]
+    off = TK - T
+    for b, q0, q1, s in _segments(doc_start, B, T, TK):
+        rows = slice(None) if b is None else slice(b, b + 1)
+        q_pos = torch.arange(q0, q1, device=q.device) + off - s  # positions inside the document
+        result = fn(rows, q0, q1, s, q1 + off, q_pos)
+        out[rows, q0:q1] = result.to(out.dtype)
+    return out
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 16,
+    block_count: int = 16,
+    sink_blocks: int = 0,
+    local_blocks: int = 1,
+    scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SSA block selection (no gradient). q [B, T, HQ, D], k [B, TK, H, D] -> block_indices [B, T, H, S] int32.
+
+    Per query and KV head: the sink blocks, the `local_blocks` blocks ending with the query's own block, and the
+    top-scoring other complete blocks by I(j) = sum over the group's heads of softmax_j(scale * q . mean(k_j)),
+    up to `block_count` blocks in all. Ties go to the lower block index.
+    """
+    B, T, TK, HQ, H, D = check_qkv(q, k)
+    scale = D**-0.5 if scale is None else scale
+    out = torch.full((B, T, H, block_count), -1, dtype=torch.int32, device=q.device)
+    with torch.no_grad():
+
+        def fn(rows, q0, q1, s, end, q_pos):
+            return _select_segment(
+                q[rows, q0:q1], k[rows, s:end], q_pos, block_size, block_count, sink_blocks, local_blocks, scale
+            )
+
+        _run_segments(q, k, doc_start, fn, out)
+    return out
+
+
+def attend_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    *,
+    block_size: int = 16,
+    scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block-sparse causal attention over the selected blocks; differentiable in q, k, v.
+
+    q [B, T, HQ, D], k, v [B, TK, H, D], block_indices [B, T, H, S] -> o [B, T, HQ, D].
+    """
+    B, T, TK, HQ, H, D = check_qkv(q, k, v)
+    if block_indices.shape[:3] != (B, T, H):
+        raise ValueError(
+            f"block_indices must be [B, T, H, S] with (B, T, H) = {(B, T, H)}; got {tuple(block_indices.shape)}."
+        )
+    scale = D**-0.5 if scale is None else scale
+    out = q.new_empty(B, T, HQ, D, dtype=_compute_dtype(q))
+
+    def fn(rows, q0, q1, s, end, q_pos):
+        return _attend_segment(
+            q[rows, q0:q1], k[rows, s:end], v[rows, s:end], q_pos, scale, block_indices[rows, q0:q1], block_size
+        )
+
+    return _run_segments(q, k, doc_start, fn, out).to(q.dtype)
+
+
+def full_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Ordinary causal attention inside each document (optionally sliding-window). -> o [B, T, HQ, D]."""
+    B, T, TK, HQ, H, D = check_qkv(q, k, v)
+    scale = D**-0.5 if scale is None else scale
+    out = q.new_empty(B, T, HQ, D, dtype=_compute_dtype(q))
+
+    def fn(rows, q0, q1, s, end, q_pos):
+        return _attend_segment(
+            q[rows, q0:q1], k[rows, s:end], v[rows, s:end], q_pos, scale, sliding_window=sliding_window
+        )
+
+    return _run_segments(q, k, doc_start, fn, out).to(q.dtype)
+
+
+def attention_sparsity(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_indices: torch.Tensor,
+    *,
+    block_size: int = 16,
+    scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AttnSparsity: the full attention mass that falls inside the selected blocks. -> [B, T, HQ] float32.
+
+    The dropped mass of SPEC's Theorem 1 is `1 - attention_sparsity(...)`.
+    """
+    B, T, TK, HQ, H, D = check_qkv(q, k)
+    scale = D**-0.5 if scale is None else scale
+    out = torch.empty(B, T, HQ, dtype=_compute_dtype(q), device=q.device)
+    with torch.no_grad():
+
+        def fn(rows, q0, q1, s, end, q_pos):
+            return _full_probs_mass(
+                q[rows, q0:q1], k[rows, s:end], q_pos, scale, block_indices[rows, q0:q1], block_size
+            )
+
+        _run_segments(q, k, doc_start, fn, out)
+    return out
+
+
+def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
+    """SSA's bidirectional alignment: d(o_full, sg(o_sparse)) + d(sg(o_full), o_sparse), mean over all elements.
+
+    The first term pulls full attention toward sparse (gradient into the full stream only), the second keeps
+    sparse attention near full (gradient into the sparse stream only). Shapes: any, equal; returns a scalar.
+    """
+    if o_full.shape != o_sparse.shape:
+        raise ValueError(
+            f"o_full {tuple(o_full.shape)} and o_sparse {tuple(o_sparse.shape)} must have the same shape."
+        )
+    a, b = o_full.float(), o_sparse.float()
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(a, b.detach(), beta=1.0) + F.smooth_l1_loss(a.detach(), b, beta=1.0)
+    if kind == "l2":
+        return F.mse_loss(a, b.detach()) + F.mse_loss(a.detach(), b)
+    raise ValueError(f"alignment loss kind={kind!r}: use 'smooth_l1' or 'l2'.")
