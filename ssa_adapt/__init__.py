@@ -1,0 +1,33 @@
+"""ssa_adapt: trainable block-sparse attention (SSA, arXiv 2511.20102) for pretrained HuggingFace causal LMs."""
+
+from .config import SSAConfig
+from .modeling import AutoSSAModelForCausalLM
+from .patching.convert import (
+    alignment_loss,
+    convert,
+    get_controller,
+    is_converted,
+    record_attention_sparsity,
+    set_inference,
+    set_stream,
+    ssa_loss,
+    unload,
+)
+from .patching.registry import ARCHITECTURES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SSAConfig",
+    "AutoSSAModelForCausalLM",
+    "ARCHITECTURES",
+    "convert",
+    "unload",
+    "set_inference",
+    "set_stream",
+    "alignment_loss",
+    "ssa_loss",
+    "record_attention_sparsity",
+    "get_controller",
+    "is_converted",
+]

@@ -1,0 +1,151 @@
+"""SSA attention as a transformers `AttentionInterface` function, and the per-model state it reads.
+
+A converted model runs with `config._attn_implementation = "ssa"`. Each model's own attention forward computes
+q, k, v (bias, q_norm / k_norm, RoPE, KV cache) and calls `ssa_attention_forward`, which decides per layer:
+
+- eval: the `inference_mode` stream (sparse or full);
+- training, `train_mode` full / sparse: that stream only;
+- training, `train_mode` ssa: both streams; the residual continues with the stream drawn once per forward pass
+  (the same for every layer), and the per-layer alignment loss between the two (after the gate) is recorded in
+  the model's `SSAController` for the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import SSAConfig
+from ..ops import (
+    alignment_loss,
+    attention_sparsity,
+    doc_start_from_cu_seqlens,
+    doc_start_from_position_ids,
+    full_attention,
+    sparse_attention,
+)
+
+__all__ = ["SSAController", "SSALayerState", "ssa_attention_forward", "ATTN_IMPLEMENTATION"]
+
+ATTN_IMPLEMENTATION = "ssa"
+
+
+class SSAController:
+    """Per-model SSA state shared by all converted layers: the config, the stream of the current forward pass,
+    and what the layers recorded (alignment losses, attention statistics)."""
+
+    def __init__(self, config: SSAConfig, base_attn_implementation: str | None, layers: list[int], seed: int = 0):
+        self.config = config
+        self.base_attn_implementation = base_attn_implementation
+        self.layers = layers
+        self.stream: str | None = None  # fixed by set_stream(); None draws one per forward pass
+        self.drawn: str | None = None  # the stream drawn for the current forward pass
+        self.generator = torch.Generator().manual_seed(seed)
+        self.align_losses: dict[int, torch.Tensor] = {}
+        self.sparsity: dict[int, torch.Tensor] | None = None  # filled while recording statistics
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def begin_forward(self) -> None:
+        """Called once per top-level forward pass: forget the last pass's draw and records."""
+        self.drawn = None
+        self.align_losses = {}
+
+    def training_stream(self) -> str:
+        """The stream the residual continues with in SSA training, drawn once per forward pass."""
+        if self.stream is not None:
+            return self.stream
+        if self.drawn is None:
+            draw = torch.rand((), generator=self.generator).item()
+            self.drawn = "full" if draw < self.config.full_prob else "sparse"
+        return self.drawn
+
+
+class SSALayerState:
+    """What a converted attention module carries: its controller and its layer index."""
+
+    def __init__(self, controller: SSAController, layer_idx: int):
+        self.controller = controller
+        self.layer_idx = layer_idx
+
+
+def _doc_start(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -> torch.Tensor | None:
+    B, T, TK = query.shape[0], query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"SSA attention takes a 2D padding mask [B, TK] (or none); got a {attention_mask.dim()}D mask. "
+            "Pass document boundaries through position_ids (packing) or attention_mask (padding) instead of a custom 4D mask."
+        )
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is not None and B == 1 and T == TK:
+        return doc_start_from_cu_seqlens(cu_seqlens, T)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    return doc_start_from_position_ids(position_ids, B, T, TK, attention_mask=attention_mask)
+
+
+def _gate(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """Multiply out [B, T, HQ, D] by gamma = sigmoid(ssa_gate(hidden)) [B, T, HQ, 1] when the layer has a gate."""
+    gate = getattr(module, "ssa_gate", None)
+    if gate is None:
+        return out
+    hidden = module._ssa_hidden
+    gamma = torch.sigmoid(gate(hidden.to(gate.weight.dtype))).to(out.dtype)
+    return out * gamma[..., None]
+
+
+def ssa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query [B, HQ, T, D], key/value [B, H, TK, D] (HF layout) -> (attn_output [B, T, HQ, D], None)."""
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    doc_start = _doc_start(query, key, attention_mask, kwargs)
+    state: SSALayerState | None = getattr(module, "ssa_state", None)
+    if state is None:  # a layer left unconverted (sliding window, or not in config.layers)
+        return full_attention(q, k, v, scale=scaling, doc_start=doc_start, sliding_window=sliding_window), None
+
+    ctrl = state.controller
+    cfg = ctrl.config
+    selection = dict(
+        block_size=cfg.block_size,
+        block_count=cfg.block_count,
+        sink_blocks=cfg.sink_blocks,
+        local_blocks=cfg.local_blocks,
+        scale=scaling,
+        doc_start=doc_start,
+        backend=cfg.backend,
+    )
+
+    def full():
+        return _gate(module, full_attention(q, k, v, scale=scaling, doc_start=doc_start, backend=cfg.backend))
+
+    indices = None
+
+    def sparse():
+        nonlocal indices
+        out, indices = sparse_attention(q, k, v, return_indices=True, **selection)
+        return _gate(module, out)
+
+    if module.training and cfg.train_mode == "ssa":
+        o_full, o_sparse = full(), sparse()
+        ctrl.align_losses[state.layer_idx] = alignment_loss(o_full, o_sparse, cfg.align_loss)
+        out = o_full if ctrl.training_stream() == "full" else o_sparse
+    else:
+        mode = cfg.train_mode if module.training else cfg.inference_mode
+        out = full() if mode == "full" else sparse()
+
+    if ctrl.sparsity is not None:
+        with torch.no_grad():
+            if indices is None:
+                _, indices = sparse_attention(q, k, v, return_indices=True, **selection)
+            mass = attention_sparsity(q, k, indices, block_size=cfg.block_size, scale=scaling, doc_start=doc_start)
+            ctrl.sparsity[state.layer_idx] = mass.mean()
+    return out, None

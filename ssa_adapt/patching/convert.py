@@ -1,0 +1,229 @@
+"""`convert`, `unload`, `set_inference`, `set_stream` and the loss helpers: the lifecycle of a converted model."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+from ..config import SSAConfig
+from .attention import ATTN_IMPLEMENTATION, SSAController, SSALayerState, ssa_attention_forward
+from .registry import find_attention_layers, get_architecture, layer_sliding_window
+
+__all__ = [
+    "convert",
+    "unload",
+    "set_inference",
+    "set_stream",
+    "get_controller",
+    "is_converted",
+    "alignment_loss",
+    "ssa_loss",
+    "record_attention_sparsity",
+]
+
+logger = logging.getLogger(__name__)
+
+# "ssa" gets the padding-only 2D mask (or None), like flash attention: SSA works on document starts, not 4D masks.
+AttentionInterface.register(ATTN_IMPLEMENTATION, ssa_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+
+CONFIG_KEY = "ssa_config"  # where the SSAConfig lives inside the model's config.json
+
+
+def get_controller(model: nn.Module) -> SSAController | None:
+    """The SSAController of a converted model (also found through PEFT wrappers), or None."""
+    for module in model.modules():
+        ctrl = module.__dict__.get("ssa_controller")
+        if ctrl is not None:
+            return ctrl
+    return None
+
+
+def is_converted(model: nn.Module) -> bool:
+    return get_controller(model) is not None
+
+
+def _require_controller(model: nn.Module) -> SSAController:
+    ctrl = get_controller(model)
+    if ctrl is None:
+        raise ValueError(
+            "This model has no SSA attention: convert it first with ssa_adapt.convert(model, SSAConfig(...))."
+        )
+    return ctrl
+
+
+def _stash_hidden(module, args, kwargs):
+    module._ssa_hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _drop_hidden(module, args, kwargs, output):
+    module.__dict__.pop("_ssa_hidden", None)
+
+
+def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0) -> nn.Module:
+    """Give a pretrained Llama / Mistral / Qwen2 / Qwen3 causal LM SSA attention, in place; returns the model.
+
+    Every full-attention layer (or `config.layers`) gets SSA attention; sliding-window layers keep ordinary
+    attention. With `gate=False` the model's function in full mode is unchanged. The config is stored in
+    `model.config.ssa_config`, so `save_pretrained` keeps it and `AutoSSAModelForCausalLM` rebuilds the model.
+    `seed` seeds the per-forward stream draw when no trainer fixes it with `set_stream`.
+    """
+    config = config or SSAConfig()
+    if not isinstance(config, SSAConfig):
+        raise TypeError(f"config must be an SSAConfig, got {type(config).__name__}.")
+    if is_converted(model):
+        raise ValueError(
+            "This model is already converted to SSA; call ssa_adapt.unload(model) before converting again, "
+            "or ssa_adapt.set_inference(model, ...) to change the inference setup."
+        )
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not hasattr(hf_config, "model_type"):
+        raise TypeError(f"convert() takes a transformers PreTrainedModel; got {type(model).__name__}.")
+    if config.train_mode == "nsa":
+        raise NotImplementedError("train_mode='nsa' (the NSA baseline) is not available yet; use ssa, full or sparse.")
+    spec = get_architecture(hf_config.model_type)
+    layers = find_attention_layers(model, spec)
+    if not layers:
+        raise ValueError(
+            f"No {spec.attention_class.rsplit('.', 1)[-1]} modules found in this {hf_config.model_type} model."
+        )
+    requested = config.layers if config.layers is not None else list(layers)
+    unknown = [i for i in requested if i not in layers]
+    if unknown:
+        raise ValueError(
+            f"SSAConfig.layers names layers {unknown} that do not exist; this model has layers 0..{max(layers)}."
+        )
+    windowed = [i for i in requested if layer_sliding_window(layers[i], spec) is not None]
+    if windowed and config.layers is not None:
+        raise ValueError(
+            f"Layers {windowed} use sliding-window attention and cannot be converted; leave them out of SSAConfig.layers."
+        )
+    targets = [i for i in requested if i not in windowed]
+    if windowed:
+        logger.info("ssa_adapt: layers %s use a sliding window and keep ordinary attention.", windowed)
+    if not targets:
+        raise ValueError(
+            "Every attention layer of this model uses a sliding window; there is nothing for SSA to convert."
+        )
+
+    ctrl = SSAController(config, getattr(hf_config, "_attn_implementation", None), targets, seed=seed)
+    for i in targets:
+        attn = layers[i]
+        attn.ssa_state = SSALayerState(ctrl, i)
+        if config.gate:
+            weight = attn.q_proj.weight
+            hidden = attn.q_proj.in_features
+            heads = hf_config.num_attention_heads
+            attn.ssa_gate = nn.Linear(hidden, heads, bias=False, device=weight.device, dtype=weight.dtype)
+            nn.init.zeros_(attn.ssa_gate.weight)  # gamma = 0.5 at start
+            ctrl.handles.append(attn.register_forward_pre_hook(_stash_hidden, with_kwargs=True))
+            ctrl.handles.append(attn.register_forward_hook(_drop_hidden, with_kwargs=True))
+    ctrl.handles.append(model.register_forward_pre_hook(lambda module, args: ctrl.begin_forward()))
+    model.ssa_controller = ctrl
+    hf_config.ssa_config = config.to_dict()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove SSA from a converted model, in place: the original attention, state dict and config come back."""
+    ctrl = _require_controller(model)
+    owner = next(m for m in model.modules() if m.__dict__.get("ssa_controller") is ctrl)
+    for handle in ctrl.handles:
+        handle.remove()
+    for module in owner.modules():
+        if isinstance(module.__dict__.get("ssa_state"), SSALayerState):
+            del module.ssa_state
+            if "ssa_gate" in module._modules:
+                del module.ssa_gate
+            module.__dict__.pop("_ssa_hidden", None)
+    del owner.ssa_controller
+    hf_config = owner.config
+    if hasattr(hf_config, CONFIG_KEY):
+        delattr(hf_config, CONFIG_KEY)
+    owner.set_attn_implementation(ctrl.base_attn_implementation or "sdpa")
+    return owner
+
+
+def set_inference(
+    model: nn.Module,
+    mode: str | None = None,
+    *,
+    block_size: int | None = None,
+    block_count: int | None = None,
+    sink_blocks: int | None = None,
+    local_blocks: int | None = None,
+    backend: str | None = None,
+) -> SSAConfig:
+    """Change how a converted model attends at inference (no retraining); returns the new SSAConfig."""
+    ctrl = _require_controller(model)
+    changes = dict(
+        inference_mode=mode,
+        block_size=block_size,
+        block_count=block_count,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+        backend=backend,
+    )
+    ctrl.config = ctrl.config.replace(**{k: v for k, v in changes.items() if v is not None})
+    _owner_config(model, ctrl).ssa_config = ctrl.config.to_dict()
+    return ctrl.config
+
+
+def _owner_config(model: nn.Module, ctrl: SSAController):
+    return next(m for m in model.modules() if m.__dict__.get("ssa_controller") is ctrl).config
+
+
+def set_stream(model: nn.Module, stream: str | None) -> None:
+    """Fix the stream SSA training continues with ('full' or 'sparse') for the following forward passes, or None
+    to draw one per forward pass with probability `full_prob` (from the seed given to `convert`)."""
+    if stream not in (None, "full", "sparse"):
+        raise ValueError(f"stream={stream!r}: use 'full', 'sparse' or None (draw per forward pass).")
+    _require_controller(model).stream = stream
+
+
+def alignment_loss(model: nn.Module) -> torch.Tensor | None:
+    """Mean over converted layers of the alignment loss recorded by the last SSA-training forward pass, or None."""
+    losses = _require_controller(model).align_losses
+    if not losses:
+        return None
+    values = list(losses.values())
+    loss = torch.stack([x.to(values[0].device) for x in values]).mean()
+    if (
+        model.training
+        and torch.is_grad_enabled()
+        and not loss.requires_grad
+        and any(p.requires_grad for p in model.parameters())
+    ):
+        raise RuntimeError(
+            "The alignment loss carries no gradient: gradient checkpointing with use_reentrant=True runs the forward "
+            "without grad. Enable it with model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            "{'use_reentrant': False})."
+        )
+    return loss
+
+
+def ssa_loss(model: nn.Module, lm_loss: torch.Tensor) -> torch.Tensor:
+    """The SSA training loss of the last forward pass: lm_loss + align_weight * alignment_loss (SPEC section 2)."""
+    align = alignment_loss(model)
+    if align is None:
+        return lm_loss
+    return lm_loss + _require_controller(model).config.align_weight * align.to(lm_loss.device)
+
+
+@contextlib.contextmanager
+def record_attention_sparsity(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, every forward pass records per converted layer the mean AttnSparsity (full attention
+    mass inside the selected blocks) into the yielded dict {layer_idx: scalar tensor}."""
+    ctrl = _require_controller(model)
+    ctrl.sparsity = {}
+    try:
+        yield ctrl.sparsity
+    finally:
+        ctrl.sparsity = None
