@@ -148,8 +148,9 @@ def _strip_pod(pod: str) -> str:
     pod = re.sub(r"^=(?:head\d|item)\s*(.*)$", r"\1", pod, flags=re.M)
     pod = re.sub(r"^=\w+.*$", "", pod, flags=re.M)
     pod = re.sub(r"E<(?:gt)>", ">", re.sub(r"E<lt>", "<", pod))
+    pod = re.sub(r"[BCFIKLSXZ]<<+\s+(.*?)\s+>>+", r"\1", pod)  # C<< $x->y >>: the content may hold '>'
     for _ in range(3):  # formatting codes nest (B<C<x>>); unwrap from the inside out
-        pod = re.sub(r"[BCFIKLSXZ]<(?:<+\s)?([^<>]*?)(?:\s>+)?>", r"\1", pod)
+        pod = re.sub(r"[BCFIKLSXZ]<([^<>]*)>", r"\1", pod)
     return re.sub(r"\n{3,}", "\n\n", pod).strip()
 
 
@@ -213,12 +214,17 @@ class _HTMLText(HTMLParser):
             self.chunks.append("\n")
 
     def handle_data(self, data):
-        if not self.skip_depth:
-            self.chunks.append(data if self.pre else re.sub(r"\s+", " ", data))
+        if self.skip_depth:
+            return
+        if not self.pre:
+            data = re.sub(r"\s+", " ", data)
+            if not self.chunks or self.chunks[-1].endswith("\n"):
+                data = data.lstrip()
+        self.chunks.append(data)
 
     def text(self) -> str:
         text = re.sub(r"[ \t]+\n", "\n", "".join(self.chunks))
-        return re.sub(r"\n[ \t]+(?=\S)", "\n", re.sub(r"\n{3,}", "\n\n", text)).strip()
+        return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
 def _read_html(path: Path) -> str:
