@@ -44,11 +44,26 @@ class SSAController:
         self.align_losses: dict[int, torch.Tensor] = {}
         self.sparsity: dict[int, torch.Tensor] | None = None  # filled while recording statistics
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._doc_start: tuple | None = None  # (key, doc_start) computed once per forward pass for all layers
 
     def begin_forward(self) -> None:
         """Called once per top-level forward pass: forget the last pass's draw and records."""
         self.drawn = None
         self.align_losses = {}
+        self._doc_start = None
+
+    def doc_start(self, query, key, attention_mask, kwargs) -> torch.Tensor | None:
+        """_doc_start for this forward pass, computed by the first layer and reused by the others."""
+        position_ids, cu_seqlens = kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")
+        cache_key = (query.shape[0], query.shape[2], key.shape[2], position_ids, attention_mask, cu_seqlens)
+        cached = self._doc_start
+        if (
+            cached is None
+            or cached[0][:3] != cache_key[:3]
+            or any(a is not b for a, b in zip(cached[0][3:], cache_key[3:]))
+        ):
+            self._doc_start = (cache_key, _doc_start(query, key, attention_mask, kwargs))
+        return self._doc_start[1]
 
     def training_stream(self) -> str:
         """The stream the residual continues with in SSA training, drawn once per forward pass."""
@@ -107,12 +122,13 @@ def ssa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """query [B, HQ, T, D], key/value [B, H, TK, D] (HF layout) -> (attn_output [B, T, HQ, D], None)."""
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    doc_start = _doc_start(query, key, attention_mask, kwargs)
     state: SSALayerState | None = getattr(module, "ssa_state", None)
     if state is None:  # a layer left unconverted (sliding window, or not in config.layers)
+        doc_start = _doc_start(query, key, attention_mask, kwargs)
         return full_attention(q, k, v, scale=scaling, doc_start=doc_start, sliding_window=sliding_window), None
 
     ctrl = state.controller
+    doc_start = ctrl.doc_start(query, key, attention_mask, kwargs)
     cfg = ctrl.config
     selection = dict(
         block_size=cfg.block_size,
