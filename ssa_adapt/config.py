@@ -66,6 +66,10 @@ class SSAConfig:
     align_loss: str = field(
         default="smooth_l1", metadata={"help": f"Distance between the two streams' outputs: one of {ALIGN_LOSSES}."}
     )
+    nsa_window: int = field(
+        default=128,
+        metadata={"help": "Sliding-window length of the NSA baseline's window branch (train_mode='nsa')."},
+    )
     layers: list[int] | None = field(
         default=None,
         metadata={"help": "Indices of the decoder layers to convert; None converts every full-attention layer."},
@@ -78,7 +82,7 @@ class SSAConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "block_count", "local_blocks"):
+        for name in ("block_size", "block_count", "local_blocks", "nsa_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SSAConfig.{name}={value!r}: must be an integer >= 1.")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .documents import doc_start_from_cu_seqlens, doc_start_from_position_ids
-from .reference import alignment_loss, attention_sparsity, check_qkv
+from .reference import alignment_loss, attention_sparsity, check_qkv, compressed_attention
 
 __all__ = [
     "select_blocks",
@@ -21,6 +21,7 @@ __all__ = [
     "sparse_attention",
     "full_attention",
     "attention_sparsity",
+    "compressed_attention",
     "alignment_loss",
     "doc_start_from_position_ids",
     "doc_start_from_cu_seqlens",

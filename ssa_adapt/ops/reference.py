@@ -25,6 +25,7 @@ __all__ = [
     "attend_blocks",
     "full_attention",
     "attention_sparsity",
+    "compressed_attention",
     "alignment_loss",
     "check_qkv",
 ]
@@ -325,6 +326,47 @@ def attention_sparsity(
 
         _run_segments(q, k, doc_start, fn, out)
     return out
+
+
+def _compressed_segment(q, k, v, q_pos, scale, block_size):
+    """Attention of q [B, Tq, HQ, D] over the means of the complete blocks of k, v [B, L, H, D] (with gradient)."""
+    B, Tq, HQ, D = q.shape
+    L, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    NBc = L // block_size
+    cdt = _compute_dtype(q)
+    if NBc == 0:
+        return q.new_zeros(B, Tq, HQ, D, dtype=cdt)
+    kbar = k[:, : NBc * block_size].to(cdt).reshape(B, NBc, block_size, H, D).mean(2)  # [B, NBc, H, D]
+    vbar = v[:, : NBc * block_size].to(cdt).reshape(B, NBc, block_size, H, D).mean(2)
+    complete = torch.arange(NBc, device=q.device)[None, :] < ((q_pos + 1) // block_size)[:, None]  # [Tq, NBc]
+    logits = torch.einsum("bthgd,bnhd->bthgn", q.to(cdt).reshape(B, Tq, H, G, D), kbar) * scale
+    logits = logits.masked_fill(~complete[None, :, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # no complete block yet: the branch gives zeros
+    return torch.einsum("bthgn,bnhd->bthgd", probs, vbar).reshape(B, Tq, HQ, D)
+
+
+def compressed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 16,
+    scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """NSA's compressed branch: attention over the mean key / value of every complete block (differentiable).
+
+    q [B, T, HQ, D], k, v [B, TK, H, D] -> [B, T, HQ, D]; zeros for queries with no complete block yet.
+    """
+    B, T, TK, HQ, H, D = check_qkv(q, k, v)
+    scale = D**-0.5 if scale is None else scale
+    out = q.new_empty(B, T, HQ, D, dtype=_compute_dtype(q))
+
+    def fn(rows, q0, q1, s, end, q_pos):
+        return _compressed_segment(q[rows, q0:q1], k[rows, s:end], v[rows, s:end], q_pos, scale, block_size)
+
+    return _run_segments(q, k, doc_start, fn, out).to(q.dtype)
 
 
 def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:

@@ -19,6 +19,7 @@ from ..config import SSAConfig
 from ..ops import (
     alignment_loss,
     attention_sparsity,
+    compressed_attention,
     doc_start_from_cu_seqlens,
     doc_start_from_position_ids,
     full_attention,
@@ -99,14 +100,18 @@ def _doc_start(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -
     return doc_start_from_position_ids(position_ids, B, T, TK, attention_mask=attention_mask)
 
 
+def _gate_values(module: nn.Module, branches: int, dtype: torch.dtype) -> torch.Tensor:
+    """gamma = sigmoid(ssa_gate(hidden)) -> [B, T, branches, HQ, 1] (hidden stashed by the pre-hook)."""
+    gate = module.ssa_gate
+    gamma = torch.sigmoid(gate(module._ssa_hidden.to(gate.weight.dtype))).to(dtype)
+    return gamma.unflatten(-1, (branches, -1))[..., None]
+
+
 def _gate(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """Multiply out [B, T, HQ, D] by gamma = sigmoid(ssa_gate(hidden)) [B, T, HQ, 1] when the layer has a gate."""
-    gate = getattr(module, "ssa_gate", None)
-    if gate is None:
+    """Multiply out [B, T, HQ, D] by the per-head gate when the layer has one (SSAConfig.gate)."""
+    if getattr(module, "ssa_gate", None) is None:
         return out
-    hidden = module._ssa_hidden
-    gamma = torch.sigmoid(gate(hidden.to(gate.weight.dtype))).to(out.dtype)
-    return out * gamma[..., None]
+    return out * _gate_values(module, 1, out.dtype)[:, :, 0]
 
 
 def ssa_attention_forward(
@@ -150,7 +155,14 @@ def ssa_attention_forward(
         out, indices = sparse_attention(q, k, v, return_indices=True, **selection)
         return _gate(module, out)
 
-    if module.training and cfg.train_mode == "ssa":
+    if cfg.train_mode == "nsa" and (module.training or cfg.inference_mode == "sparse"):
+        # NSA baseline: gated sum of compressed (block means), selected (sparse) and sliding-window attention
+        gamma = _gate_values(module, 3, q.dtype)  # [B, T, 3, HQ, 1]
+        o_cmp = compressed_attention(q, k, v, block_size=cfg.block_size, scale=scaling, doc_start=doc_start)
+        o_slc, indices = sparse_attention(q, k, v, return_indices=True, **selection)
+        o_win = full_attention(q, k, v, scale=scaling, doc_start=doc_start, sliding_window=cfg.nsa_window)
+        out = gamma[:, :, 0] * o_cmp + gamma[:, :, 1] * o_slc + gamma[:, :, 2] * o_win
+    elif module.training and cfg.train_mode == "ssa":
         o_full, o_sparse = full(), sparse()
         ctrl.align_losses[state.layer_idx] = alignment_loss(o_full, o_sparse, cfg.align_loss)
         out = o_full if ctrl.training_stream() == "full" else o_sparse

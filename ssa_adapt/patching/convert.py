@@ -85,8 +85,6 @@ def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0)
     hf_config = getattr(model, "config", None)
     if hf_config is None or not hasattr(hf_config, "model_type"):
         raise TypeError(f"convert() takes a transformers PreTrainedModel; got {type(model).__name__}.")
-    if config.train_mode == "nsa":
-        raise NotImplementedError("train_mode='nsa' (the NSA baseline) is not available yet; use ssa, full or sparse.")
     spec = get_architecture(hf_config.model_type)
     layers = find_attention_layers(model, spec)
     if not layers:
@@ -116,11 +114,13 @@ def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0)
     for i in targets:
         attn = layers[i]
         attn.ssa_state = SSALayerState(ctrl, i)
-        if config.gate:
+        if config.gate or config.train_mode == "nsa":
+            # SSA's per-head output gate, or NSA's three branch gates (compressed, selected, window) per head
             weight = attn.q_proj.weight
-            hidden = attn.q_proj.in_features
-            heads = hf_config.num_attention_heads
-            attn.ssa_gate = nn.Linear(hidden, heads, bias=False, device=weight.device, dtype=weight.dtype)
+            heads = hf_config.num_attention_heads * (3 if config.train_mode == "nsa" else 1)
+            attn.ssa_gate = nn.Linear(
+                attn.q_proj.in_features, heads, bias=False, device=weight.device, dtype=weight.dtype
+            )
             nn.init.zeros_(attn.ssa_gate.weight)  # gamma = 0.5 at start
             ctrl.handles.append(attn.register_forward_pre_hook(_stash_hidden, with_kwargs=True))
             ctrl.handles.append(attn.register_forward_hook(_drop_hidden, with_kwargs=True))
