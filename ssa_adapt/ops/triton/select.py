@@ -1,0 +1,278 @@
+"""SSA block selection in Triton: block means, then one pass per (query tile, KV head) that scores every complete
+block for the whole GQA group and keeps an online top-k, so no [T, T / BS] tensor ever reaches global memory.
+
+q [B, T, HQ, D], k [B, TK, H, D] -> block_indices [B, T, H, S] int32 (ascending, relative to the document start,
+-1 in unused slots). Same contract as `ssa_adapt.ops.reference.select_blocks`; README.md has the derivations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import check_qkv
+from .utils import check_block_size, check_doc_start, dot_precision, group_pad, kbar_dtype, slot_starts
+
+__all__ = ["select_blocks", "block_means"]
+
+# Rows (tokens x padded group) per selection program, blocks per scoring step, slots per block-means program.
+SELECT_ROWS = 64
+SELECT_BLOCKS = 64
+MEANS_SLOTS = 32
+
+
+@triton.jit
+def _block_means_kernel(
+    k,  # [B, TK, H, D]
+    slot_start,  # [B, NSLOT] int32 or None: first key of each slot's block (-1: none)
+    kbar,  # [B, H, NSLOT, BD] out
+    TK,
+    NSLOT,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    m_n = o_n < NSLOT
+    if HAS_DOCS:
+        start = tl.load(slot_start + i_b * NSLOT + o_n, mask=m_n, other=-1)
+    else:
+        start = o_n * BS
+    m_k = m_n & (start >= 0)
+    p_k = k + (i_b * TK * H + i_h) * D
+    # [BN, BD] fp32 sum of the BS keys of each block
+    b_acc = tl.zeros([BN, BD], dtype=tl.float32)
+    for i in range(BS):
+        row = (start + i).to(tl.int64)
+        m = (m_k & (row < TK))[:, None] & (o_d < D)[None, :]
+        b_acc += tl.load(p_k + row[:, None] * (H * D) + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    p_o = kbar + (i_bh * NSLOT + o_n)[:, None] * BD + o_d[None, :]
+    tl.store(p_o, (b_acc / BS).to(kbar.dtype.element_ty), mask=m_n[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "TK", "NSLOT"])
+def _select_kernel(
+    q,  # [B, T, HQ, D]
+    kbar,  # [B, H, NSLOT, BD]
+    doc_start,  # [B, T] int64 or None
+    out,  # [B, T, H, S] int32
+    scale_log2,  # scale * log2(e): logits live in the log2 domain
+    T,
+    TK,
+    NSLOT,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    S: tl.constexpr,
+    KP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    HQ: tl.constexpr = H * G
+    M: tl.constexpr = BT * GP
+    off = TK - T
+    o_d = tl.arange(0, BD)
+
+    # ---- rows: (token, head of the group), [M]; padded heads (g >= G) are masked out
+    o_r = tl.arange(0, M)
+    r_t = i_t * BT + o_r // GP
+    r_g = o_r % GP
+    m_r = (r_t < T) & (r_g < G)
+    if HAS_DOCS:
+        r_ds = tl.load(doc_start + i_b * T + r_t, mask=r_t < T, other=0).to(tl.int32)
+    else:
+        r_ds = tl.zeros([M], dtype=tl.int32)
+    r_nc = (r_t + off - r_ds + 1) // BS  # complete blocks of the row's document
+    r_base = (r_ds + BS - 1) // BS  # slot of the document's block 0
+    p_q = q + ((i_b * T + r_t) * HQ + i_h * G + r_g).to(tl.int64) * D
+    # [M, BD]
+    b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None] & (o_d < D)[None, :], other=0.0)
+    b_q = b_q.to(kbar.dtype.element_ty)
+    p_kb = kbar + i_bh * NSLOT * BD
+
+    # ---- pass 1: per-row softmax max and normaliser over the complete blocks
+    lo = tl.min(tl.where(m_r, r_base, NSLOT), 0)
+    hi = tl.max(tl.where(m_r, r_base + r_nc, 0), 0)
+    b_m = tl.full([M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([M], dtype=tl.float32)
+    for s0 in range(lo, hi, BN):
+        o_s = s0 + tl.arange(0, BN)
+        # [BN, BD]
+        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
+        # [M, BN]
+        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
+        j = o_s[None, :] - r_base[:, None]
+        b_s = tl.where((j >= 0) & (j < r_nc[:, None]), b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_l = b_l * tl.exp2(b_m - m_use) + tl.sum(tl.exp2(b_s - m_use[:, None]), 1)
+        b_m = m_new
+    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
+    b_il = tl.where(m_r & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
+
+    # ---- tokens, [BT]
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    if HAS_DOCS:
+        t_ds = tl.load(doc_start + i_b * T + o_t, mask=m_t, other=0).to(tl.int32)
+    else:
+        t_ds = tl.zeros([BT], dtype=tl.int32)
+    t_pos = o_t + off - t_ds
+    t_cur = t_pos // BS
+    t_base = (t_ds + BS - 1) // BS
+    t_hi = tl.minimum(t_cur - LOCAL + 1, (t_pos + 1) // BS)  # candidates: SINK <= j < t_hi
+
+    # ---- pass 2: group-summed importance of the candidate blocks, online top-KP per token.
+    # key = (importance bits << 32) | (2^31 - 1 - j): larger is better, ties go to the lower block (reference).
+    lo2 = tl.min(tl.where(m_t, t_base + SINK, NSLOT), 0)
+    hi2 = tl.max(tl.where(m_t, t_base + t_hi, 0), 0)
+    o_k = tl.arange(0, KP)
+    b_top = tl.full([BT, KP], -1, dtype=tl.int64)
+    b_thr = tl.full([BT], -1, dtype=tl.int64)  # smallest key kept (-1 while the list is not full)
+    for s0 in range(lo2, hi2, BN):
+        o_s = s0 + tl.arange(0, BN)
+        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
+        j = o_s[None, :] - r_base[:, None]
+        m_s = m_r[:, None] & (j >= 0) & (j < r_nc[:, None])
+        # [M, BN] softmax probabilities -> [BT, BN] summed over the group's heads
+        b_p = tl.where(m_s, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0)
+        b_i = tl.sum(tl.reshape(b_p, [BT, GP, BN]), 1)
+        jt = o_s[None, :] - t_base[:, None]
+        cand = m_t[:, None] & (jt >= SINK) & (jt < t_hi[:, None])
+        key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - jt).to(tl.int64)
+        key = tl.where(cand & (key > b_thr[:, None]), key, -1)
+        n = tl.max(tl.max(key, 1), 0)
+        # insert the best remaining key of every row until no row has a key above its threshold
+        while n >= 0:
+            best = tl.max(key, 1)
+            low = tl.min(b_top, 1)
+            at = tl.min(tl.where(b_top == low[:, None], o_k[None, :], KP), 1)
+            b_top = tl.where((best > low)[:, None] & (o_k[None, :] == at[:, None]), best[:, None], b_top)
+            b_thr = tl.min(b_top, 1)
+            key = tl.where((key != best[:, None]) & (key > b_thr[:, None]), key, -1)
+            n = tl.max(tl.max(key, 1), 0)
+
+    # ---- forced blocks (sink, then local ending with the current block) and the best `budget` candidates
+    n_sink = tl.minimum(t_cur + 1, SINK)
+    n_local = tl.maximum(t_cur - tl.maximum(t_cur - LOCAL + 1, SINK) + 1, 0)
+    budget = S - n_sink - n_local
+    rank = tl.sum((b_top[:, None, :] > b_top[:, :, None]).to(tl.int32), 2)  # [BT, KP] keys better than this one
+    chosen = (b_top >= 0) & (rank < budget[:, None])
+    j_sel = (2147483647 - (b_top & 2147483647)).to(tl.int32)
+    BIG: tl.constexpr = 1 << 30
+    v_sel = tl.where(chosen, j_sel, BIG)
+    f = o_k[None, :]
+    j_f = tl.where(f < SINK, f + 0 * t_cur[:, None], t_cur[:, None] - LOCAL + 1 + f - SINK)
+    ok_f = ((f < SINK) & (j_f <= t_cur[:, None])) | ((f >= SINK) & (f < SINK + LOCAL) & (j_f >= SINK) & (j_f >= 0))
+    v_f = tl.where(ok_f, j_f, BIG)
+    # [BT, 2 KP] ascending; the first S columns are the answer
+    v_all = tl.sort(tl.reshape(tl.join(v_f, v_sel), [BT, 2 * KP]), 1)
+    o_c = tl.arange(0, 2 * KP)
+    p_o = out + ((i_b * T + o_t) * H + i_h).to(tl.int64)[:, None] * S + o_c[None, :]
+    tl.store(p_o, tl.where(v_all == BIG, -1, v_all), mask=m_t[:, None] & (o_c < S)[None, :])
+
+
+def block_means(k: torch.Tensor, block_size: int, doc_start: torch.Tensor | None, T: int) -> torch.Tensor:
+    """Block means of the keys: k [B, TK, H, D] -> kbar [B, H, NSLOT, BD] (float16, float32 for float32 keys).
+
+    Without documents slot j is block j (NSLOT = TK // BS); with documents see `slot_starts`.
+    """
+    B, TK, H, D = k.shape
+    BS = block_size
+    BD = max(16, triton.next_power_of_2(D))
+    starts = None if doc_start is None else slot_starts(doc_start, TK, BS)
+    nslot = TK // BS if starts is None else starts.shape[1]
+    kbar = torch.empty(B, H, max(nslot, 1), BD, dtype=kbar_dtype(k.dtype), device=k.device)
+    if nslot > 0 and B * H > 0:
+        grid = (triton.cdiv(nslot, MEANS_SLOTS), B * H)
+        _block_means_kernel[grid](
+            k, starts, kbar, TK, nslot, H=H, D=D, BD=BD, BS=BS, BN=MEANS_SLOTS, HAS_DOCS=starts is not None
+        )
+    return kbar
+
+
+@torch.no_grad()
+def select_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 16,
+    block_count: int = 16,
+    sink_blocks: int = 0,
+    local_blocks: int = 1,
+    scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SSA block selection (no gradient). q [B, T, HQ, D], k [B, TK, H, D] -> [B, T, H, block_count] int32.
+
+    Per query and KV head: the `sink_blocks` first blocks, the `local_blocks` blocks ending with the query's own
+    block, and the best other complete blocks by I(j) = sum over the group of softmax_j(scale * q . mean(k_j)),
+    `block_count` in all, ascending, -1 padded. doc_start [B, T] (or None) restarts block numbering per document.
+    """
+    B, T, TK, HQ, H, D = check_qkv(q, k)
+    check_block_size(block_size)
+    if sink_blocks < 0 or local_blocks < 0 or block_count < 1 or sink_blocks + local_blocks > block_count:
+        raise ValueError(
+            f"sink_blocks={sink_blocks}, local_blocks={local_blocks}, block_count={block_count}: the kernels need "
+            "0 <= sink_blocks + local_blocks <= block_count (use backend='reference' otherwise)."
+        )
+    scale = D**-0.5 if scale is None else scale
+    ds = check_doc_start(doc_start, B, T, q.device)
+    q, k = q.contiguous(), k.contiguous()
+    out = torch.empty(B, T, H, block_count, dtype=torch.int32, device=q.device)
+    if out.numel() == 0:
+        return out
+    kbar = block_means(k, block_size, ds, T)
+    G = HQ // H
+    GP = group_pad(G)
+    BT = max(1, SELECT_ROWS // GP)
+    grid = (triton.cdiv(T, BT), B * H)
+    _select_kernel[grid](
+        q,
+        kbar,
+        ds,
+        out,
+        scale * math.log2(math.e),
+        T,
+        TK,
+        kbar.shape[2],
+        H=H,
+        G=G,
+        GP=GP,
+        D=D,
+        BD=kbar.shape[3],
+        BS=block_size,
+        S=block_count,
+        KP=max(2, triton.next_power_of_2(block_count)),
+        SINK=sink_blocks,
+        LOCAL=local_blocks,
+        BT=BT,
+        BN=SELECT_BLOCKS,
+        HAS_DOCS=ds is not None,
+        DOT_PREC=dot_precision(q.dtype),
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,101 @@
+"""Host-side helpers shared by the SSA Triton kernels: argument checks, dtypes and the document layout.
+
+Shapes follow `ssa_adapt.ops.reference`: q [B, T, HQ, D], k, v [B, TK, H, D], doc_start [B, T] int64 or None,
+block_indices [B, T, H, S] int32. README.md beside this file derives the slot numbering used below.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+__all__ = [
+    "check_block_size",
+    "check_doc_start",
+    "dot_precision",
+    "group_pad",
+    "kbar_dtype",
+    "num_programs",
+    "slot_starts",
+]
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size < 16 or block_size > 256 or block_size & (block_size - 1):
+        raise ValueError(
+            f"block_size={block_size}: the Triton kernels need a power of two in [16, 256] (the tensor-core tile); "
+            "use backend='reference' for other sizes."
+        )
+
+
+def check_doc_start(doc_start: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor | None:
+    """doc_start as a contiguous int64 [B, T] tensor on `device`, or None (every document starts at key 0).
+
+    The kernels assume what `doc_start_from_position_ids` / `doc_start_from_cu_seqlens` produce: documents are
+    contiguous key ranges, so along T each value either repeats the previous one or is the query's own key index.
+    """
+    if doc_start is None:
+        return None
+    if doc_start.shape != (B, T):
+        raise ValueError(
+            f"doc_start must be [B, T] = {(B, T)}; got {tuple(doc_start.shape)}. "
+            "Build it with ssa_adapt.ops.doc_start_from_position_ids or doc_start_from_cu_seqlens."
+        )
+    return doc_start.to(device=device, dtype=torch.int64).contiguous()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact float32 products for float32 inputs (the tests' tight tolerance)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def kbar_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Block means are scored on the tensor cores in float16 (10-bit mantissa, 4x finer than bfloat16; bf16 queries
+    convert exactly); float32 inputs keep float32."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
+def group_pad(G: int) -> int:
+    """Rows reserved per token for its G query heads: the next power of two (Triton tiles are powers of two)."""
+    return triton.next_power_of_2(G)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs(device: torch.device, per_sm: int) -> int:
+    """Size of a persistent grid: `per_sm` programs per multiprocessor (4 in all on the CPU interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+
+
+def slot_starts(doc_start: torch.Tensor, TK: int, block_size: int) -> torch.Tensor:
+    """Key index where each block-mean slot starts: int32 [B, NSLOT], -1 where no complete block lives.
+
+    Block j of the document starting at key s owns slot ceil(s / BS) + j; complete blocks of different
+    documents never share a slot (README.md). A slot is marked by the query that completes its block, and
+    for the keys before the first query (TK > T) by the first query's document.
+    """
+    B, T = doc_start.shape
+    BS = block_size
+    nslot = triton.cdiv(TK, BS) + 1
+    off = TK - T
+    ds = doc_start
+    pos = torch.arange(T, device=ds.device) + off - ds  # [B, T] position inside the document
+    j = pos // BS
+    done = pos % BS == BS - 1  # this query completes block j
+    out = torch.full((B, nslot + 1), -1, dtype=torch.int32, device=ds.device)  # last column: discarded writes
+    slot = torch.where(done, (ds + BS - 1) // BS + j, nslot)
+    out.scatter_(1, slot, (ds + j * BS).to(torch.int32))
+    if off > 0:
+        ds0 = ds[:, :1]
+        jj = torch.arange(off // BS + 1, device=ds.device)[None, :]
+        start = ds0 + jj * BS
+        slot = torch.where(start + BS <= off, (ds0 + BS - 1) // BS + jj, nslot)
+        out.scatter_(1, slot, start.to(torch.int32))
+    return out[:, :nslot].contiguous()
