@@ -1,6 +1,11 @@
-"""Triton kernels for SSA attention (CUDA; the CPU interpreter runs them under TRITON_INTERPRET=1)."""
+"""Triton kernels for SSA attention on CUDA (the CPU runs them only under TRITON_INTERPRET=1, in tests).
+
+select_blocks / attend_blocks follow `ssa_adapt.ops.reference`; full_attention is the document-masked full stream
+(FlexAttention). README.md beside this file holds the derivations and design choices.
+"""
 
 from .attend import attend_blocks
+from .flex import full_attention
 from .select import select_blocks
 
-__all__ = ["select_blocks", "attend_blocks"]
+__all__ = ["select_blocks", "attend_blocks", "full_attention"]

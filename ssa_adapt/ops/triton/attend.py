@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..reference import check_qkv
+from . import utils
 from .utils import check_block_size, check_doc_start, dot_precision, group_pad, num_programs
 
 __all__ = ["attend_blocks", "attend_fwd", "attend_bwd"]
@@ -325,8 +326,8 @@ def _geometry(q, k, block_indices, block_size):
 def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start):
     """-> o [B, T, HQ, D] (q's dtype), lse [B, T, HQ] float32 (log2 domain)."""
     B, T, TK, HQ, H, D, G, S, BD = _geometry(q, k, block_indices, block_size)
-    o = torch.empty_like(q)
-    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    o = utils.new_empty(q.shape, q.dtype, q.device)
+    lse = utils.new_empty((B, T, HQ), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
     _attend_fwd_kernel[(T, B * H)](
@@ -362,8 +363,8 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start)
     has_docs = doc_start is not None
     prec = dot_precision(q.dtype)
     scale_log2 = scale * math.log2(math.e)
-    dq = torch.empty_like(q)
-    delta = torch.empty(B, T, HQ, dtype=torch.float32, device=dev)
+    dq = utils.new_empty(q.shape, q.dtype, dev)
+    delta = utils.new_empty((B, T, HQ), torch.float32, dev)
     _attend_bwd_dq_kernel[(T, B * H)](
         q,
         k,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..reference import check_qkv
+from . import utils
 from .utils import check_block_size, check_doc_start, dot_precision, group_pad, kbar_dtype, slot_starts
 
 __all__ = ["select_blocks", "block_means"]
@@ -24,7 +25,7 @@ SELECT_BLOCKS = 64
 MEANS_SLOTS = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK", "NSLOT"])
 def _block_means_kernel(
     k,  # [B, TK, H, D]
     slot_start,  # [B, NSLOT] int32 or None: first key of each slot's block (-1: none)
@@ -205,7 +206,7 @@ def block_means(k: torch.Tensor, block_size: int, doc_start: torch.Tensor | None
     BD = max(16, triton.next_power_of_2(D))
     starts = None if doc_start is None else slot_starts(doc_start, TK, BS)
     nslot = TK // BS if starts is None else starts.shape[1]
-    kbar = torch.empty(B, H, max(nslot, 1), BD, dtype=kbar_dtype(k.dtype), device=k.device)
+    kbar = utils.new_empty((B, H, max(nslot, 1), BD), kbar_dtype(k.dtype), k.device)
     if nslot > 0 and B * H > 0:
         grid = (triton.cdiv(nslot, MEANS_SLOTS), B * H)
         _block_means_kernel[grid](
@@ -242,7 +243,7 @@ def select_blocks(
     scale = D**-0.5 if scale is None else scale
     ds = check_doc_start(doc_start, B, T, q.device)
     q, k = q.contiguous(), k.contiguous()
-    out = torch.empty(B, T, H, block_count, dtype=torch.int32, device=q.device)
+    out = utils.new_empty((B, T, H, block_count), torch.int32, q.device)
     if out.numel() == 0:
         return out
     kbar = block_means(k, block_size, ds, T)

@@ -12,6 +12,8 @@ import torch
 import triton
 
 __all__ = [
+    "POISON",
+    "new_empty",
     "check_block_size",
     "check_doc_start",
     "dot_precision",
@@ -20,6 +22,17 @@ __all__ = [
     "num_programs",
     "slot_starts",
 ]
+
+
+# Tests set this: fresh outputs are filled with NaN (integers: a huge sentinel) so that unwritten elements fail.
+POISON = False
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or a poisoned tensor while POISON is set."""
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else 2**30 - 7, dtype=dtype, device=device)
 
 
 def check_block_size(block_size: int) -> None:

@@ -1,0 +1,384 @@
+"""The Triton kernels (selection, block-sparse attention forward and backward, the document-masked full stream)
+against the PyTorch reference, on deliberately odd shapes, by relative RMS error, with poisoned outputs.
+
+CPU (CI): the kernels run under TRITON_INTERPRET=1 in two subprocesses. Triton reads that flag when a kernel is
+defined, so setting it in this process would leak into every other test module (and into compiled GPU runs);
+the subprocesses run `python tests/test_kernels.py OUT.json CASE_ID...`, and the tests here assert on the numbers
+they write. The interpreter has no bfloat16 arithmetic, so these cases use float16 (bf16-level tolerance) and
+float32 (tight tolerance). GPU (`-m gpu`): the same checks compiled, in bfloat16, up to T = 64k.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ssa_adapt import ops  # noqa: E402
+from ssa_adapt.ops import doc_start_from_cu_seqlens, doc_start_from_position_ids  # noqa: E402
+from ssa_adapt.ops import reference as R  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+REPO = Path(__file__).resolve().parents[1]
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3}
+TIE = 1e-3  # selection may differ from the reference only between blocks whose importance is this close
+
+
+def _case(B, T, H, G, D, dtype="float16", TK=None, S=4, sink=1, local=1, docs=None, rows=None):
+    return dict(B=B, T=T, TK=TK or T, H=H, G=G, D=D, dtype=dtype, S=S, sink=sink, local=local, docs=docs, rows=rows)
+
+
+def case_id(c) -> str:
+    tk = f"-TK{c['TK']}" if c["TK"] != c["T"] else ""
+    docs = f"-{c['docs']}" if c["docs"] else ""
+    return f"B{c['B']}-T{c['T']}{tk}-H{c['H']}-G{c['G']}-D{c['D']}-S{c['S']}-{c['dtype']}{docs}"
+
+
+# interpreted on CPU: every G the SPEC names except 16 at two shapes, D 64/128, documents, left padding, TK > T
+CPU_CASES = [
+    _case(2, 111, 3, 7, 64),
+    _case(1, 77, 2, 16, 64, S=3, sink=0),
+    _case(1, 96, 2, 1, 128, dtype="float32", S=4, sink=2, local=2),
+    _case(1, 90, 2, 2, 64, S=3),
+    _case(1, 83, 1, 3, 64, dtype="float32"),
+    _case(1, 100, 1, 4, 64, docs="varlen"),
+    _case(2, 70, 1, 4, 64, dtype="float32", docs="leftpad"),
+    _case(1, 50, 2, 2, 64, TK=130, docs="prefill"),
+]
+
+# compiled on the GPU: the benchmark's five head shapes (so compiles are shared) at odd T, documents, TK > T, and
+# the two target shapes at 32k / 64k, checked on their last `rows` queries (the reference cannot hold 64k x 64k)
+GPU_CASES = [
+    _case(1, 4099, 2, 16, 64, "bfloat16", S=16),
+    _case(2, 3001, 8, 4, 64, "bfloat16", S=16),
+    _case(1, 2047, 3, 3, 64, "bfloat16", S=16),
+    _case(1, 2500, 2, 7, 64, "bfloat16", S=16),
+    _case(1, 3333, 8, 2, 128, "bfloat16", S=16),
+    _case(1, 5000, 2, 16, 64, "bfloat16", S=16, docs="varlen"),
+    _case(2, 1500, 8, 4, 64, "bfloat16", S=16, docs="leftpad"),
+    _case(1, 1200, 8, 4, 64, "bfloat16", TK=3100, S=16, docs="prefill"),
+    _case(1, 1000, 4, 1, 128, "float16", S=16),
+    _case(1, 777, 2, 5, 64, "float32", S=8),
+    _case(1, 65536, 2, 16, 64, "bfloat16", S=16, rows=256),
+    _case(1, 32768, 8, 4, 64, "bfloat16", S=16, rows=256),
+]
+
+
+def make_inputs(c, device):
+    g = torch.Generator().manual_seed(zlib.crc32(case_id(c).encode()))
+    dtype = getattr(torch, c["dtype"])
+    B, T, TK, H, G, D = c["B"], c["T"], c["TK"], c["H"], c["G"], c["D"]
+    q = torch.randn(B, T, H * G, D, generator=g).to(device, dtype)
+    k = torch.randn(B, TK, H, D, generator=g).to(device, dtype)
+    v = torch.randn(B, TK, H, D, generator=g).to(device, dtype)
+    ds = None
+    if c["docs"] == "varlen":  # packed documents of one row, through flash-style cu_seqlens
+        assert B == 1 and T == TK
+        ds = doc_start_from_cu_seqlens(torch.tensor([0, T // 3 + 1, T // 2 + 5, T - 9, T]), T)
+    elif c["docs"] == "leftpad":  # HF left padding: row 0 padded
+        mask = torch.ones(B, TK, dtype=torch.long)
+        mask[0, : TK // 3 + 2] = 0
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        ds = doc_start_from_position_ids(pos, B, T, TK, mask)
+    elif c["docs"] == "prefill":  # chunked prefill: a document from key TK // 6 and a new one inside the chunk
+        assert B == 1 and TK > T
+        pos = torch.arange(TK) - TK // 6
+        pos[: TK // 6] = torch.arange(TK // 6)
+        new = TK - T + T // 3
+        pos[new:] = torch.arange(TK - new)
+        ds = doc_start_from_position_ids(pos[None, -T:], 1, T, TK)
+    return q, k, v, (None if ds is None else ds.to(device))
+
+
+def importance(q, k, doc_start, block_size, scale):
+    """I [B, T, H, NB] in float64 (NaN where block j is not complete for the query), as SPEC section 1 defines."""
+    B, T, HQ, D = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    G, BS, off = HQ // H, block_size, TK - T
+    out = torch.full((B, T, H, TK // BS + 1), float("nan"), dtype=torch.float64, device=q.device)
+    for b in range(B):
+        ds = torch.zeros(T, dtype=torch.int64, device=q.device) if doc_start is None else doc_start[b]
+        for s in torch.unique(ds).tolist():
+            ts = (ds == s).nonzero()[:, 0]
+            nb = (TK - s) // BS
+            if nb == 0:
+                continue
+            kbar = k[b, s : s + nb * BS].double().reshape(nb, BS, H, D).mean(1)
+            qq = q[b, ts].double().reshape(-1, H, G, D)
+            logits = torch.einsum("thgd,nhd->thgn", qq, kbar) * scale
+            complete = torch.arange(nb, device=q.device)[None, :] < ((ts + off - s + 1) // BS)[:, None]
+            p = torch.softmax(logits.masked_fill(~complete[:, None, None, :], float("-inf")), -1).nan_to_num(0.0)
+            imp = p.sum(2).masked_fill(~complete[:, None, :], float("nan"))
+            out[b, ts, :, :nb] = imp
+    return out
+
+
+def selection_gap(got, ref, imp):
+    """(rows that differ, largest importance gap between a block the reference chose and one the kernel chose
+    instead; inf when the sets differ in size or in a non-candidate)."""
+    diff = (got != ref).any(-1).nonzero().tolist()
+    gap = 0.0
+    for b, t, h in diff:
+        a = set(got[b, t, h].tolist()) - {-1}
+        r = set(ref[b, t, h].tolist()) - {-1}
+        if len(a) != len(r) or len(a) != int((got[b, t, h] >= 0).sum()):
+            return len(diff), float("inf")
+        lost = [imp[b, t, h, j].item() for j in r - a]
+        won = [imp[b, t, h, j].item() for j in a - r]
+        if not lost:
+            continue
+        g = max(lost) - min(won)
+        gap = max(gap, g if g == g else float("inf"))
+    return len(diff), gap
+
+
+def rel_rms(x, ref) -> float:
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_case(c, device) -> dict:
+    """All checks of one case -> {name: value}. Kernels through the dispatcher with backend='triton'."""
+    q, k, v, ds = make_inputs(c, device)
+    S, BS, T = c["S"], 16, c["T"]
+    scale = c["D"] ** -0.5
+    rows = c["rows"] or T
+    sel = dict(block_size=BS, block_count=S, sink_blocks=c["sink"], local_blocks=c["local"], doc_start=ds)
+    res = {}
+
+    # selection: equal to the reference except between near-tied blocks
+    got = ops.select_blocks(q, k, backend="triton", **sel)
+    res["select_written"] = float(bool(((got >= -1) & (got < 2**20)).all()))
+    if rows == T:
+        ref = R.select_blocks(q, k, **sel)
+        imp = importance(q, k, ds, BS, scale)
+        got_rows = got
+    else:  # the last `rows` queries of a long sequence: they see all the keys (TK = T)
+        sub = dict(sel, doc_start=None)
+        ref = R.select_blocks(q[:, -rows:], k, **sub)
+        imp = importance(q[:, -rows:], k, None, BS, scale)
+        got_rows = got[:, -rows:]
+    res["select_rows_differ"], res["select_gap"] = selection_gap(got_rows.cpu(), ref.cpu(), imp.cpu())
+
+    # attention on the reference's indices (the kernel's for long sequences), float64 reference
+    idx = ref if rows == T else got
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    o = ops.attend_blocks(qs, ks, vs, idx, block_size=BS, doc_start=ds, backend="triton")
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(device, o.dtype)
+    if rows != T:
+        do[:, :-rows] = 0  # only the last rows reach dk / dv, so the reference on those rows is exact
+    o.backward(do)
+    qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
+    if rows == T:
+        o_ref = R.attend_blocks(qr, kr, vr, idx, block_size=BS, doc_start=ds)
+        o_ref.backward(do.double())
+        res["o"], res["dq"] = rel_rms(o, o_ref), rel_rms(qs.grad, qr.grad)
+    else:
+        o_ref = R.attend_blocks(qr[:, -rows:], kr, vr, idx[:, -rows:], block_size=BS)
+        o_ref.backward(do[:, -rows:].double())
+        res["o"], res["dq"] = rel_rms(o[:, -rows:], o_ref), rel_rms(qs.grad[:, -rows:], qr.grad[:, -rows:])
+        res["o_all_finite"] = float(bool(torch.isfinite(o).all()))
+    res["dk"], res["dv"] = rel_rms(ks.grad, kr.grad), rel_rms(vs.grad, vr.grad)
+    return res
+
+
+def check(res: dict, c, parts=("select", "attend")):
+    assert "error" not in res, res.get("error")
+    tol = TOL[getattr(torch, c["dtype"])]
+    if "select" in parts:
+        assert res["select_written"] == 1.0, "selection left unwritten (poisoned) slots"
+        assert res["select_gap"] <= TIE, (
+            f"{res['select_rows_differ']} rows differ beyond ties: gap {res['select_gap']}"
+        )
+    if "attend" in parts:
+        errs = {n: res[n] for n in ("o", "dq", "dk", "dv")}
+        assert all(e < tol for e in errs.values()), f"relative RMS errors {errs} over {tol}"
+        assert res.get("o_all_finite", 1.0) == 1.0, "unwritten (poisoned) output rows"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CPU: interpreted kernels in subprocesses
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Run every CPU case once under TRITON_INTERPRET=1 (two processes, one per core) -> {case id: results}."""
+    ids = [case_id(c) for c in CPU_CASES]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i, part in enumerate([ids[0::2], ids[1::2]]):
+            out = Path(tmp) / f"part{i}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), str(out), *part]
+            procs.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
+        for proc, out in procs:
+            _, err = proc.communicate(timeout=1200)
+            if proc.returncode != 0 or not out.exists():
+                pytest.fail(f"interpreted kernel run failed (rc {proc.returncode}):\n{err[-4000:]}")
+            results.update(json.loads(out.read_text()))
+    return results
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+def test_select_interpreted(interpreted, case):
+    check(interpreted[case_id(case)], case, parts=("select",))
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+def test_attend_interpreted(interpreted, case):
+    check(interpreted[case_id(case)], case, parts=("attend",))
+
+
+def test_cu_seqlens_round_trip():
+    from ssa_adapt.ops.triton.fla_nsa import cu_seqlens_from_doc_start
+
+    cu = torch.tensor([0, 5, 17, 18, 40])
+    assert cu_seqlens_from_doc_start(doc_start_from_cu_seqlens(cu, 40)).tolist() == cu.tolist()
+
+
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("docs", [None, [0, 37, 90, 150]])
+@pytest.mark.parametrize("TK", [150, 200])
+def test_flex_block_lists(TK, docs, window):
+    """The FlexAttention block mask lists every key block a query block sees, and calls full only full blocks."""
+    from ssa_adapt.ops.triton import flex
+
+    T, BS = 150, flex.FLEX_BLOCK
+    upper = (torch.arange(T) + TK - T).expand(1, T)
+    lower = torch.zeros_like(upper)
+    if docs is not None:
+        if TK != T:
+            pytest.skip("packed documents are built for T == TK here")
+        lower = doc_start_from_cu_seqlens(torch.tensor(docs), T)
+    if window is not None:
+        lower = torch.maximum(lower, upper - window + 1)
+    old = flex.FLEX_BLOCK
+    flex.FLEX_BLOCK = BS = 16
+    try:
+        bm = flex.visible_block_mask(lower, upper, TK)
+    finally:
+        flex.FLEX_BLOCK = old
+    keys = torch.arange(TK)
+    vis = (keys[None, :] >= lower[0][:, None]) & (keys[None, :] <= upper[0][:, None])
+    for a in range(-(-T // BS)):
+        full = set(bm.full_kv_indices[0, 0, a, : bm.full_kv_num_blocks[0, 0, a]].tolist())
+        part = set(bm.kv_indices[0, 0, a, : bm.kv_num_blocks[0, 0, a]].tolist())
+        for b in range(-(-TK // BS)):
+            blk = vis[a * BS : (a + 1) * BS, b * BS : (b + 1) * BS]
+            if b in full:
+                assert blk.shape == (BS, BS) and bool(blk.all()), (a, b)
+            if bool(blk.any()):
+                assert b in full or b in part, (a, b)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels at realistic shapes
+# ------------------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: the kernels run compiled there")
+
+
+@pytest.fixture
+def poisoned():
+    from ssa_adapt.ops.triton import utils
+
+    utils.POISON = True
+    yield
+    utils.POISON = False
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.gpu
+@needs_cuda
+def test_kernels_gpu(case):
+    check(run_case(case, "cuda"), case)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_dispatch_and_sparse_equals_full_gpu():
+    """backend='auto' on CUDA runs the kernels; within the budget the sparse stream is full attention."""
+    q, k, v, _ = make_inputs(_case(1, 250, 2, 4, 64, "bfloat16", S=16), "cuda")
+    assert ops.resolve_backend("auto", q) == "triton"
+    sparse = ops.sparse_attention(q, k, v, block_count=16, sink_blocks=1)
+    full = ops.full_attention(q, k, v)
+    assert rel_rms(sparse, full) < 5e-3
+
+
+@pytest.mark.parametrize("docs", ["varlen", "prefill", "window"])
+@pytest.mark.gpu
+@needs_cuda
+def test_full_attention_flex_gpu(docs):
+    """The document-masked full stream (FlexAttention) against the reference, forward and backward."""
+    c = _case(1, 1500, 2, 4, 64, "bfloat16", TK=2100 if docs == "prefill" else None, docs=docs)
+    if docs == "window":
+        c["docs"] = None
+    q, k, v, ds = make_inputs(c, "cuda")
+    window = 300 if docs == "window" else None
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    o = ops.full_attention(qs, ks, vs, doc_start=ds, sliding_window=window)
+    do = torch.randn_like(o)
+    o.backward(do)
+    qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o_ref = R.full_attention(qr, kr, vr, doc_start=ds, sliding_window=window)
+    o_ref.backward(do.double())
+    for name, a, b in [("o", o, o_ref), ("dq", qs.grad, qr.grad), ("dk", ks.grad, kr.grad), ("dv", vs.grad, vr.grad)]:
+        assert rel_rms(a, b) < 5e-3, (name, rel_rms(a, b))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="fla-core is not installed")
+def test_fla_backend_gpu():
+    """backend='fla' (fla-core's NSA kernel on our indices) agrees with ours at G = 16 and refuses G = 4."""
+    c = _case(1, 2048, 2, 16, 64, "bfloat16", S=16)
+    q, k, v, _ = make_inputs(c, "cuda")
+    idx = ops.select_blocks(q, k, block_count=16, sink_blocks=1)
+    ours = ops.attend_blocks(q, k, v, idx, backend="triton")
+    theirs = ops.attend_blocks(q, k, v, idx, backend="fla")
+    assert rel_rms(theirs, ours) < 1e-2
+    q4, k4, v4, _ = make_inputs(_case(1, 256, 8, 4, 64, "bfloat16"), "cuda")
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        ops.attend_blocks(q4, k4, v4, ops.select_blocks(q4, k4), backend="fla")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# subprocess entry point: python tests/test_kernels.py OUT.json CASE_ID...
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _main(out: str, ids: list[str]) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
+    from ssa_adapt.ops.triton import utils
+
+    torch.set_num_threads(1)
+    utils.POISON = True
+    cases = {case_id(c): c for c in CPU_CASES}
+    results = {}
+    for i in ids:
+        try:
+            results[i] = run_case(cases[i], "cpu")
+        except Exception:  # reported by the test of this case
+            results[i] = {"error": traceback.format_exc()[-3000:]}
+        Path(out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2:])
