@@ -66,7 +66,10 @@ def select_blocks(
         scale=scale,
         doc_start=doc_start,
     )
-    if resolve_backend(backend, q) == "triton":
+    resolved = resolve_backend(backend, q)
+    if resolved == "fla":  # fla-core has no SSA selection: ours (kernels on CUDA, the reference elsewhere)
+        resolved = resolve_backend("auto", q)
+    if resolved == "triton":
         return _triton_ops().select_blocks(q, k, **kwargs)
     return reference.select_blocks(q, k, **kwargs)
 
@@ -76,7 +79,12 @@ def attend_blocks(
 ) -> torch.Tensor:
     """Attention over the selected blocks, differentiable in q, k, v -> o [B, T, HQ, D]."""
     kwargs = dict(block_size=block_size, scale=scale, doc_start=doc_start)
-    if resolve_backend(backend, q) == "triton":
+    resolved = resolve_backend(backend, q)
+    if resolved == "fla":  # fla-core's NSA kernel, where its constraints hold (G a power of two >= 16)
+        from .triton.fla_nsa import attend_blocks as fla_attend_blocks
+
+        return fla_attend_blocks(q, k, v, block_indices, **kwargs)
+    if resolved == "triton":
         return _triton_ops().attend_blocks(q, k, v, block_indices, **kwargs)
     return reference.attend_blocks(q, k, v, block_indices, **kwargs)
 
