@@ -55,9 +55,22 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 
 def select_blocks(
-    q, k, *, block_size=16, block_count=16, sink_blocks=0, local_blocks=1, scale=None, doc_start=None, backend="auto"
+    q,
+    k,
+    *,
+    block_size=16,
+    block_count=16,
+    sink_blocks=0,
+    local_blocks=1,
+    scale=None,
+    doc_start=None,
+    backend="auto",
+    block_means=None,
 ) -> torch.Tensor:
-    """Block selection (no gradient): q [B, T, HQ, D], k [B, TK, H, D] -> [B, T, H, block_count] int32."""
+    """Block selection (no gradient): q [B, T, HQ, D], k [B, TK, H, D] -> [B, T, H, block_count] int32.
+
+    block_means [B, NB, H, D]: the complete-block key means of an `SSACache` (decode steps); the selection then
+    scores them instead of re-reading the keys (done by the reference's few small ops on any device)."""
     kwargs = dict(
         block_size=block_size,
         block_count=block_count,
@@ -66,6 +79,8 @@ def select_blocks(
         scale=scale,
         doc_start=doc_start,
     )
+    if block_means is not None:
+        return reference.select_blocks(q, k, block_means=block_means, **kwargs)
     resolved = resolve_backend(backend, q)
     if resolved == "fla":  # fla-core has no SSA selection: ours (kernels on CUDA, the reference elsewhere)
         resolved = resolve_backend("auto", q)
@@ -102,6 +117,7 @@ def sparse_attention(
     doc_start=None,
     backend="auto",
     return_indices=False,
+    block_means=None,
 ):
     """The sparse stream: selection then attention. -> o [B, T, HQ, D] (and block_indices if asked)."""
     indices = select_blocks(
@@ -114,6 +130,7 @@ def sparse_attention(
         scale=scale,
         doc_start=doc_start,
         backend=backend,
+        block_means=block_means,
     )
     out = attend_blocks(q, k, v, indices, block_size=block_size, scale=scale, doc_start=doc_start, backend=backend)
     return (out, indices) if return_indices else out

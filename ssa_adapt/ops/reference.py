@@ -98,8 +98,9 @@ def _chunk_len(B: int, HQ: int, L: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _select_segment(q, k, q_pos, block_size, block_count, sink_blocks, local_blocks, scale):
-    """q [B, Tq, HQ, D], k [B, L, H, D], q_pos [Tq] -> block indices [B, Tq, H, S] (int32, -1 padded)."""
+def _select_segment(q, k, q_pos, block_size, block_count, sink_blocks, local_blocks, scale, kbar=None):
+    """q [B, Tq, HQ, D], k [B, L, H, D], q_pos [Tq] -> block indices [B, Tq, H, S] (int32, -1 padded).
+    kbar [B, >= L // BS, H, D]: precomputed block means (a decode cache), else computed from k."""
     B, Tq, HQ, D = q.shape
     L, H = k.shape[1], k.shape[2]
     G = HQ // H
@@ -107,7 +108,12 @@ def _select_segment(q, k, q_pos, block_size, block_count, sink_blocks, local_blo
     NB = -(-L // BS)  # blocks, the last one possibly partial
     NBc = L // BS  # complete blocks of the whole segment
     cdt = _compute_dtype(q)
-    kbar = k[:, : NBc * BS].to(cdt).reshape(B, NBc, BS, H, D).mean(2)  # [B, NBc, H, D]
+    if kbar is None:
+        kbar = k[:, : NBc * BS].to(cdt).reshape(B, NBc, BS, H, D).mean(2)  # [B, NBc, H, D]
+    else:
+        if kbar.shape[1] < NBc:
+            raise ValueError(f"block_means holds {kbar.shape[1]} blocks; the keys have {NBc} complete blocks.")
+        kbar = kbar[:, :NBc].to(cdt)
     blocks = torch.arange(NB, device=q.device)
     out = torch.full((B, Tq, H, S), -1, dtype=torch.int32, device=q.device)
     step = _chunk_len(B, HQ, max(NB, 1))
@@ -228,21 +234,27 @@ def select_blocks(
     local_blocks: int = 1,
     scale: float | None = None,
     doc_start: torch.Tensor | None = None,
+    block_means: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SSA block selection (no gradient). q [B, T, HQ, D], k [B, TK, H, D] -> block_indices [B, T, H, S] int32.
 
     Per query and KV head: the sink blocks, the `local_blocks` blocks ending with the query's own block, and the
     top-scoring other complete blocks by I(j) = sum over the group's heads of softmax_j(scale * q . mean(k_j)),
-    up to `block_count` blocks in all. Ties go to the lower block index.
+    up to `block_count` blocks in all. Ties go to the lower block index. `block_means` [B, NB, H, D] (from an
+    `SSACache`, relative to each row's document start) replaces computing the means from k; every query of a
+    row must then belong to the same document.
     """
     B, T, TK, HQ, H, D = check_qkv(q, k)
     scale = D**-0.5 if scale is None else scale
     out = torch.full((B, T, H, block_count), -1, dtype=torch.int32, device=q.device)
+    if block_means is not None and doc_start is not None and bool((doc_start != doc_start[:, -1:]).any()):
+        raise ValueError("block_means needs one document per row (decode steps); got several document starts.")
     with torch.no_grad():
 
         def fn(rows, q0, q1, s, end, q_pos):
+            kbar = None if block_means is None else block_means[rows]
             return _select_segment(
-                q[rows, q0:q1], k[rows, s:end], q_pos, block_size, block_count, sink_blocks, local_blocks, scale
+                q[rows, q0:q1], k[rows, s:end], q_pos, block_size, block_count, sink_blocks, local_blocks, scale, kbar
             )
 
         _run_segments(q, k, doc_start, fn, out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..cache import as_ssa_cache
 from ..config import SSAConfig
 from ..ops import (
     alignment_loss,
@@ -152,8 +153,16 @@ def ssa_attention_forward(
 
     def sparse():
         nonlocal indices
-        out, indices = sparse_attention(q, k, v, return_indices=True, **selection)
+        out, indices = sparse_attention(q, k, v, return_indices=True, block_means=_cached_means(), **selection)
         return _gate(module, out)
+
+    def _cached_means():
+        """Decode steps (one query per row) select from the cache's block means instead of all keys."""
+        cache = as_ssa_cache(module.__dict__.get("_ssa_cache"))
+        if cache is None or q.shape[1] != 1:
+            return None
+        row_start = doc_start[:, -1] if doc_start is not None else q.new_zeros(q.shape[0], dtype=torch.long)
+        return cache.block_means(state.layer_idx, k, row_start, cfg.block_size)
 
     if cfg.train_mode == "nsa" and (module.training or cfg.inference_mode == "sparse"):
         # NSA baseline: gated sum of compressed (block means), selected (sparse) and sliding-window attention

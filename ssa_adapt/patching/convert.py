@@ -58,12 +58,15 @@ def _require_controller(model: nn.Module) -> SSAController:
     return ctrl
 
 
-def _stash_hidden(module, args, kwargs):
+def _stash_inputs(module, args, kwargs):
+    """Keep what the attention function needs but is not handed: the layer input (gates), the KV cache."""
     module._ssa_hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    module._ssa_cache = kwargs.get("cache", kwargs.get("past_key_values"))
 
 
-def _drop_hidden(module, args, kwargs, output):
+def _drop_inputs(module, args, kwargs, output):
     module.__dict__.pop("_ssa_hidden", None)
+    module.__dict__.pop("_ssa_cache", None)
 
 
 def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0) -> nn.Module:
@@ -122,8 +125,8 @@ def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0)
                 attn.q_proj.in_features, heads, bias=False, device=weight.device, dtype=weight.dtype
             )
             nn.init.zeros_(attn.ssa_gate.weight)  # gamma = 0.5 at start
-            ctrl.handles.append(attn.register_forward_pre_hook(_stash_hidden, with_kwargs=True))
-            ctrl.handles.append(attn.register_forward_hook(_drop_hidden, with_kwargs=True))
+        ctrl.handles.append(attn.register_forward_pre_hook(_stash_inputs, with_kwargs=True))
+        ctrl.handles.append(attn.register_forward_hook(_drop_inputs, with_kwargs=True))
     ctrl.handles.append(model.register_forward_pre_hook(lambda module, args: ctrl.begin_forward()))
     model.ssa_controller = ctrl
     hf_config.ssa_config = config.to_dict()
@@ -143,6 +146,7 @@ def unload(model: nn.Module) -> nn.Module:
             if "ssa_gate" in module._modules:
                 del module.ssa_gate
             module.__dict__.pop("_ssa_hidden", None)
+            module.__dict__.pop("_ssa_cache", None)
     del owner.ssa_controller
     hf_config = owner.config
     if hasattr(hf_config, CONFIG_KEY):
