@@ -1,0 +1,296 @@
+"""Attention on one GPU, side by side: SDPA full attention (cuDNN, flash) against SSA's Triton kernels (selection
+alone, block-sparse attention alone, the whole sparse stream) and fla-core's NSA kernel on the same indices.
+
+    python benchmarks/attention.py --out benchmarks/results/attention-h200.json --md benchmarks/results/attention-h200.md
+
+bf16, B = 1, random normal inputs, block 16 x 16 (sink 1, local 1). Times are medians of triton.testing.do_bench;
+forward runs under no_grad, forward+backward through torch.autograd.grad. peak_gib is the peak allocated memory of
+one forward+backward (forward only for the selection, which has no backward), inputs included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssa_adapt import ops  # noqa: E402
+from ssa_adapt.ops.triton import attend as triton_attend  # noqa: E402
+from ssa_adapt.ops.triton import select as triton_select  # noqa: E402
+
+SHAPES = [(32, 2, 64), (32, 8, 64), (9, 3, 64), (14, 2, 64), (16, 8, 128)]  # SSA-1B, Llama-3.2-1B, SmolLM2, ...
+TS = [8192, 16384, 32768, 65536, 131072]
+SEL = dict(block_size=16, block_count=16, sink_blocks=1, local_blocks=1)
+GIB = 2**30
+
+
+def timed(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / GIB
+
+
+def sdpa(backend, expand=False):
+    """Causal SDPA on one backend; GQA through enable_gqa (no K/V copy) unless `expand` repeats K/V."""
+
+    def f(q, k, v):
+        G = q.shape[2] // k.shape[2]
+        if expand:
+            k, v = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
+        with sdpa_kernel([backend]):
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=not expand
+            )
+        return o.transpose(1, 2)
+
+    return f
+
+
+def limit_fla_autotune():
+    """fla autotunes ~40 configs per shape; keep the 4 likeliest per kernel to bound compile time on the lease."""
+    from fla.ops.nsa import parallel as nsa
+
+    def tuner(obj):
+        while not hasattr(obj, "configs") and hasattr(obj, "fn"):
+            obj = obj.fn
+        return obj
+
+    for name, keep in [
+        ("parallel_nsa_fwd_kernel", lambda c: c.num_warps in (2, 4) and c.num_stages in (1, 2)),
+        ("parallel_nsa_bwd_kernel_dq", lambda c: c.num_warps in (2, 4) and c.num_stages in (1, 2)),
+        ("parallel_nsa_bwd_kernel_dkv", lambda c: c.num_warps == 4 and c.kwargs.get("BQ") in (4, 8)),
+    ]:
+        t = tuner(getattr(nsa, name))
+        t.configs = [c for c in t.configs if keep(c)] or t.configs
+
+
+def measure(impl, fwd, fwd_bwd, rows, meta, note=""):
+    row = dict(impl=impl, **meta, fwd_ms=None, fwd_bwd_ms=None, peak_gib=None, note=note)
+    try:
+        with torch.no_grad():
+            row["fwd_ms"] = timed(fwd)
+        if fwd_bwd is not None:
+            row["fwd_bwd_ms"] = timed(fwd_bwd)
+            row["peak_gib"] = peak(fwd_bwd)
+        else:
+            with torch.no_grad():
+                row["peak_gib"] = peak(fwd)
+    except torch.cuda.OutOfMemoryError:
+        row["note"] = (note + "; " if note else "") + "out of memory"
+    except Exception as e:  # keep the table going; the note says what broke
+        row["note"] = (note + "; " if note else "") + f"{type(e).__name__}: {str(e)[:160]}"
+    torch.cuda.empty_cache()
+    rows.append(row)
+    f = lambda x: "-" if x is None else f"{x:8.3f}"  # noqa: E731
+    print(
+        f"{impl:18s} T={meta['T']:6d} {meta['HQ']:2d}/{meta['H']}/{meta['D']:3d} fwd {f(row['fwd_ms'])} ms  "
+        f"fwd+bwd {f(row['fwd_bwd_ms'])} ms  peak {f(row['peak_gib'])} GiB {row['note']}",
+        flush=True,
+    )
+    return row
+
+
+def run_shape(T, HQ, H, D, impls, rows):
+    g = torch.Generator(device="cuda").manual_seed(T + HQ)
+    q = torch.randn(1, T, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    v = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    do = torch.randn(1, T, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    meta = dict(T=T, HQ=HQ, H=H, D=D)
+    with torch.no_grad():
+        idx = ops.select_blocks(q, k, backend="triton", **SEL)
+
+    def fb(f):
+        return lambda: torch.autograd.grad(f(q, k, v), (q, k, v), do)
+
+    def attend(q, k, v):
+        return ops.attend_blocks(q, k, v, idx, block_size=16, backend="triton")
+
+    def stream(q, k, v):
+        return ops.sparse_attention(q, k, v, backend="triton", **SEL)
+
+    for name, backend in [("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)]:
+        if name in impls:
+            f, note = sdpa(backend), "enable_gqa, no K/V copy"
+            try:
+                with torch.no_grad():
+                    f(q[:, :256], k[:, :256], v[:, :256])
+            except RuntimeError:  # this backend has no GQA: repeat K/V (counts in time and memory)
+                f, note = sdpa(backend, expand=True), "K/V repeated to HQ heads (backend lacks enable_gqa)"
+            measure(name, lambda f=f: f(q, k, v), fb(f), rows, meta, note)
+    if "ssa_select" in impls:
+        measure("ssa_select", lambda: ops.select_blocks(q, k, backend="triton", **SEL), None, rows, meta)
+    if "ssa_attend" in impls:
+        measure("ssa_attend", lambda: attend(q, k, v), fb(attend), rows, meta, "given indices")
+    if "ssa_sparse_stream" in impls:
+        measure("ssa_sparse_stream", lambda: stream(q, k, v), fb(stream), rows, meta)
+    if "fla_nsa" in impls and HQ // H >= 16 and (HQ // H) & (HQ // H - 1) == 0:
+
+        def fla(q, k, v):
+            return ops.attend_blocks(q, k, v, idx, block_size=16, backend="fla")
+
+        with torch.no_grad():
+            err = (fla(q, k, v).float() - attend(q, k, v).float()).norm() / attend(q, k, v).float().norm()
+        measure("fla_nsa", lambda: fla(q, k, v), fb(fla), rows, meta, f"given indices; vs ours {err:.1e}")
+
+
+def sweep(rows, T=32768):
+    """Kernel variants at 32k on the two target shapes: rows of the selection tile, keys per forward step and
+    warps, rows per dk/dv step. Prints; the chosen defaults go into the kernel modules."""
+    for HQ, H, D in [(32, 2, 64), (32, 8, 64)]:
+        _sweep_shape(rows, T, HQ, H, D)
+        torch.cuda.empty_cache()
+
+
+def _sweep_shape(rows, T, HQ, H, D):
+    q = torch.randn(1, T, HQ, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    k = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    v = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    do = torch.randn_like(q)
+    idx = ops.select_blocks(q, k, backend="triton", **SEL)
+
+    def select():
+        return ops.select_blocks(q, k, backend="triton", **SEL)
+
+    def fwd():
+        with torch.no_grad():
+            return ops.attend_blocks(q, k, v, idx, backend="triton")
+
+    def bwd_of(o):
+        return lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+
+    for r in (64, 128):
+        triton_select.SELECT_ROWS = r
+        ms = timed(select)
+        rows.append(dict(variant=f"select rows={r}", T=T, HQ=HQ, H=H, D=D, ms=ms))
+        print(f"sweep {HQ}/{H}/{D} select rows={r}: {ms:.3f} ms", flush=True)
+    triton_select.SELECT_ROWS = 64
+    for keys, warps in [(64, 4), (128, 4), (64, 2)]:
+        triton_attend.FWD_KEYS, triton_attend.FWD_WARPS = keys, warps
+        ms = timed(fwd)
+        ms_b = timed(bwd_of(ops.attend_blocks(q, k, v, idx, backend="triton")))
+        rows.append(dict(variant=f"fwd keys={keys} warps={warps}", T=T, HQ=HQ, H=H, D=D, ms=ms, bwd_ms=ms_b))
+        print(f"sweep {HQ}/{H}/{D} fwd keys={keys} warps={warps}: fwd {ms:.3f} bwd {ms_b:.3f} ms", flush=True)
+    triton_attend.FWD_KEYS, triton_attend.FWD_WARPS = 64, 4
+    for dkv_rows, warps in [(64, 4), (128, 4)]:
+        triton_attend.DKV_ROWS, triton_attend.DKV_WARPS = dkv_rows, warps
+        ms_b = timed(bwd_of(ops.attend_blocks(q, k, v, idx, backend="triton")))
+        rows.append(dict(variant=f"dkv rows={dkv_rows} warps={warps}", T=T, HQ=HQ, H=H, D=D, bwd_ms=ms_b))
+        print(f"sweep {HQ}/{H}/{D} dkv rows={dkv_rows} warps={warps}: bwd {ms_b:.3f} ms", flush=True)
+    triton_attend.DKV_ROWS, triton_attend.DKV_WARPS = 64, 4
+
+
+def markdown(rows, meta) -> str:
+    out = [
+        "# Attention benchmark (H200)",
+        "",
+        f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, "
+        "block 16 x 16, sink 1, local 1, random normal inputs.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "Milliseconds (median of triton.testing.do_bench), forward / forward+backward; peak GiB of a forward+backward.",
+        "Speedup = SDPA cuDNN time / SSA sparse stream time.",
+        "",
+    ]
+    key = lambda r: (r["HQ"], r["H"], r["D"])  # noqa: E731
+    by = {}
+    for r in rows:
+        by.setdefault((key(r), r["T"]), {})[r["impl"]] = r
+    impls = ["sdpa_cudnn", "sdpa_flash", "ssa_select", "ssa_attend", "ssa_sparse_stream", "fla_nsa"]
+
+    def cell(r):
+        if r is None:
+            return "-"
+        return "/".join("-" if x is None else f"{x:.2f}" for x in (r["fwd_ms"], r["fwd_bwd_ms"]))
+
+    for shape in sorted({s for s, _ in by}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99):
+        out += [f"## (HQ, H, D) = {shape}", ""]
+        out.append("| T | " + " | ".join(impls) + " | speedup fwd / fwd+bwd | peak GiB cuDNN / SSA |")
+        out.append("|---" * (len(impls) + 3) + "|")
+        for T in sorted(t for s, t in by if s == shape):
+            d = by[(shape, T)]
+            cu, ss = d.get("sdpa_cudnn"), d.get("ssa_sparse_stream")
+            sp = "-"
+            if cu and ss and None not in (cu["fwd_ms"], ss["fwd_ms"], cu["fwd_bwd_ms"], ss["fwd_bwd_ms"]):
+                sp = f"{cu['fwd_ms'] / ss['fwd_ms']:.1f}x / {cu['fwd_bwd_ms'] / ss['fwd_bwd_ms']:.1f}x"
+            pk = "-"
+            if cu and ss and None not in (cu["peak_gib"], ss["peak_gib"]):
+                pk = f"{cu['peak_gib']:.2f} / {ss['peak_gib']:.2f}"
+            out.append(f"| {T // 1024}k | " + " | ".join(cell(d.get(i)) for i in impls) + f" | {sp} | {pk} |")
+        out.append("")
+    notes = sorted({f"{r['impl']}: {r['note']}" for r in rows if r.get("note")})
+    if notes:
+        out += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", type=int, nargs="+", default=TS)
+    p.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES], help="HQ,H,D ...")
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=["sdpa_cudnn", "sdpa_flash", "ssa_select", "ssa_attend", "ssa_sparse_stream", "fla_nsa"],
+    )
+    p.add_argument("--out", default="benchmarks/results/attention-h200.json")
+    p.add_argument("--md", default="benchmarks/results/attention-h200.md")
+    p.add_argument("--sweep", action="store_true", help="time kernel variants at 32k first")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting new sizes after this")
+    args = p.parse_args()
+    t0 = time.time()
+    meta = dict(
+        device=torch.cuda.get_device_name(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        command="python " + " ".join(sys.argv),
+    )
+    if "fla_nsa" in args.impls:
+        try:
+            limit_fla_autotune()
+        except ImportError:
+            args.impls.remove("fla_nsa")
+            print("fla-core not installed: fla_nsa skipped", flush=True)
+    rows, sweep_rows = [], []
+    if args.sweep:
+        sweep(sweep_rows)
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    for T in args.T:
+        for HQ, H, D in shapes:
+            if time.time() - t0 > args.budget_s:
+                print(f"budget reached: T={T} {HQ}/{H}/{D} not run", flush=True)
+                continue
+            run_shape(T, HQ, H, D, args.impls, rows)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    md = markdown(rows, meta)
+    if sweep_rows:
+        md += "\n## Kernel variants at 32k\n\n" + "\n".join(f"- {json.dumps(r)}" for r in sweep_rows) + "\n"
+    Path(args.md).write_text(md)
+    print(md)
+    print(f"total {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
