@@ -7,12 +7,13 @@
 
 The model is SmolLM2-135M's architecture (its config.json: 30 layers, 9 heads, 3 KV heads, head_dim 64) with
 random weights from a fixed seed: the 538 MB checkpoint cannot travel to the GPU machine, and throughput does not
-depend on the weights (the loss curves start from ~10.8 instead of ~3). fp32 weights under bf16 autocast, AdamW
+depend on the weights (the loss curves start from ~10.8 instead of ~3). bf16 weights (`--dtype float32` for fp32
+master weights under bf16 autocast: that needs the attention to cast q, k, v to the autocast dtype), AdamW
 (lr 1e-3, cosine, 10 warm-up steps), 4 x 8192 tokens per step in 8192-token rows of the token stream (wrapped
 packing), SSA 16 x 16 blocks with one sink block. The full stream runs on SDPA with the first backend that takes
 the shape among cuDNN, flash, efficient (named in the output). tokens/s = tokens per step / median step time
-over the steps after `--warmup`, leaving out the steps that also measure AttnSparsity. With `--docs`, a short
-extra pair of runs packs whole documents (padding-free, `bfd_split`): the attention then has document boundaries.
+over the steps after `--warmup`, leaving out the steps that also measure AttnSparsity. With `--docs_steps`, short
+extra runs pack whole documents (padding-free, `bfd_split`): the attention then has document boundaries.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def train_once(stage: Path, mode: str, rows, steps: int, a: argparse.Namespace, 
 
     config = AutoConfig.from_pretrained(stage)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, a.dtype), attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(stage)
     packing = (
         dict(packing=True, packing_strategy="bfd_split")
@@ -218,7 +219,7 @@ def run(a: argparse.Namespace) -> None:
         },
         "ssa_backend": resolve_backend("auto", torch.empty(1, device="cuda")),
         "sdpa_backend": backend,
-        "model": "SmolLM2-135M architecture (config.json), random weights, fp32 + bf16 autocast",
+        "model": f"SmolLM2-135M architecture (config.json), random weights, {a.dtype} weights + bf16 autocast",
         "data": f"Debian docs corpus, SmolLM2 tokenizer, {a.batch} x {a.seq} tokens per step",
         "ssa": "block 16 x 16, sink 1, local 1, full_prob 0.5, align_weight 10",
         "runs": [],
@@ -271,6 +272,9 @@ def main() -> None:
     r.add_argument("--batch", type=int, default=4)
     r.add_argument("--seq", type=int, default=8192)
     r.add_argument("--warmup", type=int, default=10)
+    r.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights (bf16 autocast on top)"
+    )
     r.add_argument("--log_every", type=int, default=10)
     r.add_argument("--sparsity_every", type=int, default=50)
     r.add_argument("--docs_steps", type=int, default=0, help="steps of the extra padding-free document runs (0: none)")
