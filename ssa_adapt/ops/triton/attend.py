@@ -21,11 +21,14 @@ __all__ = ["attend_blocks", "attend_fwd", "attend_bwd"]
 
 # Keys per step of the query-centric kernels (whole blocks), query rows per step of the dk/dv kernel, query rows
 # per dk/dv work item (long block lists are split so that the sink block does not run alone at the end).
+# Warps and pipeline stages: chosen on the H200 by `benchmarks/attention.py --sweep` (README.md).
 FWD_KEYS = 64
+FWD_WARPS = 8
+FWD_STAGES = 3
 DKV_ROWS = 64
 DKV_ITEM_ROWS = 2048
-FWD_WARPS = 4
-DKV_WARPS = 4
+DKV_WARPS = 8
+DKV_STAGES = 1
 
 
 @triton.jit(do_not_specialize=["T", "TK"])
@@ -65,9 +68,9 @@ def _attend_fwd_kernel(
     row = (i_b * T + i_t) * HQ + i_h * G + o_g
     # [GR, BD]
     b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.0)
-    p_t = i_t + TK - T  # the query's key index
+    p_t = (i_t + TK - T).to(tl.int32)  # the query's key index
     if HAS_DOCS:
-        ds = tl.load(doc_start + i_b * T + i_t)
+        ds = tl.load(doc_start + i_b * T + i_t).to(tl.int32)
     else:
         ds = 0
     p_k = k + i_b * TK * H * D + i_h * D
@@ -81,7 +84,7 @@ def _attend_fwd_kernel(
         # NB selected blocks side by side: [BK] key indices
         slot = s0 + o_k // BS
         b_j = tl.load(p_i + slot, mask=slot < S, other=-1)
-        kpos = ds + b_j.to(tl.int64) * BS + o_k % BS
+        kpos = ds + b_j * BS + o_k % BS  # int32: offsets inside one sequence fit
         m_k = (b_j >= 0) & (kpos <= p_t)
         # [BK, BD]
         b_k = tl.load(p_k + kpos[:, None] * (H * D) + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
@@ -150,9 +153,9 @@ def _attend_bwd_dq_kernel(
     b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
     tl.store(delta + row, b_delta, mask=m_g)
     b_lse = tl.load(lse + row, mask=m_g, other=float("inf"))
-    p_t = i_t + TK - T
+    p_t = (i_t + TK - T).to(tl.int32)
     if HAS_DOCS:
-        ds = tl.load(doc_start + i_b * T + i_t)
+        ds = tl.load(doc_start + i_b * T + i_t).to(tl.int32)
     else:
         ds = 0
     p_k = k + i_b * TK * H * D + i_h * D
@@ -163,7 +166,7 @@ def _attend_bwd_dq_kernel(
     for s0 in range(0, S, NB):
         slot = s0 + o_k // BS
         b_j = tl.load(p_i + slot, mask=slot < S, other=-1)
-        kpos = ds + b_j.to(tl.int64) * BS + o_k % BS
+        kpos = ds + b_j * BS + o_k % BS  # int32: offsets inside one sequence fit
         m_k = (b_j >= 0) & (kpos <= p_t)
         b_k = tl.load(p_k + kpos[:, None] * (H * D) + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
         b_v = tl.load(p_v + kpos[:, None] * (H * D) + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
@@ -260,7 +263,7 @@ def _attend_bwd_dkv_kernel(
     for w in range(tl.program_id(0), total, NPROG):
         bid = tl.load(work + w).to(tl.int64)
         i_bh = bid // TK
-        ks = bid % TK
+        ks = (bid % TK).to(tl.int32)
         i_b = i_bh // H
         i_h = i_bh % H
         cnt = tl.load(counts + bid)
@@ -270,30 +273,34 @@ def _attend_bwd_dkv_kernel(
         e1 = tl.minimum(e0 + C, cnt)
         kpos = ks + o_k
         m_k = kpos < TK
-        p_kv = ((i_b * TK + kpos) * H + i_h) * D
+        # int64 scalar bases, int32 offsets inside one sequence (fewer registers per gathered element)
+        kv_base = (i_b * TK * H + i_h) * D
+        p_kv = (kpos * (H * D))[:, None] + o_d[None, :]
         m_kv = m_k[:, None] & m_d[None, :]
         # [BS, BD]
-        b_k = tl.load(k + p_kv[:, None] + o_d[None, :], mask=m_kv, other=0.0)
-        b_v = tl.load(v + p_kv[:, None] + o_d[None, :], mask=m_kv, other=0.0)
+        b_k = tl.load(k + kv_base + p_kv, mask=m_kv, other=0.0)
+        b_v = tl.load(v + kv_base + p_kv, mask=m_kv, other=0.0)
         b_dk = tl.zeros([BS, BD], dtype=tl.float32)
         b_dv = tl.zeros([BS, BD], dtype=tl.float32)
-        p_max = tl.full([M], -1, dtype=tl.int64)  # latest selecting query: keys after it belong to no one here
+        p_max = tl.full([M], -1, dtype=tl.int32)  # latest selecting query: keys after it belong to no one here
+        q_base = (i_b * T * HQ + i_h * G).to(tl.int64)
         for e in range(e0, e1, BQ):
             # BQ tokens x GP heads packed into M rows: the block is shared, so no row is padding but the group's
             ent = e + r_q
             m_e = ent < e1
-            t = tl.load(lists + e_base + ent, mask=m_e, other=0).to(tl.int64)
+            t = tl.load(lists + e_base + ent, mask=m_e, other=0)
             m_row = m_e & (r_g < G)
-            row = (i_b * T + t) * HQ + i_h * G + r_g
+            row = t * HQ + r_g
             m_qd = m_row[:, None] & m_d[None, :]
             # [M, BD]
-            b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
-            b_do = tl.load(do + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
+            b_q = tl.load(q + q_base * D + (row * D)[:, None] + o_d[None, :], mask=m_qd, other=0.0)
+            b_do = tl.load(do + q_base * D + (row * D)[:, None] + o_d[None, :], mask=m_qd, other=0.0)
+            row = q_base + row
             b_lse = tl.load(lse + row, mask=m_row, other=float("inf"))
             b_delta = tl.load(delta + row, mask=m_row, other=0.0)
             # [BS, M] transposed scores: keys on the tensor-core M side, tokens x heads on N
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * scale_log2
-            p_max = tl.maximum(p_max, tl.where(m_e, t + TK - T, -1))
+            p_max = tl.maximum(p_max, tl.where(m_e, t + (TK - T), -1))
             m_st = m_row[None, :] & (kpos[:, None] <= (t + TK - T)[None, :])
             b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
             b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
@@ -301,15 +308,14 @@ def _attend_bwd_dkv_kernel(
             b_dst = b_pt * (b_dpt - b_delta[None, :])
             b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)
         b_dk = b_dk * scale
-        p_o = p_kv[:, None] + o_d[None, :]
         # a partial block's tail may be the next document's keys (owned by another work item): leave them alone
         m_kv = m_kv & (kpos <= tl.max(p_max, 0))[:, None]
         if n_items == 1:
-            tl.store(dk + p_o, b_dk, mask=m_kv)
-            tl.store(dv + p_o, b_dv, mask=m_kv)
+            tl.store(dk + kv_base + p_kv, b_dk, mask=m_kv)
+            tl.store(dv + kv_base + p_kv, b_dv, mask=m_kv)
         else:
-            tl.atomic_add(dk + p_o, b_dk, mask=m_kv, sem="relaxed")
-            tl.atomic_add(dv + p_o, b_dv, mask=m_kv, sem="relaxed")
+            tl.atomic_add(dk + kv_base + p_kv, b_dk, mask=m_kv, sem="relaxed")
+            tl.atomic_add(dv + kv_base + p_kv, b_dv, mask=m_kv, sem="relaxed")
 
 
 def _geometry(q, k, block_indices, block_size):
@@ -352,6 +358,7 @@ def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start):
         HAS_DOCS=doc_start is not None,
         DOT_PREC=dot_precision(q.dtype),
         num_warps=FWD_WARPS,
+        num_stages=FWD_STAGES,
     )
     return o, lse
 
@@ -391,6 +398,7 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start)
         HAS_DOCS=has_docs,
         DOT_PREC=prec,
         num_warps=FWD_WARPS,
+        num_stages=FWD_STAGES,
     )
 
     # reverse index: for every key block (b, h, first key), the tokens that selected it
@@ -480,6 +488,7 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start)
         BQ=BQ,
         DOT_PREC=prec,
         num_warps=DKV_WARPS,
+        num_stages=DKV_STAGES,
     )
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 

@@ -22,6 +22,7 @@ __all__ = ["select_blocks", "block_means"]
 # Rows (tokens x padded group) per selection program, blocks per scoring step, slots per block-means program.
 SELECT_ROWS = 64
 SELECT_BLOCKS = 64
+SELECT_WARPS = 8
 MEANS_SLOTS = 32
 
 
@@ -107,9 +108,9 @@ def _select_kernel(
         r_ds = tl.zeros([M], dtype=tl.int32)
     r_nc = (r_t + off - r_ds + 1) // BS  # complete blocks of the row's document
     r_base = (r_ds + BS - 1) // BS  # slot of the document's block 0
-    p_q = q + ((i_b * T + r_t) * HQ + i_h * G + r_g).to(tl.int64) * D
+    p_q = q + (i_b * T * HQ + i_h * G) * D + ((r_t * HQ + r_g) * D)[:, None] + o_d[None, :]
     # [M, BD]
-    b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None] & (o_d < D)[None, :], other=0.0)
+    b_q = tl.load(p_q, mask=m_r[:, None] & (o_d < D)[None, :], other=0.0)
     b_q = b_q.to(kbar.dtype.element_ty)
     p_kb = kbar + i_bh * NSLOT * BD
 
@@ -189,11 +190,18 @@ def _select_kernel(
     j_f = tl.where(f < SINK, f + 0 * t_cur[:, None], t_cur[:, None] - LOCAL + 1 + f - SINK)
     ok_f = ((f < SINK) & (j_f <= t_cur[:, None])) | ((f >= SINK) & (f < SINK + LOCAL) & (j_f >= SINK) & (j_f >= 0))
     v_f = tl.where(ok_f, j_f, BIG)
-    # [BT, 2 KP] ascending; the first S columns are the answer
-    v_all = tl.sort(tl.reshape(tl.join(v_f, v_sel), [BT, 2 * KP]), 1)
-    o_c = tl.arange(0, 2 * KP)
-    p_o = out + ((i_b * T + o_t) * H + i_h).to(tl.int64)[:, None] * S + o_c[None, :]
-    tl.store(p_o, tl.where(v_all == BIG, -1, v_all), mask=m_t[:, None] & (o_c < S)[None, :])
+    # ascending order without a sort: a kept block's column is the number of kept blocks below it
+    r_f = tl.sum((v_f[:, None, :] < v_f[:, :, None]).to(tl.int32), 2)
+    r_f += tl.sum((v_sel[:, None, :] < v_f[:, :, None]).to(tl.int32), 2)
+    r_s = tl.sum((v_f[:, None, :] < v_sel[:, :, None]).to(tl.int32), 2)
+    r_s += tl.sum((v_sel[:, None, :] < v_sel[:, :, None]).to(tl.int32), 2)
+    c = o_k[None, None, :]
+    col = tl.minimum(
+        tl.min(tl.where(r_f[:, :, None] == c, v_f[:, :, None], BIG), 1),
+        tl.min(tl.where(r_s[:, :, None] == c, v_sel[:, :, None], BIG), 1),
+    )
+    p_o = out + ((i_b * T + o_t) * H + i_h).to(tl.int64)[:, None] * S + o_k[None, :]
+    tl.store(p_o, tl.where(col == BIG, -1, col), mask=m_t[:, None] & (o_k < S)[None, :])
 
 
 def block_means(k: torch.Tensor, block_size: int, doc_start: torch.Tensor | None, T: int) -> torch.Tensor:
@@ -274,6 +282,6 @@ def select_blocks(
         BN=SELECT_BLOCKS,
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=SELECT_WARPS,
     )
     return out
