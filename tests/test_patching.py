@@ -257,3 +257,17 @@ def test_record_attention_sparsity():
         long = {k: v.item() for k, v in stats.items()}
     assert sorted(short) == [0, 1] and all(abs(v - 1) < 1e-6 for v in short.values())
     assert all(0 < v < 1 for v in long.values())
+
+
+def test_mixed_dtypes_under_autocast_attend_in_autocast_dtype():
+    from ssa_adapt.patching.attention import ssa_attention_forward
+
+    model = ssa_adapt.convert(tiny_model("llama", 2), SMALL)
+    attn = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)
+    v = torch.randn(1, 2, 40, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = ssa_attention_forward(attn, q, k, v, None, scaling=8**-0.5)
+    assert out.dtype == torch.bfloat16
+    expected = ssa_attention_forward(attn, q.bfloat16(), k.bfloat16(), v, None, scaling=8**-0.5)[0]
+    torch.testing.assert_close(out, expected)
