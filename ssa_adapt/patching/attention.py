@@ -128,11 +128,31 @@ def ssa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """query [B, HQ, T, D], key/value [B, H, TK, D] (HF layout) -> (attn_output [B, T, HQ, D], None)."""
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        # under autocast RoPE leaves q, k in fp32 while v is bf16: attend in the autocast dtype, as SDPA would,
+        # and let the ops keep their own precision (the reference accumulates in fp32)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return _attend(
+                module,
+                q.to(dtype),
+                k.to(dtype),
+                v.to(dtype),
+                query,
+                key,
+                attention_mask,
+                scaling,
+                sliding_window,
+                kwargs,
+            )
     if not (q.dtype == k.dtype == v.dtype):
-        # under autocast RoPE leaves q, k in fp32 while v is bf16: attend in the autocast dtype, as SDPA would
-        device = q.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v.dtype
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+    return _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window, kwargs)
+
+
+def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window, kwargs):
+    """ssa_attention_forward's body on q [B, T, HQ, D], k, v [B, TK, H, D] of one dtype."""
     state: SSALayerState | None = getattr(module, "ssa_state", None)
     if state is None:  # a layer left unconverted (sliding window, or not in config.layers)
         doc_start = _doc_start(query, key, attention_mask, kwargs)
