@@ -207,7 +207,7 @@ def test_stream_frequency_follows_full_prob():
     assert [draw_stream(1, s, 0, 0.5) for s in range(64)] != [draw_stream(2, s, 0, 0.5) for s in range(64)]
 
 
-def test_lora_trains_adapters_only(tmp_path):
+def test_lora_with_gradient_checkpointing_trains_adapters_only(tmp_path):
     from peft import LoraConfig
 
     model = tiny_model("llama", 2)
@@ -215,7 +215,7 @@ def test_lora_trains_adapters_only(tmp_path):
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     trainer = SSATrainer(
         model,
-        SSATrainingConfig(**args(tmp_path, **SSA, max_steps=2)),
+        SSATrainingConfig(**args(tmp_path, **SSA, max_steps=2, gradient_checkpointing=True)),
         train_dataset=datasets.Dataset.from_dict({"text": texts()}),
         processing_class=char_tokenizer(),
         peft_config=peft_config,
@@ -252,7 +252,7 @@ def test_model_by_name_plain_or_converted(tmp_path):
         ssa_trainer(tmp_path, model=str(ssa_dir), gate=False)
 
 
-def test_config_fields_mirror_ssa_config():
+def test_config_fields_mirror_ssa_config(tmp_path):
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(SSATrainingConfig)}
@@ -260,6 +260,14 @@ def test_config_fields_mirror_ssa_config():
     config = SSATrainingConfig(output_dir="x", use_cpu=True, **SSAConfig(block_count=8).to_dict())
     assert config.to_ssa_config() == SSAConfig(block_count=8)
     assert config.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    trainer = SSATrainer(  # an SFTConfig becomes an SSATrainingConfig with the SSA fields unset
+        tiny_model("llama", 2),
+        SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_length=64, report_to="none"),
+        train_dataset=datasets.Dataset.from_dict({"text": texts(4)}),
+        processing_class=char_tokenizer(),
+    )
+    assert isinstance(trainer.args, SSATrainingConfig) and trainer.args.max_length == 64
+    assert ssa_adapt.get_controller(trainer.model).config == SSAConfig()
     with pytest.raises(ValueError, match="train_mode='dense'"):
         SSATrainingConfig(output_dir="x", use_cpu=True, train_mode="dense")
     with pytest.raises(ValueError, match="use_reentrant"):

@@ -8,6 +8,7 @@ Per micro-batch: draw the stream (`draw_stream`, the same on every rank), run th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import torch
@@ -111,11 +112,11 @@ class SSATrainer(SFTTrainer):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = SSATrainingConfig(f"{str(model_name).rstrip('/').split('/')[-1]}-SSA")
-        elif not isinstance(args, SSATrainingConfig):
-            values = args.to_dict()
-            values["hub_token"] = args.hub_token  # to_dict hides it
-            known = {f.name for f in SSATrainingConfig.__dataclass_fields__.values() if f.init}
-            args = SSATrainingConfig(**{k: v for k, v in values.items() if k in known})
+        elif not isinstance(args, SSATrainingConfig):  # its values as they are (to_dict masks the *_token ones)
+            known = {f.name for f in dataclasses.fields(SSATrainingConfig) if f.init}
+            args = SSATrainingConfig(
+                **{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name in known}
+            )
         if isinstance(model, str):
             model = _load_model(model, args)
         else:
