@@ -7,8 +7,8 @@
 
 The model is SmolLM2-135M's architecture (its config.json: 30 layers, 9 heads, 3 KV heads, head_dim 64) with
 random weights from a fixed seed: the 538 MB checkpoint cannot travel to the GPU machine, and throughput does not
-depend on the weights (the loss curves start from ~10.8 instead of ~3). bf16 weights (`--dtype float32` for fp32
-master weights under bf16 autocast: that needs the attention to cast q, k, v to the autocast dtype), AdamW
+depend on the weights (the loss curves start from ~10.8 instead of ~3). bf16 weights (`--dtype float32`: fp32
+master weights under bf16 autocast, the recipes' setting, which needs ssa_adapt >= 399e332 on the GPU), AdamW
 (lr 1e-3, cosine, 10 warm-up steps), 4 x 8192 tokens per step in 8192-token rows of the token stream (wrapped
 packing), SSA 16 x 16 blocks with one sink block. The full stream runs on SDPA with the first backend that takes
 the shape among cuDNN, flash, efficient (named in the output). tokens/s = tokens per step / median step time
