@@ -17,9 +17,23 @@ from .patching.registry import ARCHITECTURES
 
 __version__ = "0.1.0"
 
+_TRAINER_EXPORTS = ("SSATrainer", "SSATrainingConfig")
+
+
+def __getattr__(name: str):
+    """SSATrainer and SSATrainingConfig import TRL: load them on first use (pip install 'ssa_adapt[train]')."""
+    if name in _TRAINER_EXPORTS:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'ssa_adapt' has no attribute {name!r}")
+
+
 __all__ = [
     "SSAConfig",
     "AutoSSAModelForCausalLM",
+    "SSATrainer",
+    "SSATrainingConfig",
     "ARCHITECTURES",
     "convert",
     "unload",
