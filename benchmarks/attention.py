@@ -152,18 +152,26 @@ def run_shape(T, HQ, H, D, impls, rows):
 
 
 SWEEP = {
-    "select": ("SELECT_ROWS", "SELECT_WARPS", [(64, 8), (128, 8), (64, 4)]),
+    "select": (
+        "SELECT_ROWS",
+        "SELECT_WARPS",
+        "SELECT_TOPK_BLOCKS",
+        [(64, 4, 16), (64, 4, 32), (128, 8, 16), (64, 8, 16), (64, 4, 64)],
+    ),
+    # swept on 2026-11-29 (attention-h200.md of that run): (64, 4, 3) and (64, 4, 1) won; pass --sweep-all to redo
     "fwd": ("FWD_KEYS", "FWD_WARPS", "FWD_STAGES", [(64, 8, 3), (32, 4, 3), (64, 4, 3), (128, 8, 2), (32, 8, 1)]),
     "dkv": ("DKV_ROWS", "DKV_WARPS", "DKV_STAGES", [(64, 8, 1), (64, 8, 3), (128, 8, 1), (64, 4, 1)]),
 }
 
 
-def sweep(rows, T=32768):
+def sweep(rows, T=32768, parts=("select",)):
     """Kernel variants at 32k on the two target shapes (selection tile rows and warps; keys, warps and stages of
     the forward / dq kernels; rows, warps and stages of the dk/dv kernel). The variant with the lowest summed time
     over both shapes is kept for the rest of the run; the kernel modules carry the winners as defaults."""
     data = [_inputs(T, HQ, H, D) for HQ, H, D in [(32, 2, 64), (32, 8, 64)]]
     for part, spec in SWEEP.items():
+        if part not in parts:
+            continue
         names, variants = spec[:-1], spec[-1]
         mod = triton_select if part == "select" else triton_attend
         best = None
@@ -271,7 +279,8 @@ def main():
     )
     p.add_argument("--out", default="benchmarks/results/attention-h200.json")
     p.add_argument("--md", default="benchmarks/results/attention-h200.md")
-    p.add_argument("--sweep", action="store_true", help="time kernel variants at 32k first")
+    p.add_argument("--sweep", action="store_true", help="time selection-kernel variants at 32k first")
+    p.add_argument("--sweep-all", action="store_true", help="also the attention kernels' variants")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting new sizes after this")
     args = p.parse_args()
     t0 = time.time()
@@ -292,7 +301,7 @@ def main():
     rows, sweep_rows = [], []
     if args.sweep:
         try:
-            sweep(sweep_rows)
+            sweep(sweep_rows, parts=("select", "fwd", "dkv") if args.sweep_all else ("select",))
         except Exception as e:  # keep the defaults and go on to the table
             print(f"sweep failed ({type(e).__name__}: {e}); using the module defaults", flush=True)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]

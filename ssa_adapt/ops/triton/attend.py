@@ -23,11 +23,11 @@ __all__ = ["attend_blocks", "attend_fwd", "attend_bwd"]
 # per dk/dv work item (long block lists are split so that the sink block does not run alone at the end).
 # Warps and pipeline stages: chosen on the H200 by `benchmarks/attention.py --sweep` (README.md).
 FWD_KEYS = 64
-FWD_WARPS = 8
+FWD_WARPS = 4
 FWD_STAGES = 3
 DKV_ROWS = 64
 DKV_ITEM_ROWS = 2048
-DKV_WARPS = 8
+DKV_WARPS = 4
 DKV_STAGES = 1
 
 

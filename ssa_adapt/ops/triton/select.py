@@ -19,10 +19,12 @@ from .utils import check_block_size, check_doc_start, dot_precision, group_pad, 
 
 __all__ = ["select_blocks", "block_means"]
 
-# Rows (tokens x padded group) per selection program, blocks per scoring step, slots per block-means program.
+# Rows (tokens x padded group) per selection program, blocks per step of pass 1 and of pass 2 (whose top-k
+# insertion loop costs in proportion to its chunk), warps, slots per block-means program.
 SELECT_ROWS = 64
 SELECT_BLOCKS = 64
-SELECT_WARPS = 8
+SELECT_TOPK_BLOCKS = 16
+SELECT_WARPS = 4
 MEANS_SLOTS = 32
 
 
@@ -85,6 +87,7 @@ def _select_kernel(
     LOCAL: tl.constexpr,
     BT: tl.constexpr,
     BN: tl.constexpr,
+    BN2: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -153,15 +156,16 @@ def _select_kernel(
     o_k = tl.arange(0, KP)
     b_top = tl.full([BT, KP], -1, dtype=tl.int64)
     b_thr = tl.full([BT], -1, dtype=tl.int64)  # smallest key kept (-1 while the list is not full)
-    for s0 in range(lo2, hi2, BN):
-        o_s = s0 + tl.arange(0, BN)
+    for s0 in range(lo2, hi2, BN2):
+        # smaller chunks than pass 1: the insertion loop below works on [BT, BN2] keys
+        o_s = s0 + tl.arange(0, BN2)
         b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
         j = o_s[None, :] - r_base[:, None]
         m_s = m_r[:, None] & (j >= 0) & (j < r_nc[:, None])
-        # [M, BN] softmax probabilities -> [BT, BN] summed over the group's heads
+        # [M, BN2] softmax probabilities -> [BT, BN2] summed over the group's heads
         b_p = tl.where(m_s, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0)
-        b_i = tl.sum(tl.reshape(b_p, [BT, GP, BN]), 1)
+        b_i = tl.sum(tl.reshape(b_p, [BT, GP, BN2]), 1)
         jt = o_s[None, :] - t_base[:, None]
         cand = m_t[:, None] & (jt >= SINK) & (jt < t_hi[:, None])
         key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - jt).to(tl.int64)
@@ -280,6 +284,7 @@ def select_blocks(
         LOCAL=local_blocks,
         BT=BT,
         BN=SELECT_BLOCKS,
+        BN2=SELECT_TOPK_BLOCKS,
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
         num_warps=SELECT_WARPS,
