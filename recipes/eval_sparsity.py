@@ -25,6 +25,7 @@ class Args:
     budgets: str = field(default="16x16-sink1,16x16-sink0,16x64-sink1", metadata={"help": "BSxBC[-sinkN][-localN]."})
     length: int = field(default=8192, metadata={"help": "Window length."})
     windows: int = field(default=2, metadata={"help": "Windows, one per Austen novel."})
+    layers: str = field(default="", metadata={"help": "Comma-separated layer indices to measure; empty = all."})
     mode: str = field(default="full", metadata={"help": "For a converted model: the stream it runs (full, sparse)."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype."})
@@ -37,13 +38,16 @@ def main(args: Args) -> None:
         set_inference(model, args.mode)
     budgets = [s.budget for s in parse_setups(",".join(f"sparse-{b}" for b in args.budgets.split(",")))]
     novels = sorted(austen_texts())[: args.windows]
-    stats = attention_statistics(model, austen_windows(tok, args.length, span=args.length, novels=novels), budgets)
+    layers = [int(x) for x in args.layers.split(",") if x] or None
+    windows = austen_windows(tok, args.length, span=args.length, novels=novels)
+    stats = attention_statistics(model, windows, budgets, layers=layers)
     for name, s in stats.items():
         beyond = s["sparsity_beyond_rf"]
         print(
             f"{name}: AttnSparsity {s['sparsity']:.4f} (beyond the receptive field "
             f"{'n/a' if beyond is None else f'{beyond:.4f}'}), Theorem 1 violated {s['bound_violations']} / "
-            f"{s['bound_checks']}, max err/bound {s['bound_max_ratio']:.3f}"
+            f"{s['bound_checks']}, max err/bound {s['bound_max_ratio']:.3f}, max err - bound "
+            f"{s['bound_max_excess']:.2e} ({s['bound_max_excess_rel']:.2e} of ||o_full|| + ||o_sparse||)"
         )
         print(
             "  per layer: " + " ".join(f"{sum(r['sparsity']) / len(r['sparsity']):.2f}" for r in s["layers"].values())

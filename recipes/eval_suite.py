@@ -64,6 +64,7 @@ class SuiteArgs:
     sparsity_windows: int = field(default=2, metadata={"help": "Windows (one per novel) for the statistics."})
     tasks: str = field(default=REPORT_TASKS, metadata={"help": "lm-eval tasks (local ssa_* or any name)."})
     limit: int | None = field(default=None, metadata={"help": "Items per benchmark task; None = all."})
+    task_limits: str = field(default="", metadata={"help": "Per-task items, e.g. ssa_hellaswag=1000 (overrides)."})
     batch_size: int = field(default=16, metadata={"help": "lm-eval batch size."})
     benchmark_check: int = field(default=50, metadata={"help": "Items per task re-run to confirm a reuse."})
     niah_lengths: str = field(default="2048,4096,8192", metadata={"help": "NIAH context lengths."})
@@ -141,20 +142,25 @@ def main(args: SuiteArgs) -> None:
 
         t0 = time.monotonic()
         tasks = [t for t in args.tasks.split(",") if t]
+        limits = {t: args.limit for t in tasks}
+        limits.update({k: int(v) for k, v in (x.split("=") for x in args.task_limits.split(",") if x)})
         scores = benchmarks_for_setups(
             model,
             tok,
             setups,
             tasks,
             include_path=benchmark_tasks(),
-            limit=args.limit,
+            limit=limits,
             batch_size=args.batch_size,
             check_items=args.benchmark_check,
             backend=args.backend,
         )
         for s in setups:
             result["setups"][s.name]["benchmarks"] = scores[s.name]
-        result["settings"]["benchmarks"] = {"tasks": tasks, "limit": args.limit or "full validation sets"}
+        result["settings"]["benchmarks"] = {
+            "tasks": tasks,
+            "items": {t: limits[t] or "full validation set" for t in tasks},
+        }
         if any(b.get("reused_from") for sc in scores.values() for b in sc.values()):
             result["notes"].append(
                 "* sparse score equal to the full-attention one by construction: every request of the task fits in "

@@ -167,6 +167,7 @@ def test_theorem1_bound_holds_on_real_activations_and_matches_recorded_sparsity(
         assert s["bound_violations"] == 0, s
         assert 0 < s["sparsity"] < 1 and s["bound_max_ratio"] <= 1.001
         assert s["sparsity_beyond_rf"] < s["sparsity"]  # tokens past the receptive field lose mass
+        assert s["bound_max_excess_rel"] < 1e-6
     # the converted model's own recorder (full mode: the same activations) agrees, budget 4x4 with a sink
     ssa_adapt.convert(model, SSAConfig(block_size=4, block_count=4, sink_blocks=1, inference_mode="full"))
     with torch.no_grad(), ssa_adapt.record_attention_sparsity(model) as recorded:
@@ -349,6 +350,22 @@ def test_ssa_lm_eval_model_from_python_converted_checkpoint_and_overrides(lm_eva
     lm_fits = SSALM(pretrained=str(plain), block_size=16, block_count=16, device="cpu", dtype="float32", batch_size=4)
     fits = evaluate_tasks(lm_fits, ["tiny_mc"], include_path=tasks, limit=20, log_samples=True)
     assert max(abs(x - y) for x, y in zip(loglik(fits), b)) < 1e-4  # 256-token budget: sparse == full
+
+
+def test_benchmarks_for_setups_reuses_full_scores_only_when_every_request_fits(tokenizer, lm_eval_setup):
+    from ssa_adapt.eval.harness import benchmarks_for_setups
+
+    _, _, tasks = lm_eval_setup
+    model = _model(tokenizer)
+    setups = parse_setups("original,sparse-4x2-sink1,sparse-16x16-sink1")
+    scores = benchmarks_for_setups(
+        model, tokenizer, setups, ["tiny_mc"], include_path=tasks, limit={"tiny_mc": 12}, check_items=4, batch_size=4
+    )
+    assert scores["original"]["tiny_mc"]["n"] == 12
+    assert "reused_from" not in scores["sparse-4x2-sink1"]["tiny_mc"]  # 8-token field: run sparse
+    reused = scores["sparse-16x16-sink1"]["tiny_mc"]
+    assert reused["reused_from"] == "original" and reused["acc"] == scores["original"]["tiny_mc"]["acc"]
+    assert reused["check_items"] == 4 and reused["check_max_abs_loglik_diff"] < 1e-4
 
 
 def test_longbench_fails_offline_with_a_clear_message(monkeypatch):

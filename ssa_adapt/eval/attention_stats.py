@@ -5,8 +5,11 @@ For a budget (block_size x block_count, sink and local blocks) and each query to
 
 - AttnSparsity(t) = full causal attention mass inside the blocks SSA selects for t; dropped mass delta = 1 - it.
 - Theorem 1: ||o_full(t) - o_sparse(t)|| <= delta(t) * (max_{j visible, not selected} ||v_j|| + ||o_sparse(t)||).
-  It holds exactly for softmax attention, so on real activations the check must pass for every token (up to
-  floating-point slack); the ratio lhs / rhs says how tight the bound is.
+  It holds exactly for softmax attention, so on real activations the check must pass for every token up to
+  floating-point slack: a token violates it when err > bound * (1 + rtol) + atol * (||o_full|| + ||o_sparse||)
+  (atol is relative to the outputs' size, since the two outputs come from different kernels). `bound_max_excess`
+  (max of err - bound, absolute and relative to the outputs' size) says by how much; `bound_max_ratio` (max err /
+  bound over tokens whose bound is above float noise) says how tight the bound is.
 
 q, k, v are captured by wrapping the model's attention function (transformers' `AttentionInterface`, whatever
 the implementation: sdpa, eager, or SSA's own) for the duration of `measure_attention`. The model itself runs
@@ -106,6 +109,7 @@ def theorem1_terms(
         "dropped": delta,
         "error": (o_full - o_sparse).norm(dim=-1),
         "bound": delta * (vmax + o_sparse.norm(dim=-1)),
+        "scale": o_full.norm(dim=-1) + o_sparse.norm(dim=-1),
     }
 
 
@@ -120,9 +124,11 @@ class _Accumulator:
         self.sparsity, self.sparsity_beyond, self.error, self.bound = z.clone(), z.clone(), z.clone(), z.clone()
         self.violations = z.clone()
         self.max_ratio = z.clone()
+        self.max_excess = torch.full((heads,), -float("inf"), dtype=torch.float64)
+        self.max_excess_rel = self.max_excess.clone()
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
-        mass, err, bound = (terms[n].detach().double().cpu() for n in ("sparsity", "error", "bound"))
+        mass, err, bound, scale = (terms[n].detach().double().cpu() for n in ("sparsity", "error", "bound", "scale"))
         B, T, _ = mass.shape
         self.tokens += B * T
         self.sparsity += mass.sum((0, 1))
@@ -131,9 +137,12 @@ class _Accumulator:
         self.sparsity_beyond += beyond.sum((0, 1))
         self.error += err.sum((0, 1))
         self.bound += bound.sum((0, 1))
-        self.violations += (err > bound * (1 + self.rtol) + self.atol).sum((0, 1))
+        self.violations += (err > bound * (1 + self.rtol) + self.atol * scale).sum((0, 1))
+        excess = err - bound
+        self.max_excess = torch.maximum(self.max_excess, excess.amax((0, 1)))
+        self.max_excess_rel = torch.maximum(self.max_excess_rel, (excess / scale.clamp(min=1e-30)).amax((0, 1)))
         # tightness, over tokens whose bound is well above float noise (there err / bound can read anything)
-        ratio = torch.where(bound > 100 * self.atol, err / bound.clamp(min=1e-30), torch.zeros_like(err))
+        ratio = torch.where(bound > 1e-3, err / bound.clamp(min=1e-30), torch.zeros_like(err))
         self.max_ratio = torch.maximum(self.max_ratio, ratio.amax((0, 1)))
 
     def result(self) -> dict:
@@ -148,6 +157,8 @@ class _Accumulator:
             "bound_mean": (self.bound / n).tolist(),
             "bound_violations": [int(x) for x in self.violations.tolist()],
             "bound_max_ratio": self.max_ratio.tolist(),
+            "bound_max_excess": self.max_excess.tolist(),
+            "bound_max_excess_rel": self.max_excess_rel.tolist(),
         }
 
 
@@ -166,13 +177,19 @@ def measure_attention(
     rtol: float = 1e-3,
     atol: float = 1e-5,
     backend: str = "auto",
+    layers: Sequence[int] | None = None,
 ) -> Iterator[dict[str, dict[int, _Accumulator]]]:
     """While active, every forward pass of `model` adds the Theorem-1 terms of each attention layer's real q, k, v
-    under each budget. Yields {budget name: {layer: accumulator}}; read it with `summarize(...)`."""
+    (or only of `layers`) under each budget. Yields {budget name: {layer: accumulator}}; read it with
+    `summarize(...)`."""
     budgets = [budgets] if isinstance(budgets, Budget) else list(budgets)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     impl = base.config._attn_implementation
-    owned = {id(m) for m in base.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")}
+    owned = {
+        id(m)
+        for m in base.modules()
+        if hasattr(m, "layer_idx") and hasattr(m, "o_proj") and (layers is None or m.layer_idx in layers)
+    }
     stats: dict[str, dict[int, _Accumulator]] = {b.name: {} for b in budgets}
     had_local = impl in ALL_ATTENTION_FUNCTIONS._local_mapping
     previous_local = ALL_ATTENTION_FUNCTIONS._local_mapping.get(impl)
@@ -215,6 +232,8 @@ def summarize(stats: dict[str, dict[int, _Accumulator]]) -> dict[str, dict]:
             "bound_violations": sum(sum(r["bound_violations"]) for r in per_layer.values()),
             "bound_checks": sum(r["tokens"] * len(r["sparsity"]) for r in per_layer.values()),
             "bound_max_ratio": max((max(r["bound_max_ratio"]) for r in per_layer.values()), default=None),
+            "bound_max_excess": max((max(r["bound_max_excess"]) for r in per_layer.values()), default=None),
+            "bound_max_excess_rel": max((max(r["bound_max_excess_rel"]) for r in per_layer.values()), default=None),
             "layers": per_layer,
         }
     return out
@@ -228,13 +247,14 @@ def attention_statistics(
     *,
     progress: bool = True,
     backend: str = "auto",
+    layers: Sequence[int] | None = None,
 ) -> dict[str, dict]:
     """Run `model` over `windows` [N, L] (one forward pass per row) and return `summarize(...)` of every budget."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with measure_attention(model, budgets, backend=backend) as stats:
+        with measure_attention(model, budgets, backend=backend, layers=layers) as stats:
             for row in tqdm(
                 windows, desc=f"attention stats @ {windows.shape[1]}", unit="window", disable=not progress
             ):

@@ -134,6 +134,13 @@ def _scores(results: dict, tasks: Sequence[str]) -> dict[str, dict]:
     return scores
 
 
+def _by_limit(tasks: Sequence[str], limits: dict) -> list[tuple[int | float | None, list[str]]]:
+    groups: dict = {}
+    for t in tasks:
+        groups.setdefault(limits.get(t), []).append(t)
+    return list(groups.items())
+
+
 def benchmarks_for_setups(
     model,
     tokenizer,
@@ -141,25 +148,30 @@ def benchmarks_for_setups(
     tasks: Sequence[str],
     *,
     include_path=None,
-    limit: int | float | None = None,
+    limit: int | float | None | dict[str, int | float | None] = None,
     batch_size: int = 16,
     check_items: int = 50,
     backend: str | None = None,
 ) -> dict[str, dict[str, dict]]:
     """Benchmark scores of one loaded model under each setup (`EvalSetup`s, applied in place, in order).
 
-    Once an `original` or `full` setup has run, a sparse setup whose receptive field holds every request of a task
-    reuses those scores: every block is selected, so it computes full attention (SPEC section 1). The first
-    `check_items` items of each reused task are still run sparse and their log-likelihoods compared with the full
-    run's (`check_max_abs_loglik_diff`). -> {setup name: {task: {metric: value, "n": items, ...}}}
+    `limit` is items per task (all tasks, or a {task: limit} dict; None = the whole set). Once an `original` or
+    `full` setup has run, a sparse setup whose receptive field holds every request of a task reuses those scores:
+    every block is selected, so it computes full attention (SPEC section 1). The first `check_items` items of each
+    reused task are still run sparse and their log-likelihoods compared with the full run's
+    (`check_max_abs_loglik_diff`). -> {setup name: {task: {metric: value, "n": items, ...}}}
     """
     from .lm_eval_model import HFLM, SSALM
     from .setups import apply_setup
 
     tasks = list(tasks)
-    longest = max_request_tokens(tasks, tokenizer, include_path=include_path, limit=limit)
+    limits = dict(limit) if isinstance(limit, dict) else {t: limit for t in tasks}
+    longest: dict[str, int | None] = {}
+    for lim, group in _by_limit(tasks, limits):
+        longest.update(max_request_tokens(group, tokenizer, include_path=include_path, limit=lim))
     out: dict[str, dict[str, dict]] = {}
-    reference: tuple[str, dict] | None = None
+    reference: str | None = None
+    reference_ll: dict[str, dict] = {}
     for setup in setups:
         apply_setup(model, setup, backend=backend)
         cls = HFLM if setup.mode == "original" else SSALM
@@ -167,22 +179,24 @@ def benchmarks_for_setups(
         reusable = []
         if setup.mode == "sparse" and reference is not None:
             rf = setup.budget.receptive_field
-            reusable = [t for t in tasks if longest.get(t) is not None and longest[t] <= rf]
+            reusable = [t for t in tasks if t in reference_ll and longest.get(t) is not None and longest[t] <= rf]
         run = [t for t in tasks if t not in reusable]
         scores: dict[str, dict] = {}
-        if run:
-            keep = reference is None and setup.mode in ("original", "full")
-            results = evaluate_tasks(lm, run, include_path=include_path, limit=limit, log_samples=keep)
-            scores.update(_scores(results, run))
-            if keep and set(run) == set(tasks):
-                reference = (setup.name, results)
+        keep = reference is None and setup.mode in ("original", "full")
+        for lim, group in _by_limit(run, limits):
+            results = evaluate_tasks(lm, group, include_path=include_path, limit=lim, log_samples=keep)
+            scores.update(_scores(results, group))
+            if keep:
+                reference_ll.update({t: loglikelihoods(results, t) for t in group if longest.get(t) is not None})
+        if keep and run:
+            reference = setup.name
         if reusable:
             check = evaluate_tasks(lm, reusable, include_path=include_path, limit=check_items, log_samples=True)
             for task in reusable:
-                ref, new = loglikelihoods(reference[1], task), loglikelihoods(check, task)
+                ref, new = reference_ll[task], loglikelihoods(check, task)
                 scores[task] = {
-                    **out[reference[0]][task],
-                    "reused_from": reference[0],
+                    **out[reference][task],
+                    "reused_from": reference,
                     "reason": f"every request fits: {longest[task]} tokens <= receptive field {setup.budget.receptive_field}",
                     "check_items": check.get("n-samples", {}).get(task, {}).get("effective"),
                     "check_max_abs_loglik_diff": max(abs(new[k] - ref[k]) for k in new),
