@@ -368,6 +368,20 @@ def test_benchmarks_for_setups_reuses_full_scores_only_when_every_request_fits(t
     assert reused["check_items"] == 4 and reused["check_max_abs_loglik_diff"] < 1e-4
 
 
+def test_ruler_niah_runs_offline_through_the_ssa_model(lm_eval_setup, tmp_path):
+    pytest.importorskip("wonderwords")
+    pytest.importorskip("nltk")
+    from ssa_adapt.eval.harness import ruler_niah
+    from ssa_adapt.eval.lm_eval_model import SSALM
+
+    plain, _, _ = lm_eval_setup
+    lm = SSALM(pretrained=str(plain), block_size=16, block_count=16, device="cpu", dtype="float32", max_length=4200)
+    scores = ruler_niah(lm, str(plain), [4096], limit=1)
+    assert set(scores) == {"niah_single_1"} and scores["niah_single_1"]["4096"] in (0.0, 1.0)
+    with pytest.raises(ValueError, match="4096 and up"):
+        ruler_niah(lm, str(plain), [2048])
+
+
 def test_longbench_fails_offline_with_a_clear_message(monkeypatch):
     from ssa_adapt.eval.harness import LongBenchUnavailable, check_longbench_available
 
