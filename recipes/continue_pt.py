@@ -6,7 +6,7 @@ SmolLM2-135M on the Debian documentation corpus at 8k context, one GPU (both ass
     accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/continue_pt.py \\
         --config recipes/configs/smollm2-135m.yaml
 
-The same on the CPU, sized to finish in a few minutes (1k context, 20 steps):
+The same on the CPU, sized to finish in a few minutes (512-token context, 20 steps):
 
     accelerate launch --config_file recipes/accelerate/single_gpu.yaml --cpu recipes/continue_pt.py \\
         --config recipes/configs/smollm2-135m-demo.yaml
