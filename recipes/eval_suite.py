@@ -76,6 +76,7 @@ class SuiteArgs:
     out: str = field(default="benchmarks/results/eval-smollm2.json", metadata={"help": "Report JSON (.md beside)."})
     png: str = field(default="docs/niah-smollm2.png", metadata={"help": "NIAH heatmap PNG."})
     merge: list[str] = field(default_factory=list, metadata={"help": "Merge these report JSONs into --out."})
+    note: list[str] = field(default_factory=list, metadata={"help": "Notes to add to the report (with --merge)."})
 
 
 def _ints(text: str) -> list[int]:
@@ -86,6 +87,7 @@ def main(args: SuiteArgs) -> None:
     out_md = str(Path(args.out).with_suffix(".md"))
     if args.merge:
         result = merge_results(*[json.loads(Path(p).read_text()) for p in args.merge])
+        result["notes"] += [n for n in args.note if n not in result["notes"]]
         print(write_report(result, args.out, out_md))
         return
     setups, stages = parse_setups(args.setups), [s for s in args.stages.split(",") if s]
