@@ -57,6 +57,7 @@ def register_lm_eval_model() -> bool:
     """Register ``ssa`` in lm-eval's model registry as a lazy reference; False when lm-eval is not installed."""
     if importlib.util.find_spec("lm_eval") is None:
         return False
+    import lm_eval.models  # noqa: F401  (lm-eval fills its built-in models only into an empty registry)
     from lm_eval.api.registry import model_registry
 
     if "ssa" not in model_registry:
