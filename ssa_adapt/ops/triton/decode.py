@@ -1,0 +1,597 @@
+"""Decode kernels for the sparse stream when each row has few queries (T <= 4; a decode step has T == 1).
+
+Inference only: no autograd (the dispatcher routes calls that need gradients to the prefill kernels).
+
+`decode_select` scores the cached complete-block key means of an `SSACache` (block_means [B, NB, H, D] float32,
+relative to each row's document start) in two launches:
+
+1. `_decode_score_kernel`, grid (B * T * H, splits of the blocks): the logits `scale * q_g . kbar_j` of the G
+   heads of the group for a range of blocks go to a scratch buffer, with the range's softmax max / normaliser
+   per head (occupancy: at batch 1 the (row, KV head) pairs alone would leave most SMs idle at 128k context).
+2. `_decode_finish_kernel`, grid (B * T * H): merges the statistics, turns the logits into the group-summed
+   importance I(j) (a second scratch row of NB int32 float bits), finds the threshold of the top
+   `block_count - forced` candidates by bisection over the float bits (31 counting passes over that row, which
+   stays in L1), and writes the forced and chosen blocks in ascending order, each at the column given by a running
+   count (no sort: `tl.sort` crashes Triton 3.6 on sm_90). Ties at the threshold go to the lower block index,
+   as in the reference's stable sort.
+
+`decode_attend` is split-KV attention ("flash-decoding") over the selected blocks: programs over (query, KV head,
+split of the selected blocks) compute the partial softmax statistics and un-normalised outputs of the G heads of
+the group (padded to 16 rows for the tensor cores), and a combine kernel merges the splits (one split: the
+partial kernel writes the output itself and the combine is skipped). Only the selected blocks' keys are read, and
+k, v may be strided views (HF's cache is [B, H, TK, D]; transposing it costs no copy here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import check_qkv
+from . import utils
+from .utils import check_block_size, check_doc_start, num_programs
+
+__all__ = ["decode_select", "decode_attend", "MAX_DECODE_T"]
+
+MAX_DECODE_T = 4  # the dispatcher sends calls with at most this many queries per row here
+# Blocks per step of the scoring kernel, blocks per chunk of the finishing kernel's passes, warps of each; keys
+# per step of the attention kernel, its warps; programs per SM the split heuristics aim at.
+SCORE_BLOCKS = 64
+SCORE_WARPS = 4
+FINISH_BLOCKS = 1024
+FINISH_WARPS = 8
+ATTEND_KEYS = 32
+ATTEND_WARPS = 4
+PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _decode_score_kernel(
+    q,  # [B, T, HQ, D] (strided)
+    kbar,  # [B, NB, H, D] float32 (strided, last dim contiguous)
+    q_pos,  # [B, T] int64 or None
+    doc_start,  # [B, T] int64 or None (used when q_pos is None)
+    logits,  # [B * T * H, G, NB] float32 out (log2 domain)
+    stats,  # [B * T * H, NSPLIT, 2, GP] float32 out: max, normaliser
+    scale_log2,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    T,
+    TK,
+    NB,
+    NSPLIT,
+    BPS,  # blocks per split
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
+    i_bth = tl.program_id(0).to(tl.int64)
+    i_sp = tl.program_id(1)
+    i_bt = i_bth // H
+    i_h = i_bth % H
+    i_b = i_bt // T
+    i_t = i_bt % T
+    if HAS_POS:
+        pos = tl.load(q_pos + i_bt).to(tl.int32)
+    elif HAS_DOCS:
+        pos = (i_t + TK - T - tl.load(doc_start + i_bt)).to(tl.int32)
+    else:
+        pos = (i_t + TK - T).to(tl.int32)
+    n_c = tl.minimum((pos + 1) // BS, NB)  # complete blocks of the query's document
+    o_g = tl.arange(0, GP)
+    o_d = tl.arange(0, BD)
+    m_g = o_g < G
+    m_d = o_d < D
+    p_q = q + i_b * stride_qb + i_t * stride_qt + (i_h * G + o_g)[:, None] * stride_qh + o_d[None, :]
+    # [GP, BD] fp32: the reference scores in float32
+    b_q = tl.load(p_q, mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    p_kb = kbar + i_b * stride_kb + i_h * stride_kh
+    p_l = logits + i_bth * G * NB
+    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([GP], dtype=tl.float32)
+    lo = i_sp * BPS
+    hi = tl.minimum(lo + BPS, n_c)
+    for s0 in range(lo, hi, BN):
+        o_n = s0 + tl.arange(0, BN)
+        m_n = o_n < hi
+        # [BN, BD]
+        b_kb = tl.load(p_kb + o_n[:, None] * stride_kn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+        # [GP, BN], exact float32 products
+        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision="ieee") * scale_log2
+        tl.store(p_l + o_g[:, None] * NB + o_n[None, :], b_s, mask=m_g[:, None] & m_n[None, :])
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_l = b_l * tl.exp2(b_m - m_use) + tl.sum(tl.exp2(b_s - m_use[:, None]), 1)
+        b_m = m_new
+    p_st = stats + (i_bth * NSPLIT + i_sp) * 2 * GP + o_g
+    tl.store(p_st, b_m)
+    tl.store(p_st + GP, b_l)
+
+
+@triton.jit
+def _decode_finish_kernel(
+    logits,  # [B * T * H, G, NB] float32 (log2 domain)
+    stats,  # [B * T * H, NSPLIT, 2, GP] float32
+    imp,  # [B * T * H, NB] int32 scratch: float bits of the importance of candidates, -1 elsewhere
+    q_pos,
+    doc_start,
+    out,  # [B, T, H, S] int32 out
+    T,
+    TK,
+    NB,
+    NSPLIT,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    BS: tl.constexpr,
+    S: tl.constexpr,
+    SP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
+    i_bth = tl.program_id(0).to(tl.int64)
+    i_bt = i_bth // H
+    i_t = i_bt % T
+    if HAS_POS:
+        pos = tl.load(q_pos + i_bt).to(tl.int32)
+    elif HAS_DOCS:
+        pos = (i_t + TK - T - tl.load(doc_start + i_bt)).to(tl.int32)
+    else:
+        pos = (i_t + TK - T).to(tl.int32)
+    cur = pos // BS  # the query's own block
+    n_c = tl.minimum((pos + 1) // BS, NB)
+    c_lo = tl.maximum(cur - LOCAL + 1, 0)  # first local block
+    o_g = tl.arange(0, GP)
+    m_g = o_g < G
+
+    # ---- softmax statistics of every head over all complete blocks, from the splits
+    p_st = stats + i_bth * NSPLIT * 2 * GP + o_g
+    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    for i in range(0, NSPLIT):
+        b_m = tl.maximum(b_m, tl.load(p_st + i * 2 * GP))
+    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
+    b_l = tl.zeros([GP], dtype=tl.float32)
+    for i in range(0, NSPLIT):
+        m_i = tl.load(p_st + i * 2 * GP)
+        b_l += tl.load(p_st + i * 2 * GP + GP) * tl.exp2(m_i - b_m)
+    b_il = tl.where(m_g & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
+
+    # ---- importance of the candidates (complete, not forced) as int32 float bits; -1 for everything else
+    p_l = logits + i_bth * G * NB
+    p_i = imp + i_bth * NB
+    n_cand = 0
+    for s0 in range(0, n_c, BN):
+        o_n = s0 + tl.arange(0, BN)
+        m_n = o_n < n_c
+        b_s = tl.load(p_l + o_g[:, None] * NB + o_n[None, :], mask=m_g[:, None] & m_n[None, :], other=float("-inf"))
+        b_p = tl.where(m_g[:, None] & m_n[None, :], tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0)
+        b_i = tl.sum(b_p, 0)  # [BN]
+        cand = m_n & (o_n >= SINK) & (o_n < c_lo)
+        bits = tl.where(cand, b_i.to(tl.int32, bitcast=True), -1)
+        tl.store(p_i + o_n, bits, mask=m_n)
+        n_cand += tl.sum(cand.to(tl.int32), 0)
+    tl.debug_barrier()  # the row is read back below by other threads of this program
+
+    # ---- forced blocks: sinks, then the local blocks ending with the current one (none counted twice)
+    n_sink = tl.minimum(cur + 1, SINK)
+    n_local = tl.maximum(cur - tl.maximum(c_lo, SINK) + 1, 0)
+    budget = tl.maximum(S - n_sink - n_local, 0)
+
+    # ---- threshold: the largest tau with #{bits >= tau} >= budget (tau = 0 when every candidate fits)
+    lo = 0
+    hi = 0x7F800000  # +inf: importance is finite and >= 0
+    if n_cand > budget:
+        for _ in range(0, 31):
+            mid = lo + (hi - lo + 1) // 2
+            cnt = 0
+            for s0 in range(0, n_c, BN):
+                o_n = s0 + tl.arange(0, BN)
+                bits = tl.load(p_i + o_n, mask=o_n < n_c, other=-1)
+                cnt += tl.sum((bits >= mid).to(tl.int32), 0)
+            if cnt >= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+    tau = lo
+    n_gt = 0
+    if n_cand > budget:
+        for s0 in range(0, n_c, BN):
+            o_n = s0 + tl.arange(0, BN)
+            bits = tl.load(p_i + o_n, mask=o_n < n_c, other=-1)
+            n_gt += tl.sum((bits > tau).to(tl.int32), 0)
+    else:
+        tau = -1  # every candidate (bits >= 0 > tau)
+    need = budget - n_gt  # how many of the blocks exactly at tau are taken, lowest index first
+
+    # ---- ascending output: each kept block goes to the column counting the kept blocks below it
+    p_o = out + i_bth * S
+    n_keep = 0
+    n_tie = 0
+    for s0 in range(0, cur + 1, BN):
+        o_n = s0 + tl.arange(0, BN)
+        m_n = o_n <= cur
+        bits = tl.load(p_i + o_n, mask=m_n & (o_n < n_c), other=-1)
+        tie = (bits == tau) & (bits >= 0)
+        tie_rank = n_tie + tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
+        forced = m_n & ((o_n < SINK) | (o_n >= c_lo))
+        keep = forced | (bits > tau) | (tie & (tie_rank < need))
+        keep = keep & m_n
+        k32 = keep.to(tl.int32)
+        col = n_keep + tl.cumsum(k32, 0) - k32
+        tl.store(p_o + col, o_n, mask=keep & (col < S))
+        n_keep += tl.sum(k32, 0)
+        n_tie += tl.sum(tie.to(tl.int32), 0)
+    o_s = tl.arange(0, SP)
+    tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
+
+
+@triton.jit
+def _decode_attend_kernel(
+    q,  # [B, T, HQ, D] (strided)
+    k,  # [B, TK, H, D] (strided)
+    v,  # [B, TK, H, D] (strided)
+    block_indices,  # [B, T, H, S] int32, contiguous
+    doc_start,  # [B, T] int64 or None
+    o,  # [B, T, HQ, D] out (ONE_SPLIT)
+    part_o,  # [B * T * H, NSPLIT, G, D] float32 out: un-normalised outputs per split
+    part_ml,  # [B * T * H, NSPLIT, 2, G] float32 out: max (log2 domain), normaliser
+    scale_log2,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    T,
+    TK,
+    NSPLIT,
+    SPB,  # selected slots per split (a multiple of NBK)
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GR: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    S: tl.constexpr,
+    NBK: tl.constexpr,  # blocks side by side per step
+    HAS_DOCS: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_bth = tl.program_id(0).to(tl.int64)
+    i_sp = tl.program_id(1)
+    i_bt = i_bth // H
+    i_h = i_bth % H
+    i_b = i_bt // T
+    i_t = i_bt % T
+    HQ: tl.constexpr = H * G
+    BK: tl.constexpr = NBK * BS
+    o_g = tl.arange(0, GR)
+    o_d = tl.arange(0, BD)
+    m_g = o_g < G
+    m_d = o_d < D
+    p_q = q + i_b * stride_qb + i_t * stride_qt + (i_h * G + o_g)[:, None] * stride_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_g[:, None] & m_d[None, :], other=0.0)
+    p_t = (i_t + TK - T).to(tl.int32)  # the query's key index
+    if HAS_DOCS:
+        ds = tl.load(doc_start + i_bt).to(tl.int32)
+    else:
+        ds = 0
+    p_k = k + i_b * stride_kb + i_h * stride_kh
+    p_v = v + i_b * stride_vb + i_h * stride_vh
+    p_i = block_indices + i_bth * S
+    o_k = tl.arange(0, BK)
+    b_m = tl.full([GR], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([GR], dtype=tl.float32)
+    b_acc = tl.zeros([GR, BD], dtype=tl.float32)
+    lo = i_sp * SPB
+    hi = tl.minimum(lo + SPB, S)
+    for s0 in range(lo, hi, NBK):
+        slot = s0 + o_k // BS
+        b_j = tl.load(p_i + slot, mask=slot < hi, other=-1)
+        kpos = ds + b_j * BS + o_k % BS
+        m_k = (b_j >= 0) & (kpos <= p_t)  # causal inside the query's own block
+        kpos = tl.where(m_k, kpos, 0).to(tl.int64)
+        m_kd = m_k[:, None] & m_d[None, :]
+        # [BK, BD]
+        b_k = tl.load(p_k + kpos[:, None] * stride_kt + o_d[None, :], mask=m_kd, other=0.0)
+        b_v = tl.load(p_v + kpos[:, None] * stride_vt + o_d[None, :], mask=m_kd, other=0.0)
+        # [GR, BK]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale_log2
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(b_m - m_use)
+        b_p = tl.exp2(b_s - m_use[:, None])
+        b_l = b_l * alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+        b_m = m_new
+    m_od = m_g[:, None] & m_d[None, :]
+    if ONE_SPLIT:
+        # rows that see no key get 0, like the prefill kernel
+        b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+        row = i_bt * HQ + i_h * G + o_g
+        tl.store(o + row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_od)
+    else:
+        base = i_bth * NSPLIT + i_sp
+        tl.store(part_o + (base * G + o_g)[:, None] * D + o_d[None, :], b_acc, mask=m_od)
+        tl.store(part_ml + base * 2 * G + o_g, b_m, mask=m_g)
+        tl.store(part_ml + base * 2 * G + G + o_g, b_l, mask=m_g)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    part_o,  # [B * T * H, NSPLIT, G, D] float32
+    part_ml,  # [B * T * H, NSPLIT, 2, G] float32
+    o,  # [B, T, HQ, D] out
+    NSPLIT,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+):
+    i_bth = tl.program_id(0).to(tl.int64)  # == (b * T + t) * H + h, and o's rows are ((b * T + t) * H + h) * G + g
+    o_g = tl.arange(0, GP)
+    o_d = tl.arange(0, BD)
+    m_g = o_g < G
+    m_od = m_g[:, None] & (o_d < D)[None, :]
+    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    for i in range(0, NSPLIT):
+        b_m = tl.maximum(b_m, tl.load(part_ml + (i_bth * NSPLIT + i) * 2 * G + o_g, mask=m_g, other=float("-inf")))
+    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
+    b_l = tl.zeros([GP], dtype=tl.float32)
+    b_acc = tl.zeros([GP, BD], dtype=tl.float32)
+    for i in range(0, NSPLIT):
+        base = i_bth * NSPLIT + i
+        m_i = tl.load(part_ml + base * 2 * G + o_g, mask=m_g, other=float("-inf"))
+        l_i = tl.load(part_ml + base * 2 * G + G + o_g, mask=m_g, other=0.0)
+        w = tl.where(l_i > 0, tl.exp2(m_i - b_m), 0.0)
+        b_l += l_i * w
+        b_acc += tl.load(part_o + (base * G + o_g)[:, None] * D + o_d[None, :], mask=m_od, other=0.0) * w[:, None]
+    b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+    tl.store(o + (i_bth * G + o_g)[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_od)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _splits(units: int, pieces: int, device: torch.device, splits: int | None) -> int:
+    """How many programs share one (query, KV head): enough for PROGRAMS_PER_SM per SM, at most `pieces`."""
+    if splits is None:
+        splits = triton.cdiv(num_programs(device, PROGRAMS_PER_SM), max(units, 1))
+    return max(1, min(splits, pieces))
+
+
+@torch.no_grad()
+def decode_select(
+    q: torch.Tensor,
+    block_means: torch.Tensor,
+    q_pos: torch.Tensor | None = None,
+    *,
+    block_size: int = 16,
+    block_count: int = 16,
+    sink_blocks: int = 0,
+    local_blocks: int = 1,
+    scale: float | None = None,
+    key_len: int | None = None,
+    doc_start: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """SSA block selection from cached block means, for few queries per row (inference only, no gradient).
+
+    q [B, T, HQ, D], block_means [B, NB, H, D] (float32, complete blocks of each row's document, relative to its
+    start; rows with fewer complete blocks may hold garbage after their last one), q_pos [B, T] the position of
+    each query inside its document -> block_indices [B, T, H, block_count] int32, ascending, -1 padded: the
+    sink blocks, the `local_blocks` blocks ending with the query's block, and the best other complete blocks
+    (j complete iff (j + 1) * BS - 1 <= pos) by I(j) = sum over the group of softmax_j(scale * q . kbar_j).
+    Equal to `reference.select_blocks(..., block_means=...)` up to importance ties within float32 rounding.
+    Without q_pos, positions are `key_len - T + t - doc_start[b, t]` (doc_start None: 0), as for a KV cache of
+    `key_len` keys. num_splits: programs per (query, KV head) in the scoring pass (default: fill the GPU).
+    """
+    B, T, HQ, D = q.shape
+    Bm, NB, H, Dm = block_means.shape
+    if Bm != B or Dm != D or HQ % H:
+        raise ValueError(
+            f"block_means must be [B, NB, H, D] for q {tuple(q.shape)} (HQ a multiple of H); "
+            f"got {tuple(block_means.shape)}."
+        )
+    check_block_size(block_size)
+    if sink_blocks < 0 or local_blocks < 0 or block_count < 1 or sink_blocks + local_blocks > block_count:
+        raise ValueError(
+            f"sink_blocks={sink_blocks}, local_blocks={local_blocks}, block_count={block_count}: the kernels need "
+            "0 <= sink_blocks + local_blocks <= block_count (use backend='reference' otherwise)."
+        )
+    if q_pos is None:
+        if key_len is None:
+            raise ValueError("decode_select needs q_pos [B, T], or key_len (and doc_start) to derive it.")
+        ds = check_doc_start(doc_start, B, T, q.device)
+        if key_len < T:
+            raise ValueError(f"key_len={key_len} is shorter than the {T} queries.")
+    else:
+        if q_pos.shape != (B, T):
+            raise ValueError(f"q_pos must be [B, T] = {(B, T)}; got {tuple(q_pos.shape)}.")
+        q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
+        ds, key_len = None, T
+    scale = D**-0.5 if scale is None else scale
+    G = HQ // H
+    S = block_count
+    out = utils.new_empty((B, T, H, S), torch.int32, q.device)
+    if out.numel() == 0:
+        return out
+    q = _last_dim_contiguous(q)
+    kbar = block_means if block_means.dtype == torch.float32 else block_means.float()
+    kbar = _last_dim_contiguous(kbar)
+    GP = max(16, triton.next_power_of_2(G))
+    BD = max(16, triton.next_power_of_2(D))
+    units = B * T * H
+    nsplit = _splits(units, triton.cdiv(max(NB, 1), SCORE_BLOCKS), q.device, num_splits)
+    bps = triton.cdiv(triton.cdiv(max(NB, 1), nsplit), SCORE_BLOCKS) * SCORE_BLOCKS
+    nsplit = triton.cdiv(max(NB, 1), bps)
+    nb = max(NB, 1)
+    logits = utils.new_empty((units, G, nb), torch.float32, q.device)
+    stats = utils.new_empty((units, nsplit, 2, GP), torch.float32, q.device)
+    imp = utils.new_empty((units, nb), torch.int32, q.device)
+    common = dict(HAS_POS=q_pos is not None, HAS_DOCS=ds is not None)
+    _decode_score_kernel[(units, nsplit)](
+        q,
+        kbar,
+        q_pos,
+        ds,
+        logits,
+        stats,
+        scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        kbar.stride(0),
+        kbar.stride(1),
+        kbar.stride(2),
+        T,
+        key_len,
+        NB,
+        nsplit,
+        bps,
+        H=H,
+        G=G,
+        GP=GP,
+        D=D,
+        BD=BD,
+        BS=block_size,
+        BN=SCORE_BLOCKS,
+        num_warps=SCORE_WARPS,
+        **common,
+    )
+    _decode_finish_kernel[(units,)](
+        logits,
+        stats,
+        imp,
+        q_pos,
+        ds,
+        out,
+        T,
+        key_len,
+        NB,
+        nsplit,
+        H=H,
+        G=G,
+        GP=GP,
+        BS=block_size,
+        S=S,
+        SP=max(2, triton.next_power_of_2(S)),
+        SINK=sink_blocks,
+        LOCAL=local_blocks,
+        BN=FINISH_BLOCKS,
+        num_warps=FINISH_WARPS,
+        **common,
+    )
+    return out
+
+
+@torch.no_grad()
+def decode_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    *,
+    block_size: int = 16,
+    scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention for few queries per row, split over the selected blocks (inference only: no
+    autograd; `attend_blocks` in `attend.py` is the differentiable version).
+
+    q [B, T, HQ, D], k, v [B, TK, H, D] (any strides with a contiguous last dim), block_indices [B, T, H, S]
+    int32 (relative to each query's document start, -1 unused), doc_start [B, T] or None -> o [B, T, HQ, D].
+    Query t (key index TK - T + t) attends to keys doc_start[b, t] + j * BS + i (i < BS, key <= query) of each
+    selected block j. num_splits: programs per (query, KV head) (default: fill the GPU; 1 skips the combine).
+    """
+    B, T, TK, HQ, H, D = check_qkv(q, k, v)
+    check_block_size(block_size)
+    if block_indices.shape[:3] != (B, T, H):
+        raise ValueError(
+            f"block_indices must be [B, T, H, S] with (B, T, H) = {(B, T, H)}; got {tuple(block_indices.shape)}."
+        )
+    scale = D**-0.5 if scale is None else scale
+    ds = check_doc_start(doc_start, B, T, q.device)
+    idx = block_indices.to(device=q.device, dtype=torch.int32).contiguous()
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    S = idx.shape[3]
+    G = HQ // H
+    out = utils.new_empty((B, T, HQ, D), q.dtype, q.device)
+    if out.numel() == 0:
+        return out
+    if S == 0:
+        return out.zero_()
+    nbk = max(1, ATTEND_KEYS // block_size)
+    units = B * T * H
+    nsplit = _splits(units, triton.cdiv(S, nbk), q.device, num_splits)
+    spb = triton.cdiv(triton.cdiv(S, nsplit), nbk) * nbk
+    nsplit = triton.cdiv(S, spb)
+    one = nsplit == 1
+    part_o = None if one else utils.new_empty((units, nsplit, G, D), torch.float32, q.device)
+    part_ml = None if one else utils.new_empty((units, nsplit, 2, G), torch.float32, q.device)
+    BD = max(16, triton.next_power_of_2(D))
+    _decode_attend_kernel[(units, nsplit)](
+        q,
+        k,
+        v,
+        idx,
+        ds,
+        out,
+        part_o,
+        part_ml,
+        scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        T,
+        TK,
+        nsplit,
+        spb,
+        H=H,
+        G=G,
+        GR=max(16, triton.next_power_of_2(G)),
+        D=D,
+        BD=BD,
+        BS=block_size,
+        S=S,
+        NBK=nbk,
+        HAS_DOCS=ds is not None,
+        ONE_SPLIT=one,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=ATTEND_WARPS,
+    )
+    if not one:
+        _decode_combine_kernel[(units,)](
+            part_o, part_ml, out, nsplit, G=G, GP=max(2, triton.next_power_of_2(G)), D=D, BD=BD
+        )
+    return out
