@@ -29,6 +29,10 @@ __all__ = [
 ]
 
 
+# Calls with at most this many queries per row (decode steps) run the decode kernels (ssa_adapt/ops/triton/decode.py)
+_DECODE_T = 4
+
+
 def _triton_ops():
     """The Triton kernel module, or None where it cannot run (no triton, or no kernels in this build)."""
     if importlib.util.find_spec("triton") is None or importlib.util.find_spec("ssa_adapt.ops.triton") is None:
@@ -70,7 +74,7 @@ def select_blocks(
     """Block selection (no gradient): q [B, T, HQ, D], k [B, TK, H, D] -> [B, T, H, block_count] int32.
 
     block_means [B, NB, H, D]: the complete-block key means of an `SSACache` (decode steps); the selection then
-    scores them instead of re-reading the keys (done by the reference's few small ops on any device)."""
+    scores them instead of re-reading the keys: the decode kernels on CUDA for T <= 4, the reference elsewhere."""
     kwargs = dict(
         block_size=block_size,
         block_count=block_count,
@@ -80,6 +84,10 @@ def select_blocks(
         doc_start=doc_start,
     )
     if block_means is not None:
+        if q.shape[1] <= _DECODE_T and resolve_backend("auto" if backend == "fla" else backend, q) == "triton":
+            check_qkv(q, k)
+            kwargs.pop("doc_start")
+            return _triton_ops().decode_select(q, block_means, key_len=k.shape[1], doc_start=doc_start, **kwargs)
         return reference.select_blocks(q, k, block_means=block_means, **kwargs)
     resolved = resolve_backend(backend, q)
     if resolved == "fla":  # fla-core has no SSA selection: ours (kernels on CUDA, the reference elsewhere)
@@ -100,6 +108,10 @@ def attend_blocks(
 
         return fla_attend_blocks(q, k, v, block_indices, **kwargs)
     if resolved == "triton":
+        if q.shape[1] <= _DECODE_T and not (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        ):
+            return _triton_ops().decode_attend(q, k, v, block_indices, **kwargs)  # decode steps, no autograd
         return _triton_ops().attend_blocks(q, k, v, block_indices, **kwargs)
     return reference.attend_blocks(q, k, v, block_indices, **kwargs)
 
