@@ -1,0 +1,327 @@
+"""The decode kernels (`ssa_adapt/ops/triton/decode.py`: selection from cached block means, split-KV attention)
+against the PyTorch reference, on odd shapes with left padding, by exact index equality (up to importance ties)
+and relative RMS error, with poisoned outputs and NaN garbage in the block means past each row's complete blocks.
+
+CPU (CI): interpreted under TRITON_INTERPRET=1 in two subprocesses (`python tests/test_decode_kernels.py OUT.json
+CASE_ID...`), as in test_kernels.py, in float16 / float32 (the interpreter miscomputes bfloat16). GPU (`-m gpu`):
+compiled, bfloat16, up to 128k keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ssa_adapt import ops  # noqa: E402
+from ssa_adapt.ops import reference as R  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+REPO = Path(__file__).resolve().parents[1]
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3}
+TIE = 1e-3  # selection may differ from the reference only between blocks whose importance is this close
+BS = 16
+
+
+def _case(B, T, H, G, TK, dtype="float16", S=4, sink=1, local=1, starts=None, D=64, splits=(None,), ties=False):
+    return dict(
+        B=B, T=T, H=H, G=G, TK=TK, dtype=dtype, S=S, sink=sink, local=local, starts=starts, D=D, splits=splits,
+        ties=ties,
+    )  # fmt: skip
+
+
+def case_id(c) -> str:
+    docs = "-pad" + "_".join(map(str, c["starts"])) if c["starts"] else ""
+    ties = "-ties" if c["ties"] else ""
+    return f"B{c['B']}-T{c['T']}-TK{c['TK']}-H{c['H']}-G{c['G']}-D{c['D']}-S{c['S']}-{c['dtype']}{docs}{ties}"
+
+
+# interpreted on CPU: G 1/3/7/16, T 1 and 3, left-padded rows with different document starts (one with no complete
+# block yet), a row that fits the budget, exact ties, several split counts of both kernels
+CPU_CASES = [
+    _case(2, 1, 2, 3, 333, S=5, starts=[0, 45], splits=(1, 3)),
+    _case(3, 1, 1, 7, 411, "float32", S=6, sink=2, local=2, starts=[0, 17, 100], splits=(2,)),
+    _case(1, 3, 2, 16, 290, S=4, sink=0, local=1, splits=(None, 4)),
+    _case(2, 3, 3, 1, 517, "float32", S=8, sink=1, local=3, starts=[5, 200], splits=(3,)),
+    _case(3, 1, 2, 3, 70, S=16, starts=[0, 30, 60]),
+    _case(2, 1, 1, 1, 250, "float32", S=5, starts=[0, 9], ties=True),
+]
+
+# compiled on the GPU: SmolLM2 (9, 3, 64) and the 1B shape (32, 8, 64) at 128k keys, batch 1 and a left-padded
+# batch of 4, T = 3 at 32k, float16 / float32 at odd sizes
+GPU_CASES = [
+    _case(1, 1, 3, 3, 131072, "bfloat16", S=16),
+    _case(1, 1, 8, 4, 131072, "bfloat16", S=16),
+    _case(4, 1, 8, 4, 131072, "bfloat16", S=16, starts=[0, 1000, 70001, 131000]),
+    _case(2, 3, 3, 3, 32771, "bfloat16", S=16, starts=[0, 4097]),
+    _case(1, 1, 2, 16, 65537, "bfloat16", S=16),
+    _case(2, 1, 2, 7, 9999, "float16", S=16, starts=[3, 500], splits=(None, 1)),
+    _case(2, 1, 4, 2, 5003, "float32", S=8, sink=2, local=2, starts=[0, 77], splits=(None, 1)),
+]
+
+
+def make_inputs(c, device):
+    """q, k, v in HF's layout transposed (strided views), doc_start [B, T] (or None), block means [B, NB, H, D] as
+    a view of a larger buffer (like SSACache's), NaN past each row's complete blocks."""
+    g = torch.Generator().manual_seed(zlib.crc32(case_id(c).encode()))
+    dtype = getattr(torch, c["dtype"])
+    B, T, TK, H, G, D = c["B"], c["T"], c["TK"], c["H"], c["G"], c["D"]
+    q = torch.randn(B, H * G, T, D, generator=g).to(device, dtype).transpose(1, 2)
+    if c["ties"]:  # every key block the same: all importances tie exactly, the lowest blocks must win
+        k = torch.randn(B, H, 1, D, generator=g).expand(B, H, TK, D).contiguous()
+    else:
+        k = torch.randn(B, H, TK, D, generator=g)
+    k = k.to(device, dtype).transpose(1, 2)
+    v = torch.randn(B, H, TK, D, generator=g).to(device, dtype).transpose(1, 2)
+    starts = torch.tensor(c["starts"] or [0] * B, device=device)
+    ds = None if c["starts"] is None else starts[:, None].expand(B, T).contiguous()
+    n = (TK - starts) // BS
+    nb = int(n.max())
+    buf = torch.full((B, nb + 5, H, D), float("nan"), device=device)
+    for b in range(B):
+        s, nbb = int(starts[b]), int(n[b])
+        buf[b, :nbb] = k[b, s : s + nbb * BS].float().reshape(nbb, BS, H, D).mean(1)
+    return q, k, v, ds, buf[:, :nb]
+
+
+def importance(q, means, q_pos, scale):
+    """I [B, T, H, NB] in float64, NaN where block j is not complete for the query (SPEC section 1)."""
+    B, T, HQ, D = q.shape
+    NB, H = means.shape[1], means.shape[2]
+    G = HQ // H
+    complete = torch.arange(NB, device=q.device)[None, None, :] < ((q_pos + 1) // BS)[:, :, None]  # [B, T, NB]
+    kbar = torch.where(complete.any(1)[:, :, None, None], means.double(), 0.0)
+    logits = torch.einsum("bthgd,bnhd->bthgn", q.double().reshape(B, T, H, G, D), kbar) * scale
+    logits = logits.masked_fill(~complete[:, :, None, None, :], float("-inf"))
+    p = torch.softmax(logits, -1).nan_to_num(0.0).sum(3)
+    return p.masked_fill(~complete[:, :, None, :], float("nan"))
+
+
+def selection_gap(got, ref, imp):
+    """(rows that differ, largest importance gap between a block the reference chose and one the kernel chose
+    instead; inf when the sets differ in size or in a non-candidate)."""
+    diff = (got != ref).any(-1).nonzero().tolist()
+    gap = 0.0
+    for b, t, h in diff:
+        a = set(got[b, t, h].tolist()) - {-1}
+        r = set(ref[b, t, h].tolist()) - {-1}
+        if (
+            len(a) != len(r)
+            or len(a) != int((got[b, t, h] >= 0).sum())
+            or sorted(a) != got[b, t, h][: len(a)].tolist()
+        ):
+            return len(diff), float("inf")
+        lost = [imp[b, t, h, j].item() for j in r - a]
+        won = [imp[b, t, h, j].item() for j in a - r]
+        if not lost:
+            continue
+        g = max(lost) - min(won)
+        gap = max(gap, g if g == g else float("inf"))
+    return len(diff), gap
+
+
+def lowest_blocks(q_pos, c, H):
+    """The selection when every importance ties: the forced blocks and the lowest other complete blocks."""
+    B, T = q_pos.shape
+    out = torch.full((B, T, H, c["S"]), -1, dtype=torch.int32)
+    for b in range(B):
+        for t in range(T):
+            pos = int(q_pos[b, t])
+            cur, n_c = pos // BS, (pos + 1) // BS
+            forced = {j for j in range(cur + 1) if j < c["sink"] or j > cur - c["local"]}
+            cand = [j for j in range(n_c) if j not in forced]
+            chosen = sorted(forced | set(cand[: c["S"] - len(forced)]))
+            out[b, t, :, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+    return out
+
+
+def rel_rms(x, ref) -> float:
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
+def run_case(c, device) -> dict:
+    """All checks of one case -> {name: value}."""
+    from ssa_adapt.ops.triton import decode_attend, decode_select
+
+    q, k, v, ds, means = make_inputs(c, device)
+    B, T, TK = c["B"], c["T"], c["TK"]
+    scale = c["D"] ** -0.5
+    sel = dict(block_size=BS, block_count=c["S"], sink_blocks=c["sink"], local_blocks=c["local"])
+    starts = torch.zeros(B, T, dtype=torch.long, device=device) if ds is None else ds
+    q_pos = (torch.arange(T, device=device) + TK - T)[None, :] - starts
+    ref = R.select_blocks(q, k, doc_start=ds, block_means=means, **sel)
+    imp = importance(q, means, q_pos, scale)
+    res = {"select_written": 1.0, "select_gap": 0.0, "select_rows_differ": 0}
+    variants = [("dispatch", None)] + [("splits", s) for s in c["splits"]] + [("q_pos", None)]
+    for how, splits in variants:
+        if how == "dispatch":
+            got = dispatched = ops.select_blocks(q, k, doc_start=ds, block_means=means, backend="triton", **sel)
+        elif how == "q_pos":
+            got = decode_select(q, means, q_pos, **sel)
+        else:
+            got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=splits, **sel)
+        written = float(bool(((got >= -1) & (got < 2**20)).all()))
+        differ, gap = selection_gap(got.cpu(), ref.cpu(), imp.cpu())
+        res["select_written"] = min(res["select_written"], written)
+        res["select_rows_differ"] = max(res["select_rows_differ"], differ)
+        res["select_gap"] = max(res["select_gap"], gap if written else float("inf"))
+    if c["ties"]:  # all importances equal: forced blocks plus the lowest candidates (the reference's einsum
+        # rounds equal inputs differently across blocks, so it is no arbiter here)
+        res["ties_exact"] = float(torch.equal(got.cpu(), lowest_blocks(q_pos.cpu(), c, got.shape[2])))
+
+    # attention on the reference's indices, float64 reference on the same (rounded) inputs
+    o_ref = R.attend_blocks(q.double(), k.double(), v.double(), ref, block_size=BS, doc_start=ds)
+    res["o"] = 0.0
+    for splits in c["splits"] + (1,):
+        o = decode_attend(q, k, v, ref, block_size=BS, doc_start=ds, num_splits=splits)
+        res["o"] = max(res["o"], rel_rms(o, o_ref))
+    # the whole sparse stream through the dispatcher, against the reference attention on the kernel's indices
+    o = ops.sparse_attention(q, k, v, doc_start=ds, block_means=means, backend="triton", **sel)
+    o_ref = R.attend_blocks(q.double(), k.double(), v.double(), dispatched, block_size=BS, doc_start=ds)
+    res["o_dispatch"] = rel_rms(o, o_ref)
+    return res
+
+
+def check(res: dict, c):
+    assert "error" not in res, res.get("error")
+    assert res["select_written"] == 1.0, "selection left unwritten (poisoned) slots"
+    assert res["select_gap"] <= TIE, f"{res['select_rows_differ']} rows differ beyond ties: gap {res['select_gap']}"
+    if "ties_exact" in res:
+        assert res["ties_exact"] == 1.0, "exact ties must go to the lower block index"
+    tol = TOL[getattr(torch, c["dtype"])]
+    errs = {n: res[n] for n in ("o", "o_dispatch")}
+    assert all(e < tol for e in errs.values()), f"relative RMS errors {errs} over {tol}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CPU: interpreted kernels in subprocesses
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Run every CPU case once under TRITON_INTERPRET=1 (two processes, one per core) -> {case id: results}."""
+    ids = [case_id(c) for c in CPU_CASES]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i, part in enumerate([ids[0::2], ids[1::2]]):
+            out = Path(tmp) / f"part{i}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), str(out), *part]
+            procs.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
+        for proc, out in procs:
+            _, err = proc.communicate(timeout=1200)
+            if proc.returncode != 0 or not out.exists():
+                pytest.fail(f"interpreted kernel run failed (rc {proc.returncode}):\n{err[-4000:]}")
+            results.update(json.loads(out.read_text()))
+    return results
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+def test_decode_interpreted(interpreted, case):
+    check(interpreted[case_id(case)], case)
+
+
+def test_cpu_dispatch_stays_on_the_reference(monkeypatch):
+    """CPU tensors with backend='auto' keep the reference for decode steps (the kernels are never called)."""
+    from ssa_adapt.ops import triton as triton_ops
+
+    def boom(*args, **kwargs):
+        raise AssertionError("decode kernel called on CPU")
+
+    monkeypatch.setattr(triton_ops, "decode_select", boom)
+    monkeypatch.setattr(triton_ops, "decode_attend", boom)
+    c = _case(2, 1, 2, 3, 100, "float32", starts=[0, 20])
+    q, k, v, ds, means = make_inputs(c, "cpu")
+    sel = dict(block_size=BS, block_count=4, sink_blocks=1, local_blocks=1, doc_start=ds)
+    out = ops.sparse_attention(q, k, v, block_means=means, **sel)
+    assert torch.equal(out, R.attend_blocks(q, k, v, R.select_blocks(q, k, block_means=means, **sel), doc_start=ds))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels at realistic shapes
+# ------------------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: the decode kernels run compiled there")
+
+
+@pytest.fixture
+def poisoned():
+    from ssa_adapt.ops.triton import utils
+
+    utils.POISON = True
+    yield
+    utils.POISON = False
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_kernels_gpu(case):
+    check(run_case(case, "cuda"), case)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_dispatch_gpu():
+    """On CUDA, backend='auto' decode steps run the decode kernels; calls that need gradients do not."""
+    from ssa_adapt.ops import triton as triton_ops
+
+    c = _case(1, 1, 2, 4, 1000, "bfloat16", S=16)
+    q, k, v, ds, means = make_inputs(c, "cuda")
+    calls = []
+    orig_s, orig_a = triton_ops.decode_select, triton_ops.decode_attend
+    try:
+        triton_ops.decode_select = lambda *a, **kw: calls.append("select") or orig_s(*a, **kw)
+        triton_ops.decode_attend = lambda *a, **kw: calls.append("attend") or orig_a(*a, **kw)
+        with torch.no_grad():
+            ops.sparse_attention(q, k, v, block_count=16, sink_blocks=1, block_means=means)
+        assert calls == ["select", "attend"]
+        qg = q.detach().clone().requires_grad_()
+        o = ops.sparse_attention(qg, k, v, block_count=16, sink_blocks=1, block_means=means)
+        o.float().sum().backward()
+        assert calls == ["select", "attend", "select"] and qg.grad is not None
+    finally:
+        triton_ops.decode_select, triton_ops.decode_attend = orig_s, orig_a
+
+
+# ------------------------------------------------------------------------------------------------------------
+# subprocess entry point: python tests/test_decode_kernels.py OUT.json CASE_ID...
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _main(out: str, ids: list[str]) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
+    from ssa_adapt.ops.triton import utils
+
+    torch.set_num_threads(1)
+    utils.POISON = True
+    cases = {case_id(c): c for c in CPU_CASES}
+    results = {}
+    for i in ids:
+        try:
+            results[i] = run_case(cases[i], "cpu")
+        except Exception:  # reported by the test of this case
+            results[i] = {"error": traceback.format_exc()[-3000:]}
+        Path(out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2:])
