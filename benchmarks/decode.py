@@ -1,0 +1,252 @@
+"""Sparse decoding on one GPU: per-layer decode attention latency (selection + attention from an SSACache's block
+means) against SDPA full attention over the whole cache, and `generate` tokens/s of tiny random models.
+
+    python benchmarks/decode.py --out benchmarks/results/decode-h200.json
+    python benchmarks/decode.py --out $OUT/decode-h200.json --contexts 131072 --batch 1 --skip-generate  # quick
+
+Shapes (HQ, H, D): SmolLM2-135M (9, 3, 64) and Llama-3.2-1B (32, 8, 64); contexts 8k / 32k / 128k; batch 1 and 8;
+bf16, block 16 x 16, sink 1, local 1; one query per row (a decode step), random normal q / K / V in HF's cache
+layout ([B, H, TK, D], handed to the ops transposed, as the attention module does).
+
+Per layer (`kind: layer`), medians of triton.testing.do_bench in ms:
+- `sdpa`: `ops.full_attention` (SDPA, GQA through enable_gqa, what a converted model runs in full mode), and
+  `sdpa_flash` / `sdpa_efficient` / `sdpa_cudnn` forced where they take the shape;
+- `ssa_select` (decode_select: 2 launches), `ssa_attend` (decode_attend: 1-2 launches), `ssa_sparse`
+  (`ops.sparse_attention` with block_means: the whole sparse step as a layer runs it, dispatcher included);
+- `*_graph`: the same replayed from a CUDA graph, i.e. GPU time without Python launch overhead (decode is
+  launch-bound at short contexts; `generate` pays the eager launch cost).
+`speedup` rows divide the sdpa time by ssa_sparse (eager and graph).
+
+`generate` (`kind: generate`): a random Llama of the shape (`--layers` layers, hidden = HQ * D, vocab 32000),
+converted with SSAConfig(16, 16, sink 1), greedy decoding of `--new-tokens` tokens after a random prompt of the
+context length, sparse and full mode; decode tokens/s = B * (N - 1) / (t(N tokens) - t(1 token)), so the prefill
+cancels. Every row carries command, device and date; the file is rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssa_adapt import ops  # noqa: E402
+from ssa_adapt.ops.triton import decode as triton_decode  # noqa: E402
+
+SHAPES = [(9, 3, 64), (32, 8, 64)]  # SmolLM2-135M, Llama-3.2-1B
+CONTEXTS = [8192, 32768, 131072]
+BATCHES = [1, 8]
+SEL = dict(block_size=16, block_count=16, sink_blocks=1, local_blocks=1)
+
+
+def timed(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph -> a replay function (GPU time without launch overhead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+class Recorder:
+    def __init__(self, out: Path, meta: dict):
+        self.out, self.meta, self.rows = out, meta, []
+
+    def add(self, **row):
+        row = dict(**row, **self.meta)
+        self.rows.append(row)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.rows, indent=1))
+        shown = {k: v for k, v in row.items() if k not in self.meta}
+        print(json.dumps(shown), flush=True)
+
+
+def layer_inputs(B, TK, HQ, H, D, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dt = torch.bfloat16
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=dt, generator=g).transpose(1, 2)
+    k = torch.randn(B, H, TK, D, device="cuda", dtype=dt, generator=g).transpose(1, 2)
+    v = torch.randn(B, H, TK, D, device="cuda", dtype=dt, generator=g).transpose(1, 2)
+    nb = TK // SEL["block_size"]
+    means = k[:, : nb * SEL["block_size"]].float().reshape(B, nb, SEL["block_size"], H, D).mean(2)
+    return q, k, v, means
+
+
+def sdpa(backend=None):
+    def f(q, k, v):
+        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        if backend is None:
+            return ops.full_attention(q, k, v)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(*args, enable_gqa=True).transpose(1, 2)
+
+    return f
+
+
+def bench_layer(rec: Recorder, B, TK, HQ, H, D):
+    meta = dict(kind="layer", HQ=HQ, H=H, D=D, context=TK, batch=B)
+    q, k, v, means = layer_inputs(B, TK, HQ, H, D)
+    with torch.no_grad():
+        idx = triton_decode.decode_select(q, means, key_len=TK, **SEL)
+    impls = {
+        "sdpa": sdpa(),
+        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "ssa_select": lambda q, k, v: triton_decode.decode_select(q, means, key_len=TK, **SEL),
+        "ssa_attend": lambda q, k, v: triton_decode.decode_attend(q, k, v, idx, block_size=SEL["block_size"]),
+        "ssa_sparse": lambda q, k, v: ops.sparse_attention(q, k, v, block_means=means, backend="triton", **SEL),
+    }
+    times = {}
+    for name, fn in impls.items():
+        for graph in (False, True):
+            label = name + ("_graph" if graph else "")
+            try:
+                with torch.no_grad():
+                    call = (lambda fn=fn: fn(q, k, v)) if not graph else graphed(lambda fn=fn: fn(q, k, v))
+                    times[label] = timed(call)
+                rec.add(impl=label, ms=times[label], **meta)
+            except Exception as e:  # a backend that refuses the shape: say why and go on
+                rec.add(impl=label, ms=None, note=f"{type(e).__name__}: {str(e)[:160]}", **meta)
+    with torch.no_grad():  # the sparse step as measured is the reference's (sanity, not a test)
+        o = ops.sparse_attention(q, k, v, block_means=means, backend="triton", **SEL)
+        o_ref = ops.reference.attend_blocks(q, k, v, idx, block_size=SEL["block_size"])
+        err = ((o.float() - o_ref.float()).norm() / o_ref.float().norm()).item()
+    for suffix in ("", "_graph"):
+        full = [
+            times[n + suffix] for n in ("sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn") if n + suffix in times
+        ]
+        if "ssa_sparse" + suffix in times and full:
+            rec.add(
+                impl="speedup" + suffix,
+                sdpa_ms=times.get("sdpa" + suffix),
+                best_sdpa_ms=min(full),
+                ssa_ms=times["ssa_sparse" + suffix],
+                vs_sdpa=None
+                if "sdpa" + suffix not in times
+                else times["sdpa" + suffix] / times["ssa_sparse" + suffix],
+                vs_best_sdpa=min(full) / times["ssa_sparse" + suffix],
+                rel_err_vs_reference=err,
+                **meta,
+            )
+
+
+def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import ssa_adapt
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=HQ * D,
+        intermediate_size=4 * HQ * D,
+        num_hidden_layers=layers,
+        num_attention_heads=HQ,
+        num_key_value_heads=H,
+        head_dim=D,
+        max_position_embeddings=TK + new_tokens + 16,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model = ssa_adapt.convert(model.cuda().eval(), ssa_adapt.SSAConfig(**SEL))
+    prompt = torch.randint(0, 32000, (B, TK), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    mask = torch.ones_like(prompt)
+
+    def run(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
+        torch.cuda.synchronize()
+        assert out.shape[1] == TK + n
+        return time.perf_counter() - t0
+
+    for mode in ("sparse", "full"):
+        meta = dict(kind="generate", mode=mode, HQ=HQ, H=H, D=D, context=TK, batch=B, layers=layers)
+        try:
+            ssa_adapt.set_inference(model, mode)
+            run(2)  # compile / warm up
+            t1 = min(run(1) for _ in range(2))
+            tn = min(run(new_tokens) for _ in range(2))
+            rec.add(
+                impl="generate",
+                new_tokens=new_tokens,
+                seconds_1=t1,
+                seconds_n=tn,
+                decode_tokens_per_s=B * (new_tokens - 1) / max(tn - t1, 1e-9),
+                **meta,
+            )
+        except Exception as e:
+            rec.add(impl="generate", note=f"{type(e).__name__}: {str(e)[:160]}", **meta)
+        torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/results/decode-h200.json")
+    p.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
+    p.add_argument("--batch", type=int, nargs="+", default=BATCHES)
+    p.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES], help="HQ,H,D ...")
+    p.add_argument("--layers", type=int, default=4, help="layers of the generate models")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--skip-layer", action="store_true")
+    p.add_argument("--skip-generate", action="store_true")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new size after this")
+    args = p.parse_args()
+    t0 = time.time()
+    meta = dict(
+        command="python " + " ".join(sys.argv),
+        device=torch.cuda.get_device_name(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+    )
+    rec = Recorder(Path(args.out), meta)
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    jobs = []
+    if not args.skip_layer:
+        jobs += [(bench_layer, (B, TK, *shape)) for shape in shapes for TK in args.contexts for B in args.batch]
+    if not args.skip_generate:
+        jobs += [
+            (bench_generate, (B, TK, *shape, args.layers, args.new_tokens))
+            for shape in shapes
+            for TK in args.contexts
+            for B in args.batch
+        ]
+    for fn, a in jobs:
+        if time.time() - t0 > args.budget_s:
+            print(f"budget reached: {fn.__name__}{a} not run", flush=True)
+            continue
+        try:
+            fn(rec, *a)  # its tensors and model are freed on return
+        except torch.cuda.OutOfMemoryError:
+            rec.add(kind=fn.__name__, args=list(a), note="out of memory")
+        torch.cuda.empty_cache()
+    print(f"total {time.time() - t0:.0f} s, {len(rec.rows)} rows in {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
