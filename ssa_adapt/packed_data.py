@@ -150,3 +150,14 @@ class PackedTokenDataset(torch.utils.data.Dataset):
         segment_start = np.maximum.accumulate(segment_start)  # start of the document each token belongs to
         positions = torch.from_numpy(np.arange(self.seq_len, dtype=np.int64) - segment_start)
         return {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
+
+    def as_hf_dataset(self):
+        """A `datasets.Dataset` of sequence indices whose rows read their tokens from the memory map on access
+        (what TRL's trainers take; nothing is copied)."""
+        import datasets
+
+        def read(batch: dict) -> dict:
+            items = [self[int(i)] for i in batch["sequence"]]
+            return {key: [item[key] for item in items] for key in ("input_ids", "position_ids", "labels")}
+
+        return datasets.Dataset.from_dict({"sequence": list(range(len(self)))}).with_transform(read)
