@@ -8,12 +8,15 @@ relative to each row's document start) in two launches:
 1. `_decode_score_kernel`, grid (B * T * H, splits of the blocks): the logits `scale * q_g . kbar_j` of the G
    heads of the group for a range of blocks go to a scratch buffer, with the range's softmax max / normaliser
    per head (occupancy: at batch 1 the (row, KV head) pairs alone would leave most SMs idle at 128k context).
-2. `_decode_finish_kernel`, grid (B * T * H): merges the statistics, turns the logits into the group-summed
-   importance I(j) (a second scratch row of NB int32 float bits), finds the threshold of the top
-   `block_count - forced` candidates by bisection over the float bits (31 counting passes over that row, which
-   stays in L1), and writes the forced and chosen blocks in ascending order, each at the column given by a running
-   count (no sort: `tl.sort` crashes Triton 3.6 on sm_90). Ties at the threshold go to the lower block index,
-   as in the reference's stable sort.
+2. `_decode_finish_kernel`, grid (B * T * H): merges the statistics and turns the logits into the group-summed
+   importance I(j), as unique int64 keys `(float bits of I << 32) | (2^31 - 1 - j)` (larger is better; equal
+   importances go to the lower block, as the reference's stable sort). Lane i of a BN-wide chunk keeps the three
+   best keys of blocks j = i (mod BN) with elementwise max/min only. The budget-th best of 64 lane-group maxima
+   (distinct blocks) bounds the threshold from below; the few keys above it are compacted and ranked exactly
+   ([CAP, CAP] comparisons), and the chosen and forced blocks go to the column that counts the kept blocks below
+   them (ascending without a sort: `tl.sort` crashes Triton 3.6 on sm_90). Exact unless more than CAP keys
+   survive or some lane's third key is chosen (its fourth might then belong too): those rows take an exact
+   fallback, a bisection over the float bits of the importance written to a scratch row (31 counting passes).
 
 `decode_attend` is split-KV attention ("flash-decoding") over the selected blocks: programs over (query, KV head,
 split of the selected blocks) compute the partial softmax statistics and un-normalised outputs of the G heads of
@@ -41,8 +44,11 @@ MAX_DECODE_T = 4  # the dispatcher sends calls with at most this many queries pe
 # per step of the attention kernel, its warps; programs per SM the split heuristics aim at.
 SCORE_BLOCKS = 64
 SCORE_WARPS = 4
-FINISH_BLOCKS = 1024
+FINISH_BLOCKS = 512
 FINISH_WARPS = 8
+FINISH_GROUPS = 64  # lane groups whose maxima bound the threshold from below
+FINISH_CAP = 256  # surviving keys ranked exactly; more (or a lane's third key chosen) takes the bisection path
+FINISH_FAST = True  # False: always the bisection path (tests)
 ATTEND_KEYS = 32
 ATTEND_WARPS = 4
 PROGRAMS_PER_SM = 2
@@ -126,7 +132,8 @@ def _decode_score_kernel(
 def _decode_finish_kernel(
     logits,  # [B * T * H, G, NB] float32 (log2 domain)
     stats,  # [B * T * H, NSPLIT, 2, GP] float32
-    imp,  # [B * T * H, NB] int32 scratch: float bits of the importance of candidates, -1 elsewhere
+    imp,  # [B * T * H, NB] int32 scratch (fallback): float bits of the candidates' importance, -1 elsewhere
+    comp,  # [B * T * H, CAP] int64 scratch: the surviving keys
     q_pos,
     doc_start,
     out,  # [B, T, H, S] int32 out
@@ -140,9 +147,13 @@ def _decode_finish_kernel(
     BS: tl.constexpr,
     S: tl.constexpr,
     SP: tl.constexpr,
+    FP: tl.constexpr,
     SINK: tl.constexpr,
     LOCAL: tl.constexpr,
     BN: tl.constexpr,
+    LG: tl.constexpr,
+    CAP: tl.constexpr,
+    FAST: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
@@ -160,6 +171,7 @@ def _decode_finish_kernel(
     c_lo = tl.maximum(cur - LOCAL + 1, 0)  # first local block
     o_g = tl.arange(0, GP)
     m_g = o_g < G
+    o_b = tl.arange(0, BN)
 
     # ---- softmax statistics of every head over all complete blocks, from the splits
     p_st = stats + i_bth * NSPLIT * 2 * GP + o_g
@@ -173,73 +185,143 @@ def _decode_finish_kernel(
         b_l += tl.load(p_st + i * 2 * GP + GP) * tl.exp2(m_i - b_m)
     b_il = tl.where(m_g & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
 
-    # ---- importance of the candidates (complete, not forced) as int32 float bits; -1 for everything else
-    p_l = logits + i_bth * G * NB
-    p_i = imp + i_bth * NB
-    n_cand = 0
-    for s0 in range(0, n_c, BN):
-        o_n = s0 + tl.arange(0, BN)
-        m_n = o_n < n_c
-        b_s = tl.load(p_l + o_g[:, None] * NB + o_n[None, :], mask=m_g[:, None] & m_n[None, :], other=float("-inf"))
-        b_p = tl.where(m_g[:, None] & m_n[None, :], tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0)
-        b_i = tl.sum(b_p, 0)  # [BN]
-        cand = m_n & (o_n >= SINK) & (o_n < c_lo)
-        bits = tl.where(cand, b_i.to(tl.int32, bitcast=True), -1)
-        tl.store(p_i + o_n, bits, mask=m_n)
-        n_cand += tl.sum(cand.to(tl.int32), 0)
-    tl.debug_barrier()  # the row is read back below by other threads of this program
-
     # ---- forced blocks: sinks, then the local blocks ending with the current one (none counted twice)
     n_sink = tl.minimum(cur + 1, SINK)
-    n_local = tl.maximum(cur - tl.maximum(c_lo, SINK) + 1, 0)
+    l_lo = tl.maximum(c_lo, SINK)
+    n_local = tl.maximum(cur - l_lo + 1, 0)
     budget = tl.maximum(S - n_sink - n_local, 0)
-
-    # ---- threshold: the largest tau with #{bits >= tau} >= budget (tau = 0 when every candidate fits)
-    lo = 0
-    hi = 0x7F800000  # +inf: importance is finite and >= 0
-    if n_cand > budget:
-        for _ in range(0, 31):
-            mid = lo + (hi - lo + 1) // 2
-            cnt = 0
-            for s0 in range(0, n_c, BN):
-                o_n = s0 + tl.arange(0, BN)
-                bits = tl.load(p_i + o_n, mask=o_n < n_c, other=-1)
-                cnt += tl.sum((bits >= mid).to(tl.int32), 0)
-            if cnt >= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-    tau = lo
-    n_gt = 0
-    if n_cand > budget:
-        for s0 in range(0, n_c, BN):
-            o_n = s0 + tl.arange(0, BN)
-            bits = tl.load(p_i + o_n, mask=o_n < n_c, other=-1)
-            n_gt += tl.sum((bits > tau).to(tl.int32), 0)
-    else:
-        tau = -1  # every candidate (bits >= 0 > tau)
-    need = budget - n_gt  # how many of the blocks exactly at tau are taken, lowest index first
-
-    # ---- ascending output: each kept block goes to the column counting the kept blocks below it
+    p_l = logits + i_bth * G * NB
     p_o = out + i_bth * S
-    n_keep = 0
-    n_tie = 0
-    for s0 in range(0, cur + 1, BN):
-        o_n = s0 + tl.arange(0, BN)
-        m_n = o_n <= cur
-        bits = tl.load(p_i + o_n, mask=m_n & (o_n < n_c), other=-1)
-        tie = (bits == tau) & (bits >= 0)
-        tie_rank = n_tie + tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
-        forced = m_n & ((o_n < SINK) | (o_n >= c_lo))
-        keep = forced | (bits > tau) | (tie & (tie_rank < need))
-        keep = keep & m_n
-        k32 = keep.to(tl.int32)
-        col = n_keep + tl.cumsum(k32, 0) - k32
-        tl.store(p_o + col, o_n, mask=keep & (col < S))
-        n_keep += tl.sum(k32, 0)
-        n_tie += tl.sum(tie.to(tl.int32), 0)
     o_s = tl.arange(0, SP)
-    tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
+
+    # ---- fast path: key = (importance bits << 32) | (2^31 - 1 - j) (unique; larger is better, ties to the lower
+    # block). Lane i of the chunk keeps the 3 best keys of blocks j = i (mod BN): no reduction inside the loop.
+    t1 = tl.full([BN], -1, dtype=tl.int64)
+    t2 = tl.full([BN], -1, dtype=tl.int64)
+    t3 = tl.full([BN], -1, dtype=tl.int64)
+    if FAST:
+        for s0 in range(0, n_c, BN):
+            o_n = s0 + o_b
+            m_n = o_n < n_c
+            m_gn = m_g[:, None] & m_n[None, :]
+            b_s = tl.load(p_l + o_g[:, None] * NB + o_n[None, :], mask=m_gn, other=float("-inf"))
+            b_i = tl.sum(tl.where(m_gn, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0), 0)
+            cand = m_n & (o_n >= SINK) & (o_n < c_lo)
+            key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - o_n).to(tl.int64)
+            key = tl.where(cand, key, -1)
+            n3 = tl.maximum(t3, tl.minimum(t2, key))
+            n2 = tl.maximum(t2, tl.minimum(t1, key))
+            t1 = tl.maximum(t1, key)
+            t2 = n2
+            t3 = n3
+    # lower bound on the budget-th best key: the budget-th best of LG lane-group maxima (distinct blocks)
+    g_max = tl.max(tl.reshape(t1, [BN // LG, LG]), 0)
+    g_rank = tl.sum((g_max[None, :] > g_max[:, None]).to(tl.int32), 1)
+    lb = tl.max(tl.where((g_rank == budget - 1) & (g_max >= 0), g_max, -1), 0)
+    lb = tl.where(budget > 0, tl.maximum(lb, 0), 9223372036854775807)
+    # survivors (keys >= lb) of the three tiers, compacted in tier order
+    s1 = t1 >= lb
+    s2 = t2 >= lb
+    s3 = t3 >= lb
+    c1 = tl.cumsum(s1.to(tl.int32), 0)
+    c2 = tl.cumsum(s2.to(tl.int32), 0)
+    c3 = tl.cumsum(s3.to(tl.int32), 0)
+    n1 = tl.sum(s1.to(tl.int32), 0)
+    n2 = tl.sum(s2.to(tl.int32), 0)
+    n_s = n1 + n2 + tl.sum(s3.to(tl.int32), 0)
+    p_c = comp + i_bth * CAP
+    pos1 = c1 - 1
+    pos2 = n1 + c2 - 1
+    pos3 = n1 + n2 + c3 - 1
+    tl.store(p_c + pos1, t1, mask=s1 & (pos1 < CAP))
+    tl.store(p_c + pos2, t2, mask=s2 & (pos2 < CAP))
+    tl.store(p_c + pos3, t3, mask=s3 & (pos3 < CAP))
+    tl.debug_barrier()  # read back below by other threads of this program
+    o_c = tl.arange(0, CAP)
+    b_c = tl.load(p_c + o_c, mask=o_c < n_s, other=-1)
+    c_rank = tl.sum((b_c[None, :] > b_c[:, None]).to(tl.int32), 1)
+    chosen = (b_c >= 0) & (c_rank < budget)
+    # exact unless the survivors overflowed, or a lane's third key was chosen (its fourth might beat the last one)
+    deep = tl.sum((chosen & (o_c >= n1 + n2)).to(tl.int32), 0)
+    fast = FAST & (n_s <= CAP) & (deep == 0)
+    if fast:
+        BIG: tl.constexpr = 1 << 30
+        j_c = tl.where(chosen, (2147483647 - (b_c & 2147483647)).to(tl.int32), BIG)
+        o_f = tl.arange(0, FP)
+        j_f = tl.where(o_f < SINK, o_f, l_lo + o_f - SINK)
+        ok_f = ((o_f < SINK) & (o_f < n_sink)) | ((o_f >= SINK) & (o_f - SINK < n_local))
+        j_f = tl.where(ok_f, j_f, BIG)
+        # ascending without a sort: a kept block's column is the number of kept blocks below it
+        col_c = tl.sum((j_c[None, :] < j_c[:, None]).to(tl.int32), 1) + tl.sum(
+            (j_f[None, :] < j_c[:, None]).to(tl.int32), 1
+        )
+        col_f = tl.sum((j_f[None, :] < j_f[:, None]).to(tl.int32), 1) + tl.sum(
+            (j_c[None, :] < j_f[:, None]).to(tl.int32), 1
+        )
+        tl.store(p_o + col_c, j_c, mask=chosen & (col_c < S))
+        tl.store(p_o + col_f, j_f, mask=ok_f & (col_f < S))
+        n_keep = tl.sum(chosen.to(tl.int32), 0) + n_sink + n_local
+        tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
+    else:
+        # ---- exact fallback: importance bits of every candidate to scratch, bisection, ordered output pass
+        p_i = imp + i_bth * NB
+        cnt_v = tl.zeros([BN], dtype=tl.int32)
+        for s0 in range(0, n_c, BN):
+            o_n = s0 + o_b
+            m_n = o_n < n_c
+            m_gn = m_g[:, None] & m_n[None, :]
+            b_s = tl.load(p_l + o_g[:, None] * NB + o_n[None, :], mask=m_gn, other=float("-inf"))
+            b_i = tl.sum(tl.where(m_gn, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0), 0)
+            cand = m_n & (o_n >= SINK) & (o_n < c_lo)
+            tl.store(p_i + o_n, tl.where(cand, b_i.to(tl.int32, bitcast=True), -1), mask=m_n)
+            cnt_v += cand.to(tl.int32)
+        n_cand = tl.sum(cnt_v, 0)
+        tl.debug_barrier()  # the row is read back below by other threads of this program
+        # threshold: the largest tau with #{bits >= tau} >= budget
+        lo = 0
+        hi = 0x7F800000  # +inf: importance is finite and >= 0
+        if n_cand > budget:
+            for _ in range(0, 31):
+                mid = lo + (hi - lo + 1) // 2
+                cnt_v = tl.zeros([BN], dtype=tl.int32)
+                for s0 in range(0, n_c, BN):
+                    o_n = s0 + o_b
+                    bits = tl.load(p_i + o_n, mask=o_n < n_c, other=-1)
+                    cnt_v += (bits >= mid).to(tl.int32)
+                if tl.sum(cnt_v, 0) >= budget:
+                    lo = mid
+                else:
+                    hi = mid - 1
+        tau = lo
+        n_gt = 0
+        if n_cand > budget:
+            cnt_v = tl.zeros([BN], dtype=tl.int32)
+            for s0 in range(0, n_c, BN):
+                o_n = s0 + o_b
+                bits = tl.load(p_i + o_n, mask=o_n < n_c, other=-1)
+                cnt_v += (bits > tau).to(tl.int32)
+            n_gt = tl.sum(cnt_v, 0)
+        else:
+            tau = -1  # every candidate (bits >= 0 > tau)
+        need = budget - n_gt  # how many of the blocks exactly at tau are taken, lowest index first
+        # ascending output: each kept block goes to the column counting the kept blocks below it
+        n_keep = 0
+        n_tie = 0
+        for s0 in range(0, cur + 1, BN):
+            o_n = s0 + o_b
+            m_n = o_n <= cur
+            bits = tl.load(p_i + o_n, mask=m_n & (o_n < n_c), other=-1)
+            tie = (bits == tau) & (bits >= 0)
+            tie_rank = n_tie + tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
+            forced = m_n & ((o_n < SINK) | (o_n >= c_lo))
+            keep = forced | (bits > tau) | (tie & (tie_rank < need))
+            keep = keep & m_n
+            k32 = keep.to(tl.int32)
+            col = n_keep + tl.cumsum(k32, 0) - k32
+            tl.store(p_o + col, o_n, mask=keep & (col < S))
+            n_keep += tl.sum(k32, 0)
+            n_tie += tl.sum(tie.to(tl.int32), 0)
+        tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
 
 
 @triton.jit
@@ -452,6 +534,7 @@ def decode_select(
     logits = utils.new_empty((units, G, nb), torch.float32, q.device)
     stats = utils.new_empty((units, nsplit, 2, GP), torch.float32, q.device)
     imp = utils.new_empty((units, nb), torch.int32, q.device)
+    comp = utils.new_empty((units, FINISH_CAP), torch.int64, q.device)
     common = dict(HAS_POS=q_pos is not None, HAS_DOCS=ds is not None)
     _decode_score_kernel[(units, nsplit)](
         q,
@@ -486,6 +569,7 @@ def decode_select(
         logits,
         stats,
         imp,
+        comp,
         q_pos,
         ds,
         out,
@@ -499,9 +583,13 @@ def decode_select(
         BS=block_size,
         S=S,
         SP=max(2, triton.next_power_of_2(S)),
+        FP=max(2, triton.next_power_of_2(sink_blocks + local_blocks)),
         SINK=sink_blocks,
         LOCAL=local_blocks,
         BN=FINISH_BLOCKS,
+        LG=min(FINISH_GROUPS, FINISH_BLOCKS),
+        CAP=FINISH_CAP,
+        FAST=FINISH_FAST,
         num_warps=FINISH_WARPS,
         **common,
     )
