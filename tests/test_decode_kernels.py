@@ -267,6 +267,62 @@ def test_cpu_dispatch_stays_on_the_reference(monkeypatch):
     assert torch.equal(out, R.attend_blocks(q, k, v, R.select_blocks(q, k, block_means=means, **sel), doc_start=ds))
 
 
+@pytest.mark.parametrize("G", [3, 16])
+def test_decode_kernels_compile_for_sm90(G):
+    """The interpreter accepts code the compiler rejects: compile every decode kernel ahead of time for sm_90
+    (down to a cubin through ptxas; no GPU needed)."""
+    import inspect
+
+    import triton
+    from triton.compiler import ASTSource
+
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        pytest.skip("this triton has no GPUTarget for ahead-of-time compilation")
+    from ssa_adapt.ops.triton import decode as d
+
+    def compile_(fn, types, consts, num_warps):
+        names = inspect.signature(fn.fn).parameters
+        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+    ptr = dict(doc_start="*i64", q_pos="*i64")
+    common = dict(H=3, G=G, D=64, BD=64, BS=16, HAS_DOCS=True)
+    kernels = [
+        (
+            d._decode_score_kernel,
+            dict(ptr, q="*bf16", kbar="*fp32", logits="*fp32", stats="*fp32", scale_log2="fp32"),
+            dict(common, GP=16, BN=d.SCORE_BLOCKS, HAS_POS=False),
+            d.SCORE_WARPS,
+        ),
+        (
+            d._decode_finish_kernel,
+            dict(ptr, logits="*fp32", stats="*fp32", imp="*i32", comp="*i64", out="*i32"),
+            dict(H=3, G=G, GP=16, BS=16, S=16, SP=16, FP=2, SINK=1, LOCAL=1, BN=d.FINISH_BLOCKS, LG=d.FINISH_GROUPS,
+                 CAP=d.FINISH_CAP, FAST=True, HAS_POS=False, HAS_DOCS=True),
+            d.FINISH_WARPS,
+        ),
+    ]  # fmt: skip
+    for one in (True, False):
+        kernels.append(
+            (
+                d._decode_attend_kernel,
+                dict(ptr, q="*bf16", k="*bf16", v="*bf16", block_indices="*i32", o="*bf16", part_o="*fp32",
+                     part_ml="*fp32", scale_log2="fp32"),
+                dict(common, GR=16, S=16, NBK=2, ONE_SPLIT=one, DOT_PREC="tf32"),
+                d.ATTEND_WARPS,
+            )
+        )  # fmt: skip
+    kernels.append(
+        (d._decode_combine_kernel, dict(part_o="*fp32", part_ml="*fp32", o="*bf16"), dict(G=G, GP=16, D=64, BD=64), 4)
+    )
+    for fn, types, consts, warps in kernels:
+        compiled = compile_(fn, types, consts, warps)
+        assert "cubin" in compiled.asm, fn.fn.__name__
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU: compiled kernels at realistic shapes
 # ------------------------------------------------------------------------------------------------------------

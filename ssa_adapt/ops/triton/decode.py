@@ -47,7 +47,7 @@ SCORE_WARPS = 4
 FINISH_BLOCKS = 512
 FINISH_WARPS = 8
 FINISH_GROUPS = 64  # lane groups whose maxima bound the threshold from below
-FINISH_CAP = 256  # surviving keys ranked exactly; more (or a lane's third key chosen) takes the bisection path
+FINISH_CAP = 128  # surviving keys ranked exactly; more (or a lane's third key chosen) takes the bisection path
 FINISH_FAST = True  # False: always the bisection path (tests)
 ATTEND_KEYS = 32
 ATTEND_WARPS = 4
@@ -277,36 +277,31 @@ def _decode_finish_kernel(
             cnt_v += cand.to(tl.int32)
         n_cand = tl.sum(cnt_v, 0)
         tl.debug_barrier()  # the row is read back below by other threads of this program
-        # threshold: the largest tau with #{bits >= tau} >= budget
-        lo = 0
-        hi = 0x7F800000  # +inf: importance is finite and >= 0
-        if n_cand > budget:
-            for _ in range(0, 31):
-                mid = lo + (hi - lo + 1) // 2
-                cnt_v = tl.zeros([BN], dtype=tl.int32)
-                for s0 in range(0, n_c, BN):
-                    o_n = s0 + o_b
-                    bits = tl.load(p_i + o_n, mask=o_n < n_c, other=-1)
-                    cnt_v += (bits >= mid).to(tl.int32)
-                if tl.sum(cnt_v, 0) >= budget:
-                    lo = mid
-                else:
-                    hi = mid - 1
-        tau = lo
-        n_gt = 0
-        if n_cand > budget:
+        # threshold: the largest tau with #{bits >= tau} >= budget (branch-free: scalars keep one type)
+        zero = pos * 0
+        lo = zero
+        hi = zero + 0x7F800000  # +inf: importance is finite and >= 0
+        for _ in range(0, 31):
+            mid = lo + (hi - lo + 1) // 2
             cnt_v = tl.zeros([BN], dtype=tl.int32)
             for s0 in range(0, n_c, BN):
                 o_n = s0 + o_b
                 bits = tl.load(p_i + o_n, mask=o_n < n_c, other=-1)
-                cnt_v += (bits > tau).to(tl.int32)
-            n_gt = tl.sum(cnt_v, 0)
-        else:
-            tau = -1  # every candidate (bits >= 0 > tau)
+                cnt_v += (bits >= mid).to(tl.int32)
+            ok = tl.sum(cnt_v, 0) >= budget
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        tau = tl.where(n_cand > budget, lo, -1)  # -1: every candidate fits (bits >= 0 > tau)
+        cnt_v = tl.zeros([BN], dtype=tl.int32)
+        for s0 in range(0, n_c, BN):
+            o_n = s0 + o_b
+            bits = tl.load(p_i + o_n, mask=o_n < n_c, other=-1)
+            cnt_v += (bits > tau).to(tl.int32)
+        n_gt = tl.sum(cnt_v, 0)
         need = budget - n_gt  # how many of the blocks exactly at tau are taken, lowest index first
         # ascending output: each kept block goes to the column counting the kept blocks below it
-        n_keep = 0
-        n_tie = 0
+        n_keep = zero
+        n_tie = zero
         for s0 in range(0, cur + 1, BN):
             o_n = s0 + o_b
             m_n = o_n <= cur
