@@ -57,6 +57,8 @@ CPU_CASES = [
     _case(2, 1, 1, 1, 250, "float32", S=5, starts=[0, 9], ties=True),
 ]
 
+E2E = "tiny-model-cached-decoding"
+
 # compiled on the GPU: SmolLM2 (9, 3, 64) and the 1B shape (32, 8, 64) at 128k keys, batch 1 and a left-padded
 # batch of 4, T = 3 at 32k, float16 / float32 at odd sizes
 GPU_CASES = [
@@ -228,13 +230,13 @@ def check(res: dict, c):
 @pytest.fixture(scope="module")
 def interpreted():
     """Run every CPU case once under TRITON_INTERPRET=1 (two processes, one per core) -> {case id: results}."""
-    ids = [case_id(c) for c in CPU_CASES]
+    ids = [case_id(c) for c in CPU_CASES] + [E2E]
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
-        for i, part in enumerate([ids[0::2], ids[1::2]]):
+        for i, part in enumerate([ids[0::2], ids[1::2]]):  # the end-to-end run joins the lighter half
             out = Path(tmp) / f"part{i}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), str(out), *part]
             procs.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
@@ -249,6 +251,29 @@ def interpreted():
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
 def test_decode_interpreted(interpreted, case):
     check(interpreted[case_id(case)], case)
+
+
+def test_cached_decoding_interpreted(interpreted):
+    """End to end on a tiny model, every kernel interpreted (backend='triton'): prefill through the prefill
+    kernels, then one-token steps through the decode kernels, equal the no-cache forward."""
+    res = interpreted[E2E]
+    assert "error" not in res, res.get("error")
+    assert res["decode_calls"] == res["expected_calls"], res
+    assert res["logits"] < 1e-4, res
+
+
+def run_e2e() -> dict:
+    from ssa_adapt.ops import triton as triton_ops
+
+    calls = []
+    select, attend = triton_ops.decode_select, triton_ops.decode_attend
+    try:
+        triton_ops.decode_select = lambda *a, **kw: calls.append("s") or select(*a, **kw)
+        triton_ops.decode_attend = lambda *a, **kw: calls.append("a") or attend(*a, **kw)
+        logits, reference = teacher_forced("cpu", prompt=70, total=78, backend="triton")
+    finally:
+        triton_ops.decode_select, triton_ops.decode_attend = select, attend
+    return {"logits": rel_rms(logits, reference), "decode_calls": len(calls), "expected_calls": 2 * 2 * 8}
 
 
 def test_cpu_dispatch_stays_on_the_reference(monkeypatch):
@@ -371,6 +396,39 @@ def test_decode_dispatch_gpu():
         triton_ops.decode_select, triton_ops.decode_attend = orig_s, orig_a
 
 
+def teacher_forced(device, prompt=600, total=700, dtype=torch.float32, backend="auto"):
+    """A tiny converted Llama (G = 3, D = 64, 16 x 4 blocks, one sink), a left-padded batch of two: logits of the
+    no-cache sparse forward and of prefill + one-token cached steps, at the decoded positions."""
+    from tiny_models import tiny_model, token_batch
+
+    import ssa_adapt
+    from ssa_adapt.cache import SSACache
+
+    model = tiny_model("llama", 3, kv_heads=2, layers=2, head_dim=64, max_position_embeddings=2 * total)
+    config = ssa_adapt.SSAConfig(block_size=16, block_count=4, backend=backend)
+    model = ssa_adapt.convert(model.to(device, dtype), config)
+    ids = token_batch(2, total).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0  # row 1 is left-padded: its document starts at key 37
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits[:, prompt:]
+        cache = SSACache()
+        model(ids[:, :prompt], attention_mask=mask[:, :prompt], cache=cache, use_cache=True)
+        steps = [
+            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True).logits
+            for t in range(prompt, total)
+        ]
+    return torch.cat(steps, 1), reference
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cached_decoding_with_kernels_equals_no_cache_forward_gpu():
+    """End to end: decode steps through the decode kernels reproduce the prefill kernels' no-cache forward."""
+    logits, reference = teacher_forced("cuda")
+    assert rel_rms(logits, reference) < 1e-3
+
+
 # ------------------------------------------------------------------------------------------------------------
 # subprocess entry point: python tests/test_decode_kernels.py OUT.json CASE_ID...
 # ------------------------------------------------------------------------------------------------------------
@@ -386,7 +444,7 @@ def _main(out: str, ids: list[str]) -> None:
     results = {}
     for i in ids:
         try:
-            results[i] = run_case(cases[i], "cpu")
+            results[i] = run_e2e() if i == E2E else run_case(cases[i], "cpu")
         except Exception:  # reported by the test of this case
             results[i] = {"error": traceback.format_exc()[-3000:]}
         Path(out).write_text(json.dumps(results, indent=1))
