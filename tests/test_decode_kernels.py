@@ -326,7 +326,7 @@ def test_decode_kernels_compile_for_sm90(G):
         (
             d._decode_finish_kernel,
             dict(ptr, logits="*fp32", stats="*fp32", imp="*i32", comp="*i64", out="*i32"),
-            dict(H=3, G=G, GP=16, BS=16, S=16, SP=16, FP=2, SINK=1, LOCAL=1, BN=d.FINISH_BLOCKS, LG=d.FINISH_GROUPS,
+            dict(H=3, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, BS=16, S=16, SP=16, FP=2, SINK=1, LOCAL=1, BN=d.FINISH_BLOCKS, LG=d.FINISH_GROUPS,
                  CAP=d.FINISH_CAP, FAST=True, HAS_POS=False, HAS_DOCS=True),
             d.FINISH_WARPS,
         ),

@@ -143,7 +143,8 @@ def _decode_finish_kernel(
     NSPLIT,
     H: tl.constexpr,
     G: tl.constexpr,
-    GP: tl.constexpr,
+    GP: tl.constexpr,  # rows for the group here: next power of two >= G
+    GS: tl.constexpr,  # head stride of `stats` (the scoring kernel's padded group)
     BS: tl.constexpr,
     S: tl.constexpr,
     SP: tl.constexpr,
@@ -174,15 +175,15 @@ def _decode_finish_kernel(
     o_b = tl.arange(0, BN)
 
     # ---- softmax statistics of every head over all complete blocks, from the splits
-    p_st = stats + i_bth * NSPLIT * 2 * GP + o_g
+    p_st = stats + i_bth * NSPLIT * 2 * GS + o_g
     b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
     for i in range(0, NSPLIT):
-        b_m = tl.maximum(b_m, tl.load(p_st + i * 2 * GP))
+        b_m = tl.maximum(b_m, tl.load(p_st + i * 2 * GS, mask=m_g, other=float("-inf")))
     b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
     b_l = tl.zeros([GP], dtype=tl.float32)
     for i in range(0, NSPLIT):
-        m_i = tl.load(p_st + i * 2 * GP)
-        b_l += tl.load(p_st + i * 2 * GP + GP) * tl.exp2(m_i - b_m)
+        m_i = tl.load(p_st + i * 2 * GS, mask=m_g, other=float("-inf"))
+        b_l += tl.load(p_st + i * 2 * GS + GS, mask=m_g, other=0.0) * tl.exp2(m_i - b_m)
     b_il = tl.where(m_g & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
 
     # ---- forced blocks: sinks, then the local blocks ending with the current one (none counted twice)
@@ -574,7 +575,8 @@ def decode_select(
         nsplit,
         H=H,
         G=G,
-        GP=GP,
+        GP=max(2, triton.next_power_of_2(G)),
+        GS=GP,
         BS=block_size,
         S=S,
         SP=max(2, triton.next_power_of_2(S)),
