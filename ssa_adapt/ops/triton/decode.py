@@ -454,6 +454,17 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _workspace(device: torch.device, *words: int) -> list[torch.Tensor]:
+    """Flat float32 scratch buffers of the given sizes, carved from one allocation (16-byte aligned)."""
+    sizes = [-(-w // 4) * 4 for w in words]
+    buf = utils.new_empty((max(sum(sizes), 4),), torch.float32, device)
+    out, start = [], 0
+    for w, n in zip(words, sizes):
+        out.append(buf[start : start + w])
+        start += n
+    return out
+
+
 def _splits(units: int, pieces: int, device: torch.device, splits: int | None) -> int:
     """How many programs share one (query, KV head): enough for PROGRAMS_PER_SM per SM, at most `pieces`."""
     if splits is None:
@@ -527,10 +538,12 @@ def decode_select(
     bps = triton.cdiv(triton.cdiv(max(NB, 1), nsplit), SCORE_BLOCKS) * SCORE_BLOCKS
     nsplit = triton.cdiv(max(NB, 1), bps)
     nb = max(NB, 1)
-    logits = utils.new_empty((units, G, nb), torch.float32, q.device)
-    stats = utils.new_empty((units, nsplit, 2, GP), torch.float32, q.device)
-    imp = utils.new_empty((units, nb), torch.int32, q.device)
-    comp = utils.new_empty((units, FINISH_CAP), torch.int64, q.device)
+    # one scratch allocation (a decode step is launch-bound): logits [units, G, nb], stats [units, nsplit, 2, GP],
+    # importance bits [units, nb] int32, surviving keys [units, CAP] int64
+    logits, stats, imp, comp = _workspace(
+        q.device, units * G * nb, units * nsplit * 2 * GP, units * nb, 2 * units * FINISH_CAP
+    )
+    imp, comp = imp.view(torch.int32), comp.view(torch.int64)
     common = dict(HAS_POS=q_pos is not None, HAS_DOCS=ds is not None)
     _decode_score_kernel[(units, nsplit)](
         q,
@@ -636,8 +649,9 @@ def decode_attend(
     spb = triton.cdiv(triton.cdiv(S, nsplit), nbk) * nbk
     nsplit = triton.cdiv(S, spb)
     one = nsplit == 1
-    part_o = None if one else utils.new_empty((units, nsplit, G, D), torch.float32, q.device)
-    part_ml = None if one else utils.new_empty((units, nsplit, 2, G), torch.float32, q.device)
+    part_o = part_ml = None
+    if not one:  # partial outputs [units, nsplit, G, D] and statistics [units, nsplit, 2, G], one allocation
+        part_o, part_ml = _workspace(q.device, units * nsplit * G * D, units * nsplit * 2 * G)
     BD = max(16, triton.next_power_of_2(D))
     _decode_attend_kernel[(units, nsplit)](
         q,
