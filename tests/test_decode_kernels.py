@@ -9,17 +9,12 @@ compiled, bfloat16, up to 128k keys.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import tempfile
-import traceback
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_interpreted, write_interpreted
 
 pytest.importorskip("triton")
 
@@ -27,7 +22,6 @@ from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import reference as R  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-REPO = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3}
 TIE = 1e-3  # selection may differ from the reference only between blocks whose importance is this close
 BS = 16
@@ -231,21 +225,7 @@ def check(res: dict, c):
 def interpreted():
     """Run every CPU case once under TRITON_INTERPRET=1 (two processes, one per core) -> {case id: results}."""
     ids = [case_id(c) for c in CPU_CASES] + [E2E]
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = []
-        for i, part in enumerate([ids[0::2], ids[1::2]]):  # the end-to-end run joins the lighter half
-            out = Path(tmp) / f"part{i}.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), str(out), *part]
-            procs.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
-        for proc, out in procs:
-            _, err = proc.communicate(timeout=1200)
-            if proc.returncode != 0 or not out.exists():
-                pytest.fail(f"interpreted kernel run failed (rc {proc.returncode}):\n{err[-4000:]}")
-            results.update(json.loads(out.read_text()))
-    return results
+    return run_interpreted(__file__, ids)
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
@@ -436,19 +416,8 @@ def test_cached_decoding_with_kernels_equals_no_cache_forward_gpu():
 
 
 def _main(out: str, ids: list[str]) -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
-    from ssa_adapt.ops.triton import utils
-
-    torch.set_num_threads(1)
-    utils.POISON = True
     cases = {case_id(c): c for c in CPU_CASES}
-    results = {}
-    for i in ids:
-        try:
-            results[i] = run_e2e() if i == E2E else run_case(cases[i], "cpu")
-        except Exception:  # reported by the test of this case
-            results[i] = {"error": traceback.format_exc()[-3000:]}
-        Path(out).write_text(json.dumps(results, indent=1))
+    write_interpreted(out, ids, lambda i: run_e2e() if i == E2E else run_case(cases[i], "cpu"))
 
 
 if __name__ == "__main__":

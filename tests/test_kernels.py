@@ -11,17 +11,12 @@ float32 (tight tolerance). GPU (`-m gpu`): the same checks compiled, in bfloat16
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
 import sys
-import tempfile
-import traceback
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_interpreted, write_interpreted
 
 pytest.importorskip("triton")
 
@@ -30,7 +25,6 @@ from ssa_adapt.ops import doc_start_from_cu_seqlens, doc_start_from_position_ids
 from ssa_adapt.ops import reference as R  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-REPO = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3}
 TIE = 1e-3  # selection may differ from the reference only between blocks whose importance is this close
 
@@ -218,21 +212,7 @@ def check(res: dict, c, parts=("select", "attend")):
 def interpreted():
     """Run every CPU case once under TRITON_INTERPRET=1 (two processes, one per core) -> {case id: results}."""
     ids = [case_id(c) for c in CPU_CASES]
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = []
-        for i, part in enumerate([ids[0::2], ids[1::2]]):
-            out = Path(tmp) / f"part{i}.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), str(out), *part]
-            procs.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
-        for proc, out in procs:
-            _, err = proc.communicate(timeout=1200)
-            if proc.returncode != 0 or not out.exists():
-                pytest.fail(f"interpreted kernel run failed (rc {proc.returncode}):\n{err[-4000:]}")
-            results.update(json.loads(out.read_text()))
-    return results
+    return run_interpreted(__file__, ids)
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
@@ -364,19 +344,8 @@ def test_fla_backend_gpu():
 
 
 def _main(out: str, ids: list[str]) -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
-    from ssa_adapt.ops.triton import utils
-
-    torch.set_num_threads(1)
-    utils.POISON = True
     cases = {case_id(c): c for c in CPU_CASES}
-    results = {}
-    for i in ids:
-        try:
-            results[i] = run_case(cases[i], "cpu")
-        except Exception:  # reported by the test of this case
-            results[i] = {"error": traceback.format_exc()[-3000:]}
-        Path(out).write_text(json.dumps(results, indent=1))
+    write_interpreted(out, ids, lambda i: run_case(cases[i], "cpu"))
 
 
 if __name__ == "__main__":
