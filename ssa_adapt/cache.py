@@ -15,13 +15,14 @@ __all__ = ["SSACache", "as_ssa_cache"]
 
 
 class _LayerMeans:
-    """Block means of one layer: means [B, cap, H, D] (float32), blocks done per row [B], doc start per row [B]."""
+    """Block means of one layer: means [B, cap, H, D] (float32), blocks done per row [B], doc start per row [B],
+    and the key length they were computed for (a host int, so decode steps need no device-to-host sync)."""
 
-    def __init__(self, means: torch.Tensor, done: torch.Tensor, start: torch.Tensor):
-        self.means, self.done, self.start = means, done, start
+    def __init__(self, means: torch.Tensor, done: torch.Tensor, start: torch.Tensor, key_len: int):
+        self.means, self.done, self.start, self.key_len = means, done, start, key_len
 
     def index(self, rows: torch.Tensor) -> _LayerMeans:
-        return _LayerMeans(self.means[rows], self.done[rows], self.start[rows])
+        return _LayerMeans(self.means[rows], self.done[rows], self.start[rows], self.key_len)
 
 
 class SSACache(DynamicCache):
@@ -35,48 +36,48 @@ class SSACache(DynamicCache):
         self, layer_idx: int, keys: torch.Tensor, doc_start: torch.Tensor, block_size: int
     ) -> torch.Tensor:
         """Means of the complete blocks of every row, updated for the cached `keys` [B, TK, H, D] whose documents
-        start at `doc_start` [B] -> [B, NB, H, D] (NB = the most complete blocks of any row; rows with fewer
-        have garbage after their last complete block, which selection never reads)."""
-        B, TK, H, D = keys.shape
-        target = (TK - doc_start) // block_size  # complete blocks per row [B]
+        start at `doc_start` [B] -> [B, TK // block_size, H, D]. Row b's first (TK - doc_start[b]) // block_size
+        entries are its complete blocks; entries after them are garbage that selection never reads.
+
+        A decode step (one new key per row) computes only the blocks that key completed, without a host sync;
+        anything else (the first step after a prefill, several new keys) recomputes every mean from the keys.
+        """
+        B, TK = keys.shape[:2]
         state = self._ssa_means.get(layer_idx)
-        if state is None or state.means.shape[0] != B or not torch.equal(state.start, doc_start):
-            state = self._recompute(keys, doc_start, target, block_size)
+        if state is None or state.means.shape[0] != B or TK != state.key_len + 1:
+            state = self._recompute(keys, doc_start, block_size)
         else:
-            fresh = target - state.done
-            if bool((fresh < 0).any()) or bool((fresh > 1).any()):
-                state = self._recompute(keys, doc_start, target, block_size)  # cropped, or several new blocks
-            elif bool(fresh.any()):
-                state = self._append_last_block(state, keys, target, block_size)
+            state = self._append(state, keys, block_size)
         self._ssa_means[layer_idx] = state
-        return state.means[:, : int(target.max())]
+        return state.means[:, : TK // block_size]
 
     @staticmethod
-    def _recompute(keys, doc_start, target, block_size) -> _LayerMeans:
+    def _recompute(keys, doc_start, block_size) -> _LayerMeans:
         B, TK, H, D = keys.shape
-        n = int(target.max())
-        cap = max(16, 2 * n)
-        means = keys.new_zeros(B, cap, H, D, dtype=torch.float32)
+        n = TK // block_size  # the most complete blocks any row can have (a row starting at key 0)
+        means = keys.new_zeros(B, max(16, 2 * n), H, D, dtype=torch.float32)
         if n:
             index = (doc_start[:, None] + torch.arange(n * block_size, device=keys.device)[None]).clamp(max=TK - 1)
             rows = keys.gather(1, index[:, :, None, None].expand(B, n * block_size, H, D)).float()
             means[:, :n] = rows.view(B, n, block_size, H, D).mean(2)
-        return _LayerMeans(means, target.clone(), doc_start.clone())
+        return _LayerMeans(means, (TK - doc_start) // block_size, doc_start.clone(), TK)
 
     @staticmethod
-    def _append_last_block(state, keys, target, block_size) -> _LayerMeans:
-        """At most one new complete block per row (a decode step): compute just those blocks' means."""
+    def _append(state, keys, block_size) -> _LayerMeans:
+        """One new key per row: rows whose new key completed a block get that block's mean."""
         B, TK, H, D = keys.shape
-        grown = target > state.done
-        if int(target.max()) > state.means.shape[1]:
+        if TK // block_size > state.means.shape[1]:
             state.means = torch.cat([state.means, torch.zeros_like(state.means)], 1)
+        target = (TK - state.start) // block_size
+        grown = target > state.done
         slot = (target - 1).clamp(min=0)  # the newly complete block of each growing row
-        first = (state.start + slot * block_size).clamp(max=TK - block_size)
-        index = first[:, None] + torch.arange(block_size, device=keys.device)[None]
-        block = keys.gather(1, index[:, :, None, None].expand(B, block_size, H, D)).float().mean(1)  # [B, H, D]
+        first = (state.start + slot * block_size).clamp(min=0, max=max(TK - block_size, 0))
+        index = first[:, None] + torch.arange(min(block_size, TK), device=keys.device)[None]
+        block = keys.gather(1, index[:, :, None, None].expand(B, index.shape[1], H, D)).float().mean(1)  # [B, H, D]
         rows = torch.arange(B, device=keys.device)
         state.means[rows, slot] = torch.where(grown[:, None, None], block, state.means[rows, slot])
-        state.done = target.clone()
+        state.done = target
+        state.key_len = TK
         return state
 
     # structural changes of the cache carry the means along ------------------------------------------------
@@ -91,7 +92,7 @@ class SSACache(DynamicCache):
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
         self._ssa_means = {
-            i: _LayerMeans(*(x.repeat_interleave(repeats, dim=0) for x in (s.means, s.done, s.start)))
+            i: _LayerMeans(*(x.repeat_interleave(repeats, dim=0) for x in (s.means, s.done, s.start)), s.key_len)
             for i, s in self._ssa_means.items()
         }
 
