@@ -165,7 +165,10 @@ def _key_mask(q_pos, L, block_indices, block_size, sliding_window):
 
 
 def _attend_segment(q, k, v, q_pos, scale, block_indices=None, block_size=16, sliding_window=None):
-    """Masked softmax attention of q [B, Tq, HQ, D] over k, v [B, L, H, D] -> [B, Tq, HQ, D] (compute dtype)."""
+    """Masked softmax attention of q [B, Tq, HQ, D] over k, v [B, L, H, D] -> [B, Tq, HQ, D] (compute dtype).
+    With block_indices the keys of the selected blocks are gathered first: O(Tq * S * BS), not O(Tq * L)."""
+    if block_indices is not None:
+        return _attend_selected(q, k, v, q_pos, scale, block_indices, block_size)
     B, Tq, HQ, D = q.shape
     L, H = k.shape[1], k.shape[2]
     G = HQ // H
@@ -177,12 +180,39 @@ def _attend_segment(q, k, v, q_pos, scale, block_indices=None, block_size=16, sl
         pos = q_pos[t0 : t0 + step]
         Tc = pos.numel()
         qg = q[:, t0 : t0 + Tc].to(cdt).reshape(B, Tc, H, G, D)
-        sel = None if block_indices is None else block_indices[:, t0 : t0 + Tc]
-        mask = _key_mask(pos, L, sel, block_size, sliding_window)  # [B|1, Tc, H|1, L]
+        mask = _key_mask(pos, L, None, block_size, sliding_window)  # [1, Tc, 1, L]
         logits = torch.einsum("bthgd,blhd->bthgl", qg, kf) * scale
         logits = logits.masked_fill(~mask[:, :, :, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         outs.append(torch.einsum("bthgl,blhd->bthgd", probs, vf).reshape(B, Tc, HQ, D))
+    return torch.cat(outs, dim=1)
+
+
+def _attend_selected(q, k, v, q_pos, scale, block_indices, block_size):
+    """Attention of q [B, Tq, HQ, D] over the keys of its selected blocks only (gathered, causal inside the own
+    block; -1 slots and keys past L masked) -> [B, Tq, HQ, D] (compute dtype)."""
+    B, Tq, HQ, D = q.shape
+    L, H = k.shape[1], k.shape[2]
+    G, S = HQ // H, block_indices.shape[-1]
+    cdt = _compute_dtype(q)
+    kh, vh = k.to(cdt).transpose(1, 2), v.to(cdt).transpose(1, 2)  # [B, H, L, D]
+    offsets = torch.arange(block_size, device=q.device)
+    outs = []
+    step = max(1, _CHUNK_ELEMENTS // max(1, B * H * S * block_size * max(D, G)))
+    for t0 in range(0, Tq, step):
+        pos = q_pos[t0 : t0 + step]
+        Tc = pos.numel()
+        idx = block_indices[:, t0 : t0 + Tc].long()  # [B, Tc, H, S]
+        keys = (idx.clamp(min=0)[..., None] * block_size + offsets).flatten(-2)  # [B, Tc, H, S * BS]
+        visible = (idx >= 0).repeat_interleave(block_size, -1) & (keys <= pos[None, :, None, None]) & (keys < L)
+        gather = keys.clamp(max=L - 1).permute(0, 2, 1, 3).reshape(B, H, -1, 1).expand(-1, -1, -1, D)
+        k_sel = kh.gather(2, gather).view(B, H, Tc, -1, D)  # [B, H, Tc, S * BS, D]
+        v_sel = vh.gather(2, gather).view(B, H, Tc, -1, D)
+        qg = q[:, t0 : t0 + Tc].to(cdt).reshape(B, Tc, H, G, D)
+        logits = torch.einsum("bthgd,bhtjd->bthgj", qg, k_sel) * scale
+        logits = logits.masked_fill(~visible[:, :, :, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        outs.append(torch.einsum("bthgj,bhtjd->bthgd", probs, v_sel).reshape(B, Tc, HQ, D))
     return torch.cat(outs, dim=1)
 
 
