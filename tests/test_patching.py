@@ -257,6 +257,10 @@ def test_record_attention_sparsity():
         long = {k: v.item() for k, v in stats.items()}
     assert sorted(short) == [0, 1] and all(abs(v - 1) < 1e-6 for v in short.values())
     assert all(0 < v < 1 for v in long.values())
+    ssa_adapt.set_inference(model, "full")  # the full stream runs: the selection is made for the statistics alone
+    with ssa_adapt.record_attention_sparsity(model) as stats, torch.no_grad():
+        model(token_batch(1, 80))
+    assert abs(stats[0].item() - long[0]) < 1e-6  # layer 0 sees the same input in both modes
 
 
 def test_mixed_dtypes_under_autocast_attend_in_autocast_dtype():

@@ -24,6 +24,7 @@ from ..ops import (
     doc_start_from_cu_seqlens,
     doc_start_from_position_ids,
     full_attention,
+    select_blocks,
     sparse_attention,
 )
 
@@ -206,8 +207,8 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
 
     if ctrl.sparsity is not None:
         with torch.no_grad():
-            if indices is None:
-                _, indices = sparse_attention(q, k, v, return_indices=True, **selection)
+            if indices is None:  # the full stream ran: the selection alone is needed, not the sparse attention
+                indices = select_blocks(q, k, **selection)
             mass = attention_sparsity(q, k, indices, block_size=cfg.block_size, scale=scaling, doc_start=doc_start)
             ctrl.sparsity[state.layer_idx] = mass.mean()
     return out, None
