@@ -155,8 +155,8 @@ SWEEP = {
     "select": (
         "SELECT_ROWS",
         "SELECT_WARPS",
-        "SELECT_TOPK_BLOCKS",
-        [(64, 4, 16), (64, 4, 32), (128, 8, 16), (64, 8, 16), (64, 4, 64)],
+        "SELECT_LANES",
+        [(64, 4, 64), (32, 4, 64), (64, 4, 32), (64, 8, 64), (128, 8, 64), (128, 4, 64)],
     ),
     # swept on 2026-11-29 (attention-h200.md of that run): (64, 4, 3) and (64, 4, 1) won; pass --sweep-all to redo
     "fwd": ("FWD_KEYS", "FWD_WARPS", "FWD_STAGES", [(64, 8, 3), (32, 4, 3), (64, 4, 3), (128, 8, 2), (32, 8, 1)]),

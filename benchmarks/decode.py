@@ -17,7 +17,8 @@ Per layer (`kind: layer`), medians of triton.testing.do_bench in ms:
   launch-bound at short contexts; `generate` pays the eager launch cost).
 `speedup` rows divide the sdpa time by ssa_sparse (eager and graph).
 
-`generate` (`kind: generate`): a random Llama of the shape (`--layers` layers, hidden = HQ * D, vocab 32000),
+`generate` (`kind: generate`): a random Llama of the shape (`--layers` layers, hidden = HQ * D, vocab 32000), or
+with `--model FOLDER` the real model for the rows of its shape (SmolLM2: all 30 layers, RoPE run past 8k),
 converted with SSAConfig(16, 16, sink 1), greedy decoding of `--new-tokens` tokens after a random prompt of the
 context length, sparse and full mode; decode tokens/s = B * (N - 1) / (t(N tokens) - t(1 token)), so the prefill
 cancels. Every row carries command, device and date; the file is rewritten after every row.
@@ -150,27 +151,26 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D):
             )
 
 
-def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens, model_path=None):
+    """`model_path`: a real model of this (HQ, H, D) shape (all its layers) instead of the random `layers`-layer one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import ssa_adapt
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=HQ * D,
-        intermediate_size=4 * HQ * D,
-        num_hidden_layers=layers,
-        num_attention_heads=HQ,
-        num_key_value_heads=H,
-        head_dim=D,
-        max_position_embeddings=TK + new_tokens + 16,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    if model_path:
+        config = AutoConfig.from_pretrained(model_path)
+        config.max_position_embeddings = max(config.max_position_embeddings, TK + new_tokens + 16)
+        layers = config.num_hidden_layers
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, config=config, attn_implementation="sdpa", dtype=torch.bfloat16
+        )
+    else:
+        model = random_model(TK + new_tokens + 16, HQ, H, D, layers)
     model = ssa_adapt.convert(model.cuda().eval(), ssa_adapt.SSAConfig(**SEL))
-    prompt = torch.randint(0, 32000, (B, TK), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (B, TK), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     mask = torch.ones_like(prompt)
+    name = Path(model_path).name if model_path else f"random Llama, {layers} layers"
 
     def run(n):
         torch.cuda.synchronize()
@@ -184,7 +184,7 @@ def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens):
         return time.perf_counter() - t0
 
     for mode in ("sparse", "full"):
-        meta = dict(kind="generate", mode=mode, HQ=HQ, H=H, D=D, context=TK, batch=B, layers=layers)
+        meta = dict(kind="generate", mode=mode, model=name, HQ=HQ, H=H, D=D, context=TK, batch=B, layers=layers)
         try:
             ssa_adapt.set_inference(model, mode)
             run(2)  # compile / warm up
@@ -203,13 +203,45 @@ def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens):
         torch.cuda.empty_cache()
 
 
+def random_model(max_positions, HQ, H, D, layers):
+    """A random bf16 Llama of the shape: hidden HQ * D, MLP 4x, vocab 32000, tied embeddings."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=HQ * D,
+        intermediate_size=4 * HQ * D,
+        num_hidden_layers=layers,
+        num_attention_heads=HQ,
+        num_key_value_heads=H,
+        head_dim=D,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+
+
+def model_for(path, shape):
+    """`path` if the model there has attention of this (HQ, H, D) shape, else None."""
+    if not path:
+        return None
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    own = (heads, cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    return path if own == tuple(shape) else None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/decode-h200.json")
     p.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
     p.add_argument("--batch", type=int, nargs="+", default=BATCHES)
     p.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES], help="HQ,H,D ...")
-    p.add_argument("--layers", type=int, default=4, help="layers of the generate models")
+    p.add_argument("--layers", type=int, default=4, help="layers of the random generate models")
+    p.add_argument(
+        "--model", default=None, help="a real model folder (e.g. SmolLM2) for the generate rows of its shape"
+    )
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-generate", action="store_true")
@@ -231,7 +263,7 @@ def main():
         jobs += [(bench_layer, (B, TK, *shape)) for shape in shapes for TK in args.contexts for B in args.batch]
     if not args.skip_generate:
         jobs += [
-            (bench_generate, (B, TK, *shape, args.layers, args.new_tokens))
+            (bench_generate, (B, TK, *shape, args.layers, args.new_tokens, model_for(args.model, shape)))
             for shape in shapes
             for TK in args.contexts
             for B in args.batch

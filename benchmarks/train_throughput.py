@@ -5,9 +5,9 @@
     # on the GPU machine (trl and datasets travel as wheels in .stage/train/whl):
     python benchmarks/train_throughput.py run --stage .stage/train --out $OUT/train-h200.json
 
-The model is SmolLM2-135M's architecture (its config.json: 30 layers, 9 heads, 3 KV heads, head_dim 64) with
-random weights from a fixed seed: the 538 MB checkpoint cannot travel to the GPU machine, and throughput does not
-depend on the weights (the loss curves start from ~10.8 instead of ~3). bf16 weights (`--dtype float32`: fp32
+The model is SmolLM2-135M (30 layers, 9 heads, 3 KV heads, head_dim 64): its weights with `--model FOLDER`, else
+its architecture (config.json) with random weights from a fixed seed (throughput does not depend on the weights;
+the loss curves then start from ~10.8 instead of ~3). bf16 weights (`--dtype float32`: fp32
 master weights under bf16 autocast, the recipes' setting, which needs ssa_adapt >= 399e332 on the GPU), AdamW
 (lr 1e-3, cosine, 10 warm-up steps), 4 x 8192 tokens per step in 8192-token rows of the token stream (wrapped
 packing), SSA 16 x 16 blocks with one sink block. The full stream runs on SDPA with the first backend that takes
@@ -96,11 +96,13 @@ class StepTimer:
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                torch.cuda.synchronize()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 timer.start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
-                torch.cuda.synchronize()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 timer.times.append(time.perf_counter() - timer.start)
 
         self.times: list[float] = []
@@ -114,9 +116,14 @@ def train_once(stage: Path, mode: str, rows, steps: int, a: argparse.Namespace, 
 
     from ssa_adapt.trainer import SSATrainer, SSATrainingConfig
 
-    config = AutoConfig.from_pretrained(stage)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, a.dtype), attn_implementation="sdpa")
+    if a.model:  # the pretrained weights
+        model = AutoModelForCausalLM.from_pretrained(
+            a.model, dtype=getattr(torch, a.dtype), attn_implementation="sdpa"
+        )
+    else:
+        config = AutoConfig.from_pretrained(stage)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, a.dtype), attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(stage)
     packing = (
         dict(packing=True, packing_strategy="bfd_split")
@@ -219,7 +226,10 @@ def run(a: argparse.Namespace) -> None:
         },
         "ssa_backend": resolve_backend("auto", torch.empty(1, device="cuda")),
         "sdpa_backend": backend,
-        "model": f"SmolLM2-135M architecture (config.json), random weights, {a.dtype} weights + bf16 autocast",
+        "model": (
+            f"SmolLM2-135M from {a.model}" if a.model else "SmolLM2-135M architecture (config.json), random weights"
+        )
+        + f", {a.dtype} weights + bf16 autocast",
         "data": f"Debian docs corpus, SmolLM2 tokenizer, {a.batch} x {a.seq} tokens per step",
         "ssa": "block 16 x 16, sink 1, local 1, full_prob 0.5, align_weight 10",
         "runs": [],
@@ -268,6 +278,7 @@ def main() -> None:
     r.add_argument("--stage", default=".stage/train")
     r.add_argument("--out", default="benchmarks/results/train-h200.json")
     r.add_argument("--modes", nargs="+", default=["full", "ssa"])
+    r.add_argument("--model", default=None, help="a model folder: train its weights (default: random weights)")
     r.add_argument("--steps", type=int, default=150)
     r.add_argument("--batch", type=int, default=4)
     r.add_argument("--seq", type=int, default=8192)

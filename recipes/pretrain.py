@@ -84,14 +84,20 @@ def build_model(args: PretrainArguments, vocab_size: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def main(script_args: PretrainArguments, training_args: SSATrainingConfig) -> SSATrainer:
+def main(script_args: PretrainArguments, training_args: SSATrainingConfig, callbacks=None) -> SSATrainer:
+    """Build the model and data of `script_args`, train with `SSATrainer` (extra `callbacks` go to the trainer)."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(script_args.tokenizer))
     model = build_model(script_args, len(tokenizer))
     train_dataset = PackedTokenDataset(script_args.token_cache, script_args.seq_len).as_hf_dataset()
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     training_args.remove_unused_columns = False
     trainer = SSATrainer(
-        model, training_args, train_dataset=train_dataset, processing_class=tokenizer, data_collator=stack_batch
+        model,
+        training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        data_collator=stack_batch,
+        callbacks=callbacks,
     )
     resume = training_args.resume_from_checkpoint
     if resume == "last":

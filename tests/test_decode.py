@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import tiny_model, token_batch
+from tiny_models import cache_kwargs, tiny_model, token_batch
 from transformers import DynamicCache
 
 import ssa_adapt
@@ -22,9 +22,9 @@ def _decode_logits(model, ids, prefill):
     """Prefill `prefill` tokens, then feed the rest one by one through the cache -> logits [B, T, V]."""
     cache = DynamicCache()
     with torch.no_grad():
-        out = [model(ids[:, :prefill], cache=cache, use_cache=True).logits]
+        out = [model(ids[:, :prefill], **cache_kwargs(cache), use_cache=True).logits]
         for t in range(prefill, ids.shape[1]):
-            out.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+            out.append(model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits)
     return torch.cat(out, 1), cache
 
 
@@ -57,8 +57,8 @@ def test_chunked_prefill_equals_one_pass(model):
     cache = DynamicCache()
     with torch.no_grad():
         reference = model(ids).logits
-        first = model(ids[:, :33], cache=cache, use_cache=True).logits
-        second = model(ids[:, 33:], cache=cache, use_cache=True).logits
+        first = model(ids[:, :33], **cache_kwargs(cache), use_cache=True).logits
+        second = model(ids[:, 33:], **cache_kwargs(cache), use_cache=True).logits
     torch.testing.assert_close(torch.cat([first, second], 1), reference, atol=1e-5, rtol=0)
 
 

@@ -29,14 +29,19 @@ TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3}
 TIE = 1e-3  # selection may differ from the reference only between blocks whose importance is this close
 
 
-def _case(B, T, H, G, D, dtype="float16", TK=None, S=4, sink=1, local=1, docs=None, rows=None):
-    return dict(B=B, T=T, TK=TK or T, H=H, G=G, D=D, dtype=dtype, S=S, sink=sink, local=local, docs=docs, rows=rows)
+def _case(B, T, H, G, D, dtype="float16", TK=None, S=4, sink=1, local=1, docs=None, rows=None, select=None):
+    """`select`: selection-kernel constants for this case (e.g. SELECT_CAP=1 sends every tile to the fallback)."""
+    return dict(
+        B=B, T=T, TK=TK or T, H=H, G=G, D=D, dtype=dtype, S=S, sink=sink, local=local, docs=docs, rows=rows,
+        select=select,
+    )  # fmt: skip
 
 
 def case_id(c) -> str:
     tk = f"-TK{c['TK']}" if c["TK"] != c["T"] else ""
     docs = f"-{c['docs']}" if c["docs"] else ""
-    return f"B{c['B']}-T{c['T']}{tk}-H{c['H']}-G{c['G']}-D{c['D']}-S{c['S']}-{c['dtype']}{docs}"
+    sel = "".join(f"-{n[7:].lower()}{x}" for n, x in (c["select"] or {}).items())
+    return f"B{c['B']}-T{c['T']}{tk}-H{c['H']}-G{c['G']}-D{c['D']}-S{c['S']}-{c['dtype']}{docs}{sel}"
 
 
 # interpreted on CPU: every G the SPEC names except 16 at two shapes, D 64/128, documents, left padding, TK > T
@@ -49,6 +54,11 @@ CPU_CASES = [
     _case(1, 100, 1, 4, 64, docs="varlen"),
     _case(2, 70, 1, 4, 64, dtype="float32", docs="leftpad"),
     _case(1, 50, 2, 2, 64, TK=130, docs="prefill"),
+    # many blocks per token: the lower bound prunes (64 lanes, then 8 lanes with several blocks each), and the
+    # exact fallback when more keys pass the bound than the scratch row holds
+    _case(1, 700, 1, 2, 64, S=4),
+    _case(1, 640, 1, 3, 64, "float32", S=6, sink=2, local=2, docs="varlen", select=dict(SELECT_LANES=8)),
+    _case(2, 300, 1, 4, 64, "float32", S=5, docs="leftpad", select=dict(SELECT_CAP=1)),
 ]
 
 # compiled on the GPU: the benchmark's five head shapes (so compiles are shared) at odd T, documents, TK > T, and
@@ -154,7 +164,16 @@ def run_case(c, device) -> dict:
     res = {}
 
     # selection: equal to the reference except between near-tied blocks
-    got = ops.select_blocks(q, k, backend="triton", **sel)
+    from ssa_adapt.ops.triton import select as triton_select
+
+    saved = {n: getattr(triton_select, n) for n in c["select"] or {}}
+    try:
+        for n, x in (c["select"] or {}).items():
+            setattr(triton_select, n, x)
+        got = ops.select_blocks(q, k, backend="triton", **sel)
+    finally:
+        for n, x in saved.items():
+            setattr(triton_select, n, x)
     res["select_written"] = float(bool(((got >= -1) & (got < 2**20)).all()))
     if rows == T:
         ref = R.select_blocks(q, k, **sel)

@@ -40,3 +40,14 @@ def tiny_model(arch: str = "llama", group: int = 2, seed: int = 0, **overrides):
 
 def token_batch(batch: int = 2, length: int = 80, vocab: int = 97, seed: int = 1):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def cache_kwargs(cache) -> dict:
+    """The forward keyword of a KV cache: `cache` in transformers >= 5.2x, `past_key_values` before (the GPU image
+    has 5.17)."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    name = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    return {name: cache}

@@ -19,11 +19,13 @@ from .utils import check_block_size, check_doc_start, dot_precision, group_pad, 
 
 __all__ = ["select_blocks", "block_means"]
 
-# Rows (tokens x padded group) per selection program, blocks per step of pass 1 and of pass 2 (whose top-k
-# insertion loop costs in proportion to its chunk), warps, slots per block-means program.
+# Rows (tokens x padded group) per selection program; blocks per step of pass 1; lanes (blocks per step) of
+# passes 2 and 3, at least the budget; keys above the lower bound kept per token (more: the exact fallback);
+# warps; slots per block-means program.
 SELECT_ROWS = 64
 SELECT_BLOCKS = 64
-SELECT_TOPK_BLOCKS = 16
+SELECT_LANES = 64
+SELECT_CAP = 64
 SELECT_WARPS = 4
 MEANS_SLOTS = 32
 
@@ -65,11 +67,53 @@ def _block_means_kernel(
     tl.store(p_o, (b_acc / BS).to(kbar.dtype.element_ty), mask=m_n[:, None])
 
 
+@triton.jit
+def _candidate_keys(
+    b_q,  # [M, BD] the tile's queries (M = BT * GP rows)
+    p_kb,  # block means of this (b, h): [NSLOT, BD]
+    s0,  # first slot of the chunk
+    NSLOT,
+    scale_log2,
+    r_base,  # [M] slot of the row's document block 0
+    r_nc,  # [M] complete blocks of the row's document
+    m_r,  # [M] valid rows
+    b_m,  # [M] softmax max (log2 domain)
+    b_il,  # [M] 1 / softmax normaliser (0 for invalid rows)
+    t_base,  # [BT] slot of the token's document block 0
+    t_hi,  # [BT] candidates are SINK <= j < t_hi
+    m_t,  # [BT] valid tokens
+    BT: tl.constexpr,
+    GP: tl.constexpr,
+    BD: tl.constexpr,
+    BN: tl.constexpr,
+    SINK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Keys of the chunk's blocks [BT, BN] int64: (float bits of I(j) << 32) | (2^31 - 1 - j) for candidates (unique;
+    larger is better, equal importances go to the lower block as in the reference's stable sort), -1 elsewhere."""
+    o_d = tl.arange(0, BD)
+    o_s = s0 + tl.arange(0, BN)
+    # [BN, BD]
+    b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
+    # [M, BN]
+    b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
+    j = o_s[None, :] - r_base[:, None]
+    m_s = m_r[:, None] & (j >= 0) & (j < r_nc[:, None])
+    # softmax probabilities -> [BT, BN] summed over the group's heads
+    b_p = tl.where(m_s, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0)
+    b_i = tl.sum(tl.reshape(b_p, [BT, GP, BN]), 1)
+    jt = o_s[None, :] - t_base[:, None]
+    cand = m_t[:, None] & (jt >= SINK) & (jt < t_hi[:, None])
+    key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - jt).to(tl.int64)
+    return tl.where(cand, key, -1)
+
+
 @triton.jit(do_not_specialize=["T", "TK", "NSLOT"])
 def _select_kernel(
     q,  # [B, T, HQ, D]
     kbar,  # [B, H, NSLOT, BD]
     doc_start,  # [B, T] int64 or None
+    scratch,  # [B, T, H, ROW] int64: lane maxima, then the keys that pass the lower bound
     out,  # [B, T, H, S] int32
     scale_log2,  # scale * log2(e): logits live in the log2 domain
     T,
@@ -87,7 +131,9 @@ def _select_kernel(
     LOCAL: tl.constexpr,
     BT: tl.constexpr,
     BN: tl.constexpr,
-    BN2: tl.constexpr,
+    LANES: tl.constexpr,
+    CAP: tl.constexpr,
+    ROW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -148,43 +194,82 @@ def _select_kernel(
     t_cur = t_pos // BS
     t_base = (t_ds + BS - 1) // BS
     t_hi = tl.minimum(t_cur - LOCAL + 1, (t_pos + 1) // BS)  # candidates: SINK <= j < t_hi
-
-    # ---- pass 2: group-summed importance of the candidate blocks, online top-KP per token.
-    # key = (importance bits << 32) | (2^31 - 1 - j): larger is better, ties go to the lower block (reference).
+    n_sink = tl.minimum(t_cur + 1, SINK)
+    n_local = tl.maximum(t_cur - tl.maximum(t_cur - LOCAL + 1, SINK) + 1, 0)
+    budget = S - n_sink - n_local  # candidates to choose
     lo2 = tl.min(tl.where(m_t, t_base + SINK, NSLOT), 0)
     hi2 = tl.max(tl.where(m_t, t_base + t_hi, 0), 0)
     o_k = tl.arange(0, KP)
+    o_c = tl.arange(0, CAP)
+    p_sc = scratch + ((i_b * T + o_t) * H + i_h).to(tl.int64) * ROW  # [BT] scratch rows
+
+    # ---- pass 2: a lower bound on each token's budget-th best key. Lane i of a chunk keeps the best key of the
+    # blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima are keys of distinct candidates, so
+    # their budget-th best cannot exceed the budget-th best of all candidates.
+    b_lane = tl.full([BT, LANES], -1, dtype=tl.int64)
+    for s0 in range(lo2, hi2, LANES):
+        key = _candidate_keys(
+            b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+            BT, GP, BD, LANES, SINK, DOT_PREC,
+        )  # fmt: skip
+        b_lane = tl.maximum(b_lane, key)
+    # rank of each lane maximum among the token's lanes (columns read back from the scratch row: no [BT, L, L])
+    o_l = tl.arange(0, LANES)
+    tl.store(p_sc[:, None] + o_l[None, :], b_lane, mask=m_t[:, None])
+    tl.debug_barrier()
+    l_rank = tl.zeros([BT, LANES], dtype=tl.int32)
+    for i_c in range(0, LANES):
+        col = tl.load(p_sc + i_c, mask=m_t, other=-1)
+        l_rank += (col[:, None] > b_lane).to(tl.int32)
+    bound = tl.max(tl.where(l_rank == budget[:, None] - 1, b_lane, -1), 1)  # -1: fewer lanes than the budget
+    tl.debug_barrier()
+
+    # ---- pass 3: the keys at or above the bound (about `budget` of them) go to the token's scratch row
+    cnt = tl.zeros([BT], dtype=tl.int32)
+    for s0 in range(lo2, hi2, LANES):
+        key = _candidate_keys(
+            b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+            BT, GP, BD, LANES, SINK, DOT_PREC,
+        )  # fmt: skip
+        keep = (key >= 0) & (key >= bound[:, None]) & (budget > 0)[:, None]
+        at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+        tl.store(p_sc[:, None] + at, key, mask=keep & (at < CAP))
+        cnt += tl.sum(keep.to(tl.int32), 1)
+    tl.debug_barrier()
+    # exact ranks among the survivors, then the best KP of them in rank order
+    n_cnt = tl.minimum(cnt, CAP)
+    b_sv = tl.load(p_sc[:, None] + o_c[None, :], mask=o_c[None, :] < n_cnt[:, None], other=-1)  # [BT, CAP]
+    s_rank = tl.zeros([BT, CAP], dtype=tl.int32)
+    for i_c in range(0, tl.max(n_cnt, 0)):
+        col = tl.load(p_sc + i_c, mask=i_c < n_cnt, other=-1)
+        s_rank += (col[:, None] > b_sv).to(tl.int32)
     b_top = tl.full([BT, KP], -1, dtype=tl.int64)
-    b_thr = tl.full([BT], -1, dtype=tl.int64)  # smallest key kept (-1 while the list is not full)
-    for s0 in range(lo2, hi2, BN2):
-        # smaller chunks than pass 1: the insertion loop below works on [BT, BN2] keys
-        o_s = s0 + tl.arange(0, BN2)
-        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
-        j = o_s[None, :] - r_base[:, None]
-        m_s = m_r[:, None] & (j >= 0) & (j < r_nc[:, None])
-        # [M, BN2] softmax probabilities -> [BT, BN2] summed over the group's heads
-        b_p = tl.where(m_s, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0)
-        b_i = tl.sum(tl.reshape(b_p, [BT, GP, BN2]), 1)
-        jt = o_s[None, :] - t_base[:, None]
-        cand = m_t[:, None] & (jt >= SINK) & (jt < t_hi[:, None])
-        key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - jt).to(tl.int64)
-        key = tl.where(cand & (key > b_thr[:, None]), key, -1)
-        n = tl.max(tl.max(key, 1), 0)
-        # insert the best remaining key of every row until no row has a key above its threshold
-        while n >= 0:
-            best = tl.max(key, 1)
-            low = tl.min(b_top, 1)
-            at = tl.min(tl.where(b_top == low[:, None], o_k[None, :], KP), 1)
-            b_top = tl.where((best > low)[:, None] & (o_k[None, :] == at[:, None]), best[:, None], b_top)
-            b_thr = tl.min(b_top, 1)
-            key = tl.where((key != best[:, None]) & (key > b_thr[:, None]), key, -1)
+    for r in tl.static_range(KP):
+        v = tl.max(tl.where((s_rank == r) & (b_sv >= 0), b_sv, -1), 1)
+        b_top = tl.where(o_k[None, :] == r, v[:, None], b_top)
+
+    if tl.max(cnt, 0) > CAP:
+        # ---- exact fallback for a tile where some token has more than CAP keys above its bound: online top-KP over
+        # those keys, inserting the best remaining key of every row until none is above its row's threshold
+        b_top = tl.full([BT, KP], -1, dtype=tl.int64)
+        b_thr = tl.full([BT], -1, dtype=tl.int64)  # smallest key kept (-1 while the list is not full)
+        for s0 in range(lo2, hi2, LANES):  # the chunks of pass 2: bitwise the same keys as the bound's
+            key = _candidate_keys(
+                b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+                BT, GP, BD, LANES, SINK, DOT_PREC,
+            )  # fmt: skip
+            key = tl.where((key >= bound[:, None]) & (key > b_thr[:, None]), key, -1)
             n = tl.max(tl.max(key, 1), 0)
+            while n >= 0:
+                best = tl.max(key, 1)
+                low = tl.min(b_top, 1)
+                i_low = tl.min(tl.where(b_top == low[:, None], o_k[None, :], KP), 1)
+                b_top = tl.where((best > low)[:, None] & (o_k[None, :] == i_low[:, None]), best[:, None], b_top)
+                b_thr = tl.min(b_top, 1)
+                key = tl.where((key != best[:, None]) & (key > b_thr[:, None]), key, -1)
+                n = tl.max(tl.max(key, 1), 0)
 
     # ---- forced blocks (sink, then local ending with the current block) and the best `budget` candidates
-    n_sink = tl.minimum(t_cur + 1, SINK)
-    n_local = tl.maximum(t_cur - tl.maximum(t_cur - LOCAL + 1, SINK) + 1, 0)
-    budget = S - n_sink - n_local
     rank = tl.sum((b_top[:, None, :] > b_top[:, :, None]).to(tl.int32), 2)  # [BT, KP] keys better than this one
     chosen = (b_top >= 0) & (rank < budget[:, None])
     j_sel = (2147483647 - (b_top & 2147483647)).to(tl.int32)
@@ -262,11 +347,16 @@ def select_blocks(
     G = HQ // H
     GP = group_pad(G)
     BT = max(1, SELECT_ROWS // GP)
+    KP = max(2, triton.next_power_of_2(block_count))
+    lanes = max(SELECT_LANES, KP)  # the lower bound needs at least `budget` lanes
+    cap = max(2, triton.next_power_of_2(SELECT_CAP))
+    scratch = torch.empty((B, T, H, max(cap, lanes)), dtype=torch.int64, device=q.device)
     grid = (triton.cdiv(T, BT), B * H)
     _select_kernel[grid](
         q,
         kbar,
         ds,
+        scratch,
         out,
         scale * math.log2(math.e),
         T,
@@ -279,12 +369,14 @@ def select_blocks(
         BD=kbar.shape[3],
         BS=block_size,
         S=block_count,
-        KP=max(2, triton.next_power_of_2(block_count)),
+        KP=KP,
         SINK=sink_blocks,
         LOCAL=local_blocks,
         BT=BT,
         BN=SELECT_BLOCKS,
-        BN2=SELECT_TOPK_BLOCKS,
+        LANES=lanes,
+        CAP=cap,
+        ROW=scratch.shape[3],
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
         num_warps=SELECT_WARPS,
