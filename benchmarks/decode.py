@@ -151,6 +151,31 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D):
             )
 
 
+def profile_layer(B, TK, HQ, H, D, steps=20) -> list[dict]:
+    """GPU time per kernel of the sparse decode step (selection + attention from block means), torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, means = layer_inputs(B, TK, HQ, H, D)
+    step = lambda: ops.sparse_attention(q, k, v, block_means=means, backend="triton", **SEL)  # noqa: E731
+    with torch.no_grad():
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append(dict(kernel=e.key[:80], us_per_step=us / steps, calls_per_step=e.count / steps))
+    rows.sort(key=lambda r: -r["us_per_step"])
+    print(f"profile B={B} TK={TK} (HQ, H, D)=({HQ}, {H}, {D}):")
+    for r in rows[:8]:
+        print(f"  {r['us_per_step']:8.1f} us  x{r['calls_per_step']:.0f}  {r['kernel']}")
+    return rows
+
+
 def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens, model_path=None):
     """`model_path`: a real model of this (HQ, H, D) shape (all its layers) instead of the random `layers`-layer one."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -246,7 +271,14 @@ def main():
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new size after this")
+    p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of the decode step")
     args = p.parse_args()
+    if args.profile:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+        out = {f"B{B}-TK{TK}-{HQ},{H},{D}": profile_layer(B, TK, HQ, H, D) for HQ, H, D in shapes
+               for TK in args.contexts for B in args.batch}  # fmt: skip
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        return
     t0 = time.time()
     meta = dict(
         command="python " + " ".join(sys.argv),

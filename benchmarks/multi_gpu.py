@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,10 @@ def launch(kind: str, gpus: int, a: argparse.Namespace, out: Path) -> dict:
     ]  # fmt: skip
     print(f"== {kind} on {n} GPU(s): {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout_s, env=dict(os.environ))
+    env = dict(os.environ)
+    if n == 1:  # one process with several visible GPUs would make the Trainer wrap the model in nn.DataParallel
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout_s, env=env)
     wall = time.perf_counter() - started
     row = {"kind": kind, "gpus": n, "accumulation": accum, "wall_s": wall, "returncode": proc.returncode}
     state = out / f"checkpoint-{a.steps}" / "trainer_state.json"
@@ -55,9 +59,10 @@ def launch(kind: str, gpus: int, a: argparse.Namespace, out: Path) -> dict:
         for h in history
         if "loss" in h
     ]
-    final = next(h for h in reversed(history) if "train_runtime" in h)
-    row["train_runtime_s"] = final["train_runtime"]
-    row["tokens_per_s"] = a.steps * a.global_batch * a.seq / final["train_runtime"]
+    # the trainer prints its final metrics after the last checkpoint was written
+    found = re.findall(r"'train_runtime': '?([0-9.]+)", proc.stdout + proc.stderr)
+    row["train_runtime_s"] = float(found[-1]) if found else wall
+    row["tokens_per_s"] = a.steps * a.global_batch * a.seq / row["train_runtime_s"]
     return row
 
 

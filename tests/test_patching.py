@@ -218,6 +218,41 @@ def test_gradient_checkpointing_gives_same_gradients():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_checkpoint_recomputation_reuses_the_selection(monkeypatch):
+    """Under gradient checkpointing the backward pass runs each layer's forward again; its selection comes from the
+    forward pass (one selection per layer and step), unless the recomputed queries differ from those of the last
+    forward pass (two forward passes before one backward), where it selects again and the gradients stay right."""
+    import ssa_adapt.patching.attention as attention
+
+    calls = []
+    select = attention.select_blocks
+    monkeypatch.setattr(attention, "select_blocks", lambda *a, **kw: calls.append(1) or select(*a, **kw))
+    ids, other = token_batch(), token_batch(seed=7)
+    for mode in ("ssa", "nsa"):
+        plain = ssa_adapt.convert(tiny_model("llama", 4), SMALL.replace(gate=True, train_mode=mode))
+        checkpointed = copy.deepcopy(plain)
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss_a, grads_a = _ssa_train_step(plain, ids, "sparse")
+        calls.clear()
+        loss_b, grads_b = _ssa_train_step(checkpointed, ids, "sparse")
+        assert len(calls) == 2, f"{mode}: {len(calls)} selections for 2 layers"
+        torch.testing.assert_close(loss_a, loss_b)
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+        # forward on ids, forward on other, then the backward of the first: selects again, same gradients
+        checkpointed.train()
+        ssa_adapt.set_stream(checkpointed, "sparse")
+        params = [p for p in checkpointed.parameters() if p.requires_grad]
+        out = checkpointed(ids, labels=ids)
+        loss = ssa_adapt.ssa_loss(checkpointed, out.loss)
+        checkpointed(other, labels=other)
+        calls.clear()
+        grads_c = torch.autograd.grad(loss, params)
+        assert len(calls) == 2
+        for a, c in zip(grads_a, grads_c):
+            torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-4)
+
+
 def test_gate_is_trainable_and_prefixed():
     model = ssa_adapt.convert(tiny_model("mistral", 2), SMALL.replace(gate=True))
     names = [n for n, _ in model.named_parameters() if "ssa_" in n]

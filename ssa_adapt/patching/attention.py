@@ -19,6 +19,7 @@ from ..cache import as_ssa_cache
 from ..config import SSAConfig
 from ..ops import (
     alignment_loss,
+    attend_blocks,
     attention_sparsity,
     compressed_attention,
     doc_start_from_cu_seqlens,
@@ -48,12 +49,28 @@ class SSAController:
         self.sparsity: dict[int, torch.Tensor] | None = None  # filled while recording statistics
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self._doc_start: tuple | None = None  # (key, doc_start) computed once per forward pass for all layers
+        self._indices: dict[int, tuple] = {}  # layer -> (query probe, block indices) of this forward pass
 
     def begin_forward(self) -> None:
         """Called once per top-level forward pass: forget the last pass's draw and records."""
         self.drawn = None
         self.align_losses = {}
         self._doc_start = None
+        self._indices = {}
+
+    def training_indices(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, selection: dict) -> torch.Tensor:
+        """Block indices [B, T, H, S] of a layer in training. Gradient checkpointing runs a layer's forward again
+        during the backward pass: that recomputation reuses the indices of the forward pass instead of selecting
+        again (the selection needs no gradient), after checking that it sees the same queries (a strided sample of
+        q, compared exactly: a recomputation reproduces q bit for bit)."""
+        probe = q.detach()[:, :: max(1, q.shape[1] // 64)].float()  # [B, <= 64 + 1, HQ, D]
+        cached = self._indices.get(layer_idx)
+        recomputing = torch._C._current_graph_task_id() != -1  # inside a backward pass
+        if recomputing and cached is not None and cached[0].shape == probe.shape and torch.equal(cached[0], probe):
+            return cached[1]
+        indices = select_blocks(q, k, **selection)
+        self._indices[layer_idx] = (probe, indices)
+        return indices
 
     def doc_start(self, query, key, attention_mask, kwargs) -> torch.Tensor | None:
         """_doc_start for this forward pass, computed by the first layer and reused by the others."""
@@ -177,9 +194,19 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
 
     indices = None
 
+    def select_and_attend():
+        """The sparse stream -> (o, indices); in training the selection may come from the forward pass (see
+        SSAController.training_indices)."""
+        means = _cached_means()
+        if means is None and module.training and torch.is_grad_enabled():
+            idx = ctrl.training_indices(state.layer_idx, q, k, selection)
+            attend = {n: selection[n] for n in ("block_size", "scale", "doc_start", "backend")}
+            return attend_blocks(q, k, v, idx, **attend), idx
+        return sparse_attention(q, k, v, return_indices=True, block_means=means, **selection)
+
     def sparse():
         nonlocal indices
-        out, indices = sparse_attention(q, k, v, return_indices=True, block_means=_cached_means(), **selection)
+        out, indices = select_and_attend()
         return _gate(module, out)
 
     def _cached_means():
@@ -194,7 +221,7 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
         # NSA baseline: gated sum of compressed (block means), selected (sparse) and sliding-window attention
         gamma = _gate_values(module, 3, q.dtype)  # [B, T, 3, HQ, 1]
         o_cmp = compressed_attention(q, k, v, block_size=cfg.block_size, scale=scaling, doc_start=doc_start)
-        o_slc, indices = sparse_attention(q, k, v, return_indices=True, **selection)
+        o_slc, indices = select_and_attend()
         o_win = full_attention(q, k, v, scale=scaling, doc_start=doc_start, sliding_window=cfg.nsa_window)
         out = gamma[:, :, 0] * o_cmp + gamma[:, :, 1] * o_slc + gamma[:, :, 2] * o_win
     elif module.training and cfg.train_mode == "ssa":

@@ -24,7 +24,7 @@ __all__ = ["select_blocks", "block_means"]
 # warps; slots per block-means program.
 SELECT_ROWS = 64
 SELECT_BLOCKS = 64
-SELECT_LANES = 64
+SELECT_LANES = 32
 SELECT_CAP = 64
 SELECT_WARPS = 4
 MEANS_SLOTS = 32
