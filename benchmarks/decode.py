@@ -32,6 +32,7 @@ import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -149,6 +150,28 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D):
                 rel_err_vs_reference=err,
                 **meta,
             )
+
+
+def sweep_splits(args, variants=(2, 4, 8, 16)) -> None:
+    """Time the whole sparse step (CUDA graph) for each PROGRAMS_PER_SM over the shapes and batches at 128k; keep
+    the variant with the lowest total for the rest of the run (printed, and in every row's kernel config)."""
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    totals = {}
+    for per_sm in variants:
+        triton_decode.PROGRAMS_PER_SM = per_sm
+        total = 0.0
+        for HQ, H, D in shapes:
+            for B in args.batch:
+                q, k, v, means = layer_inputs(B, 131072, HQ, H, D)
+                with torch.no_grad():
+                    total += timed(
+                        graphed(partial(ops.sparse_attention, q, k, v, block_means=means, backend="triton", **SEL))
+                    )
+        totals[per_sm] = total
+        print(f"sweep PROGRAMS_PER_SM={per_sm}: {total * 1e3:.1f} us summed", flush=True)
+    triton_decode.PROGRAMS_PER_SM = min(totals, key=totals.get)
+    print(f"sweep: keeping PROGRAMS_PER_SM={triton_decode.PROGRAMS_PER_SM}", flush=True)
+    torch.cuda.empty_cache()
 
 
 def profile_layer(B, TK, HQ, H, D, steps=20) -> list[dict]:
@@ -272,7 +295,10 @@ def main():
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new size after this")
     p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of the decode step")
+    p.add_argument("--sweep", action="store_true", help="first pick decode.PROGRAMS_PER_SM (the split count) at 128k")
     args = p.parse_args()
+    if args.sweep:
+        sweep_splits(args)
     if args.profile:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
         out = {f"B{B}-TK{TK}-{HQ},{H},{D}": profile_layer(B, TK, HQ, H, D) for HQ, H, D in shapes
@@ -287,6 +313,7 @@ def main():
         torch=torch.__version__,
         triton=triton.__version__,
         python=platform.python_version(),
+        programs_per_sm=triton_decode.PROGRAMS_PER_SM,
     )
     rec = Recorder(Path(args.out), meta)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]

@@ -1,5 +1,6 @@
-"""SSA block selection in Triton: block means, then one pass per (query tile, KV head) that scores every complete
-block for the whole GQA group and keeps an online top-k, so no [T, T / BS] tensor ever reaches global memory.
+"""SSA block selection in Triton: block means, then per (query tile, KV head) three passes over the complete blocks
+(softmax statistics; a lower bound on each token's budget-th best block from lane maxima; the blocks above it,
+ranked exactly), so no [T, T / BS] tensor ever reaches global memory and no top-k loop runs in the common case.
 
 q [B, T, HQ, D], k [B, TK, H, D] -> block_indices [B, T, H, S] int32 (ascending, relative to the document start,
 -1 in unused slots). Same contract as `ssa_adapt.ops.reference.select_blocks`; README.md has the derivations.
