@@ -189,17 +189,27 @@ def test_attention_sparsity_is_one_when_every_block_selected():
     torch.testing.assert_close(attention_sparsity(q, k, idx, block_size=4), torch.ones(1, 30, 4))
 
 
-def test_alignment_loss_value_and_stop_gradients():
-    a = torch.randn(2, 5, 3, 4, requires_grad=True)
-    b = torch.randn(2, 5, 3, 4, requires_grad=True)
-    loss = alignment_loss(a, b)
-    torch.testing.assert_close(loss, 2 * torch.nn.functional.smooth_l1_loss(a, b))
+@pytest.mark.parametrize("kind", ["smooth_l1", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_alignment_loss_value_and_stop_gradients(kind, dtype):
+    """The fused loss equals the two-term definition d(a, sg(b)) + d(sg(a), b) computed in float32 with torch's own
+    losses, in value and in each input's gradient (differences both below and above SmoothL1's beta = 1)."""
+    d = torch.nn.functional.smooth_l1_loss if kind == "smooth_l1" else torch.nn.functional.mse_loss
+    a = (3 * torch.randn(2, 5, 3, 4)).to(dtype).requires_grad_()
+    b = torch.randn(2, 5, 3, 4).to(dtype).requires_grad_()
+    loss = alignment_loss(a, b, kind=kind)
+    af, bf = a.float(), b.float()
+    reference = d(af, bf.detach()) + d(af.detach(), bf)
+    torch.testing.assert_close(loss, reference)
     ga, gb = torch.autograd.grad(loss, (a, b))
-    ref_a = torch.autograd.grad(torch.nn.functional.smooth_l1_loss(a, b.detach()), a)[0]
-    ref_b = torch.autograd.grad(torch.nn.functional.smooth_l1_loss(a.detach(), b), b)[0]
+    ref_a, ref_b = torch.autograd.grad(reference, (a, b))
+    assert ga.dtype == gb.dtype == dtype
     torch.testing.assert_close(ga, ref_a)
     torch.testing.assert_close(gb, ref_b)
-    torch.testing.assert_close(alignment_loss(a, b, kind="l2"), 2 * torch.nn.functional.mse_loss(a, b))
+    only_a = torch.autograd.grad(alignment_loss(a, b.detach(), kind=kind), a)[0]
+    torch.testing.assert_close(only_a, ref_a)
+    with pytest.raises(ValueError, match="kind='l1'"):
+        alignment_loss(a, b, kind="l1")
 
 
 def test_bad_inputs_name_the_problem():

@@ -18,7 +18,6 @@ Everything is computed in float32 (float64 when the inputs are float64) and retu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "select_blocks",
@@ -411,19 +410,45 @@ def compressed_attention(
     return _run_segments(q, k, doc_start, fn, out).to(q.dtype)
 
 
+class _SymmetricAlignment(torch.autograd.Function):
+    """d(a, sg(b)) + d(sg(a), b) for an elementwise d(x, y) = h(x - y) in one pass: the two terms have the same
+    value, 2 mean(h(a - b)), and their gradients are h'(a - b) / N into a and -h'(a - b) / N into b. Saves a and b
+    in their own dtype (not two float32 copies per term) and recomputes a - b in float32 for the backward."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+        d = a.float() - b.float()
+        if kind == "smooth_l1":
+            ad = d.abs()
+            per = torch.where(ad < beta, (0.5 / beta) * d * d, ad - 0.5 * beta)
+        else:
+            per = d * d
+        ctx.save_for_backward(a, b)
+        ctx.kind, ctx.beta = kind, beta
+        return 2 * per.mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        d = a.float() - b.float()
+        g = (d / ctx.beta).clamp(-1.0, 1.0) if ctx.kind == "smooth_l1" else 2 * d
+        g = g * (grad / d.numel())
+        ga = g.to(a.dtype) if ctx.needs_input_grad[0] else None
+        gb = (-g).to(b.dtype) if ctx.needs_input_grad[1] else None
+        return ga, gb, None, None
+
+
 def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
     """SSA's bidirectional alignment: d(o_full, sg(o_sparse)) + d(sg(o_full), o_sparse), mean over all elements.
 
     The first term pulls full attention toward sparse (gradient into the full stream only), the second keeps
-    sparse attention near full (gradient into the sparse stream only). Shapes: any, equal; returns a scalar.
+    sparse attention near full (gradient into the sparse stream only). Shapes: any, equal; returns a float32
+    scalar. `kind`: "smooth_l1" (beta 1) or "l2" (mean squared error); computed in float32 in one fused pass.
     """
     if o_full.shape != o_sparse.shape:
         raise ValueError(
             f"o_full {tuple(o_full.shape)} and o_sparse {tuple(o_sparse.shape)} must have the same shape."
         )
-    a, b = o_full.float(), o_sparse.float()
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(a, b.detach(), beta=1.0) + F.smooth_l1_loss(a.detach(), b, beta=1.0)
-    if kind == "l2":
-        return F.mse_loss(a, b.detach()) + F.mse_loss(a.detach(), b)
-    raise ValueError(f"alignment loss kind={kind!r}: use 'smooth_l1' or 'l2'.")
+    if kind not in ("smooth_l1", "l2"):
+        raise ValueError(f"alignment loss kind={kind!r}: use 'smooth_l1' or 'l2'.")
+    return _SymmetricAlignment.apply(o_full, o_sparse, kind, 1.0)
