@@ -157,15 +157,9 @@ SWEEP = {
         "SELECT_WARPS",
         "SELECT_LANES",
         "SELECT_BLOCKS",
-        [
-            (64, 4, 32, 64),
-            (64, 4, 32, 32),
-            (64, 4, 64, 64),
-            (32, 4, 32, 64),
-            (64, 2, 32, 64),
-            (128, 4, 32, 64),
-            (64, 4, 32, 128),
-        ],
+        "SELECT_PASSES",
+        # swept on 2026-11-29 (attention-h200.md): (64, 4, 32, 64) won among the three-pass variants
+        [(64, 4, 32, 64, 3), (64, 4, 32, 64, 2), (64, 8, 32, 64, 2), (32, 4, 32, 64, 2), (64, 4, 16, 64, 2)],
     ),
     # swept on 2026-11-29 (attention-h200.md of that run): (64, 4, 3) and (64, 4, 1) won; pass --sweep-all to redo
     "fwd": ("FWD_KEYS", "FWD_WARPS", "FWD_STAGES", [(64, 8, 3), (32, 4, 3), (64, 4, 3), (128, 8, 2), (32, 8, 1)]),

@@ -59,6 +59,13 @@ CPU_CASES = [
     _case(1, 700, 1, 2, 64, S=4),
     _case(1, 640, 1, 3, 64, "float32", S=6, sink=2, local=2, docs="varlen", select=dict(SELECT_LANES=8)),
     _case(2, 300, 1, 4, 64, "float32", S=5, docs="leftpad", select=dict(SELECT_CAP=1)),
+    # the two-pass variant: bound refreshed as it goes, rows compacted (small rows force refreshes when near full,
+    # and with CAP 2 the fallback after dropped keys)
+    _case(1, 800, 1, 4, 64, S=5, docs="varlen", select=dict(SELECT_PASSES=2)),
+    _case(
+        1, 700, 2, 3, 64, "float32", S=6, sink=2, local=2, select=dict(SELECT_PASSES=2, SELECT_CAP=8, SELECT_LANES=4)
+    ),
+    _case(1, 300, 2, 2, 64, TK=830, docs="prefill", select=dict(SELECT_PASSES=2, SELECT_CAP=2)),
 ]
 
 # compiled on the GPU: the benchmark's five head shapes (so compiles are shared) at odd T, documents, TK > T, and

@@ -27,6 +27,7 @@ SELECT_ROWS = 64
 SELECT_BLOCKS = 64
 SELECT_LANES = 32
 SELECT_CAP = 64
+SELECT_PASSES = 3  # 2: lane maxima and survivors in one pass, the bound refreshed as it goes (README.md)
 SELECT_WARPS = 4
 MEANS_SLOTS = 32
 
@@ -109,12 +110,47 @@ def _candidate_keys(
     return tl.where(cand, key, -1)
 
 
+@triton.jit
+def _lane_bound(p_ln, b_lane, budget, m_t, BT: tl.constexpr, LANES: tl.constexpr):
+    """budget-th best of each token's lane maxima b_lane [BT, LANES] (keys of distinct candidates, so a lower bound
+    on the token's budget-th best key; -1 with fewer lanes than the budget). Ranks come from the columns read back
+    from the scratch rows p_ln [BT] (no [BT, LANES, LANES] tensor in registers)."""
+    o_l = tl.arange(0, LANES)
+    tl.store(p_ln[:, None] + o_l[None, :], b_lane, mask=m_t[:, None])
+    tl.debug_barrier()
+    l_rank = tl.zeros([BT, LANES], dtype=tl.int32)
+    for i_c in range(0, LANES):
+        col = tl.load(p_ln + i_c, mask=m_t, other=-1)
+        l_rank += (col[:, None] > b_lane).to(tl.int32)
+    tl.debug_barrier()
+    return tl.max(tl.where(l_rank == budget[:, None] - 1, b_lane, -1), 1)
+
+
+@triton.jit
+def _rank_survivors(p_sc, cnt, CAP: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
+    """The best KP of the cnt [BT] keys in each token's scratch row p_sc [BT] (at most CAP), in rank order ->
+    [BT, KP] int64 (-1 where fewer). Exact ranks: each key against every column of its row."""
+    o_c = tl.arange(0, CAP)
+    o_k = tl.arange(0, KP)
+    n_cnt = tl.minimum(cnt, CAP)
+    b_sv = tl.load(p_sc[:, None] + o_c[None, :], mask=o_c[None, :] < n_cnt[:, None], other=-1)  # [BT, CAP]
+    s_rank = tl.zeros([BT, CAP], dtype=tl.int32)
+    for i_c in range(0, tl.max(n_cnt, 0)):
+        col = tl.load(p_sc + i_c, mask=i_c < n_cnt, other=-1)
+        s_rank += (col[:, None] > b_sv).to(tl.int32)
+    b_top = tl.full([BT, KP], -1, dtype=tl.int64)
+    for r in tl.static_range(KP):
+        v = tl.max(tl.where((s_rank == r) & (b_sv >= 0), b_sv, -1), 1)
+        b_top = tl.where(o_k[None, :] == r, v[:, None], b_top)
+    return b_top
+
+
 @triton.jit(do_not_specialize=["T", "TK", "NSLOT"])
 def _select_kernel(
     q,  # [B, T, HQ, D]
     kbar,  # [B, H, NSLOT, BD]
     doc_start,  # [B, T] int64 or None
-    scratch,  # [B, T, H, ROW] int64: lane maxima, then the keys that pass the lower bound
+    scratch,  # [B, T, H, ROW] int64: the keys that pass the lower bound, the lane maxima at LANE_OFF
     out,  # [B, T, H, S] int32
     scale_log2,  # scale * log2(e): logits live in the log2 domain
     T,
@@ -135,6 +171,8 @@ def _select_kernel(
     LANES: tl.constexpr,
     CAP: tl.constexpr,
     ROW: tl.constexpr,
+    LANE_OFF: tl.constexpr,  # where the lane maxima live in a scratch row
+    TWO_PASS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -204,52 +242,72 @@ def _select_kernel(
     o_c = tl.arange(0, CAP)
     p_sc = scratch + ((i_b * T + o_t) * H + i_h).to(tl.int64) * ROW  # [BT] scratch rows
 
-    # ---- pass 2: a lower bound on each token's budget-th best key. Lane i of a chunk keeps the best key of the
-    # blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima are keys of distinct candidates, so
-    # their budget-th best cannot exceed the budget-th best of all candidates.
-    b_lane = tl.full([BT, LANES], -1, dtype=tl.int64)
-    for s0 in range(lo2, hi2, LANES):
-        key = _candidate_keys(
-            b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
-            BT, GP, BD, LANES, SINK, DOT_PREC,
-        )  # fmt: skip
-        b_lane = tl.maximum(b_lane, key)
-    # rank of each lane maximum among the token's lanes (columns read back from the scratch row: no [BT, L, L])
-    o_l = tl.arange(0, LANES)
-    tl.store(p_sc[:, None] + o_l[None, :], b_lane, mask=m_t[:, None])
-    tl.debug_barrier()
-    l_rank = tl.zeros([BT, LANES], dtype=tl.int32)
-    for i_c in range(0, LANES):
-        col = tl.load(p_sc + i_c, mask=m_t, other=-1)
-        l_rank += (col[:, None] > b_lane).to(tl.int32)
-    bound = tl.max(tl.where(l_rank == budget[:, None] - 1, b_lane, -1), 1)  # -1: fewer lanes than the budget
-    tl.debug_barrier()
+    if TWO_PASS:
+        # ---- pass 2 of 2: lane maxima (as below) and survivors in one pass. The bound, valid at any time since the
+        # lane maxima only grow, is refreshed after 1, 2, 4, 8, ... chunks and whenever a row nears full; each
+        # refresh compacts the rows to the keys at or above it. A key of the final top-`budget` is at or above
+        # every bound, so it is appended when seen and never compacted away.
+        b_lane = tl.full([BT, LANES], -1, dtype=tl.int64)
+        bound = tl.full([BT], -1, dtype=tl.int64)
+        cnt = tl.zeros([BT], dtype=tl.int32)
+        lost = tl.zeros([BT], dtype=tl.int32)  # a row overflowed before a compaction: keys were dropped
+        n_seen = 0
+        refresh_at = 1
+        for s0 in range(lo2, hi2, LANES):
+            key = _candidate_keys(
+                b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+                BT, GP, BD, LANES, SINK, DOT_PREC,
+            )  # fmt: skip
+            b_lane = tl.maximum(b_lane, key)
+            keep = (key >= 0) & (key >= bound[:, None]) & (budget > 0)[:, None]
+            at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+            tl.store(p_sc[:, None] + at, key, mask=keep & (at < CAP))
+            cnt += tl.sum(keep.to(tl.int32), 1)
+            n_seen += 1
+            if (n_seen == refresh_at) | (tl.max(cnt, 0) > CAP - LANES):
+                if n_seen == refresh_at:
+                    refresh_at *= 2
+                bound = tl.maximum(bound, _lane_bound(p_sc + LANE_OFF, b_lane, budget, m_t, BT, LANES))
+                lost += (cnt > CAP).to(tl.int32)
+                n_cnt = tl.minimum(cnt, CAP)
+                b_sv = tl.load(p_sc[:, None] + o_c[None, :], mask=o_c[None, :] < n_cnt[:, None], other=-1)
+                tl.debug_barrier()
+                keep_sv = (b_sv >= 0) & (b_sv >= bound[:, None])
+                at_sv = tl.cumsum(keep_sv.to(tl.int32), 1) - 1
+                tl.store(p_sc[:, None] + at_sv, b_sv, mask=keep_sv)
+                cnt = tl.sum(keep_sv.to(tl.int32), 1)
+                tl.debug_barrier()
+        fallback = (tl.max(cnt, 0) > CAP) | (tl.max(lost, 0) > 0)
+    else:
+        # ---- pass 2 of 3: a lower bound on each token's budget-th best key. Lane i of a chunk keeps the best key of
+        # the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima are keys of distinct
+        # candidates, so their budget-th best cannot exceed the budget-th best of all candidates.
+        b_lane = tl.full([BT, LANES], -1, dtype=tl.int64)
+        for s0 in range(lo2, hi2, LANES):
+            key = _candidate_keys(
+                b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+                BT, GP, BD, LANES, SINK, DOT_PREC,
+            )  # fmt: skip
+            b_lane = tl.maximum(b_lane, key)
+        bound = _lane_bound(p_sc + LANE_OFF, b_lane, budget, m_t, BT, LANES)
 
-    # ---- pass 3: the keys at or above the bound (about `budget` of them) go to the token's scratch row
-    cnt = tl.zeros([BT], dtype=tl.int32)
-    for s0 in range(lo2, hi2, LANES):
-        key = _candidate_keys(
-            b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
-            BT, GP, BD, LANES, SINK, DOT_PREC,
-        )  # fmt: skip
-        keep = (key >= 0) & (key >= bound[:, None]) & (budget > 0)[:, None]
-        at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
-        tl.store(p_sc[:, None] + at, key, mask=keep & (at < CAP))
-        cnt += tl.sum(keep.to(tl.int32), 1)
+        # ---- pass 3 of 3: the keys at or above the bound (about `budget` of them) go to the token's scratch row
+        cnt = tl.zeros([BT], dtype=tl.int32)
+        for s0 in range(lo2, hi2, LANES):
+            key = _candidate_keys(
+                b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+                BT, GP, BD, LANES, SINK, DOT_PREC,
+            )  # fmt: skip
+            keep = (key >= 0) & (key >= bound[:, None]) & (budget > 0)[:, None]
+            at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+            tl.store(p_sc[:, None] + at, key, mask=keep & (at < CAP))
+            cnt += tl.sum(keep.to(tl.int32), 1)
+        fallback = tl.max(cnt, 0) > CAP
     tl.debug_barrier()
     # exact ranks among the survivors, then the best KP of them in rank order
-    n_cnt = tl.minimum(cnt, CAP)
-    b_sv = tl.load(p_sc[:, None] + o_c[None, :], mask=o_c[None, :] < n_cnt[:, None], other=-1)  # [BT, CAP]
-    s_rank = tl.zeros([BT, CAP], dtype=tl.int32)
-    for i_c in range(0, tl.max(n_cnt, 0)):
-        col = tl.load(p_sc + i_c, mask=i_c < n_cnt, other=-1)
-        s_rank += (col[:, None] > b_sv).to(tl.int32)
-    b_top = tl.full([BT, KP], -1, dtype=tl.int64)
-    for r in tl.static_range(KP):
-        v = tl.max(tl.where((s_rank == r) & (b_sv >= 0), b_sv, -1), 1)
-        b_top = tl.where(o_k[None, :] == r, v[:, None], b_top)
+    b_top = _rank_survivors(p_sc, cnt, CAP, KP, BT)
 
-    if tl.max(cnt, 0) > CAP:
+    if fallback:
         # ---- exact fallback for a tile where some token has more than CAP keys above its bound: online top-KP over
         # those keys, inserting the best remaining key of every row until none is above its row's threshold
         b_top = tl.full([BT, KP], -1, dtype=tl.int64)
@@ -351,7 +409,9 @@ def select_blocks(
     KP = max(2, triton.next_power_of_2(block_count))
     lanes = max(SELECT_LANES, KP)  # the lower bound needs at least `budget` lanes
     cap = max(2, triton.next_power_of_2(SELECT_CAP))
-    scratch = torch.empty((B, T, H, max(cap, lanes)), dtype=torch.int64, device=q.device)
+    two_pass = SELECT_PASSES == 2
+    lane_off = cap if two_pass else 0  # three passes: the lane maxima are done before the survivors are written
+    scratch = torch.empty((B, T, H, max(cap, lane_off + lanes)), dtype=torch.int64, device=q.device)
     grid = (triton.cdiv(T, BT), B * H)
     _select_kernel[grid](
         q,
@@ -378,6 +438,8 @@ def select_blocks(
         LANES=lanes,
         CAP=cap,
         ROW=scratch.shape[3],
+        LANE_OFF=lane_off,
+        TWO_PASS=two_pass,
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
         num_warps=SELECT_WARPS,
