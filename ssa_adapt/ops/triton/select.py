@@ -127,6 +127,16 @@ def _lane_bound(p_ln, b_lane, budget, m_t, BT: tl.constexpr, LANES: tl.constexpr
 
 
 @triton.jit
+def _append_survivors(p_sc, key, bound, budget, cnt, CAP: tl.constexpr):
+    """Append each token's candidate keys [BT, N] at or above its bound [BT] to its scratch row p_sc [BT] after its
+    cnt [BT] keys (a cumsum gives the columns; keys past CAP are dropped but counted) -> the new counts."""
+    keep = (key >= 0) & (key >= bound[:, None]) & (budget > 0)[:, None]
+    at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+    tl.store(p_sc[:, None] + at, key, mask=keep & (at < CAP))
+    return cnt + tl.sum(keep.to(tl.int32), 1)
+
+
+@triton.jit
 def _rank_survivors(p_sc, cnt, CAP: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
     """The best KP of the cnt [BT] keys in each token's scratch row p_sc [BT] (at most CAP), in rank order ->
     [BT, KP] int64 (-1 where fewer). Exact ranks: each key against every column of its row."""
@@ -259,10 +269,7 @@ def _select_kernel(
                 BT, GP, BD, LANES, SINK, DOT_PREC,
             )  # fmt: skip
             b_lane = tl.maximum(b_lane, key)
-            keep = (key >= 0) & (key >= bound[:, None]) & (budget > 0)[:, None]
-            at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
-            tl.store(p_sc[:, None] + at, key, mask=keep & (at < CAP))
-            cnt += tl.sum(keep.to(tl.int32), 1)
+            cnt = _append_survivors(p_sc, key, bound, budget, cnt, CAP)
             n_seen += 1
             if (n_seen == refresh_at) | (tl.max(cnt, 0) > CAP - LANES):
                 if n_seen == refresh_at:
@@ -298,10 +305,7 @@ def _select_kernel(
                 b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
                 BT, GP, BD, LANES, SINK, DOT_PREC,
             )  # fmt: skip
-            keep = (key >= 0) & (key >= bound[:, None]) & (budget > 0)[:, None]
-            at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
-            tl.store(p_sc[:, None] + at, key, mask=keep & (at < CAP))
-            cnt += tl.sum(keep.to(tl.int32), 1)
+            cnt = _append_survivors(p_sc, key, bound, budget, cnt, CAP)
         fallback = tl.max(cnt, 0) > CAP
     tl.debug_barrier()
     # exact ranks among the survivors, then the best KP of them in rank order
