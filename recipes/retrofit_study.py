@@ -48,6 +48,16 @@ A stage stopped by its budget exits with 75 (the `&&` chain stops there): repeat
 budgets leave room for the unit in flight (the benchmarks, ~1-2 min, are the longest); HellaSwag is cut to its first
 2000 items to fit two models in a call (drop the --task_limits for all 10042, one model per call). Then here,
 with the summaries back in runs/retrofit-smollm2/summary/: `python recipes/retrofit_study.py report`.
+
+On two GPUs (nvidia-h200-x2) the independent stages run side by side, one per GPU (G0 / G1 below stand for
+`CUDA_VISIBLE_DEVICES=0` / `=1`, each line in the background with its own log, then `wait`), which fits the whole
+study in about 20 minutes of one session (measured throughput on one H200, 2026-11-29: full 121k tokens/s, ssa
+74k; not yet run this way):
+
+    P $S unbundle Q                                                        # part-00, then part-01
+    P $S unbundle && (G0 $S train --mode full --time_budget_s 480 & G1 $S train --mode sparse --time_budget_s 480 & wait) Q
+    P G0 $S train --mode ssa --time_budget_s 540 & G1 $S eval --model original $E & wait; Q
+    P G0 $S eval --model full $E & G1 $S eval --model sparse $E & wait; G0 $S eval --model ssa $E Q
 """
 
 from __future__ import annotations
