@@ -152,25 +152,25 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D):
             )
 
 
-def sweep_splits(args, variants=(2, 4, 8, 16)) -> None:
-    """Time the whole sparse step (CUDA graph) for each PROGRAMS_PER_SM over the shapes and batches at 128k; keep
-    the variant with the lowest total for the rest of the run (printed, and in every row's kernel config)."""
+def sweep_splits(args, variants=((2, False), (8, False), (2, True), (8, True), (16, True))) -> None:
+    """Time the whole sparse step (CUDA graph) for each (PROGRAMS_PER_SM, FINISH_SPLIT) over the shapes and batches
+    at 128k; keep the variant with the lowest total for the rest of the run (printed, and in every row's meta)."""
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
     totals = {}
-    for per_sm in variants:
-        triton_decode.PROGRAMS_PER_SM = per_sm
+    for per_sm, split in variants:
+        triton_decode.PROGRAMS_PER_SM, triton_decode.FINISH_SPLIT = per_sm, split
         total = 0.0
         for HQ, H, D in shapes:
             for B in args.batch:
                 q, k, v, means = layer_inputs(B, 131072, HQ, H, D)
                 with torch.no_grad():
-                    total += timed(
-                        graphed(partial(ops.sparse_attention, q, k, v, block_means=means, backend="triton", **SEL))
-                    )
-        totals[per_sm] = total
-        print(f"sweep PROGRAMS_PER_SM={per_sm}: {total * 1e3:.1f} us summed", flush=True)
-    triton_decode.PROGRAMS_PER_SM = min(totals, key=totals.get)
-    print(f"sweep: keeping PROGRAMS_PER_SM={triton_decode.PROGRAMS_PER_SM}", flush=True)
+                    step = partial(ops.sparse_attention, q, k, v, block_means=means, backend="triton", **SEL)
+                    total += timed(graphed(step))
+        totals[(per_sm, split)] = total
+        print(f"sweep PROGRAMS_PER_SM={per_sm} FINISH_SPLIT={split}: {total * 1e3:.1f} us summed", flush=True)
+    best = min(totals, key=totals.get)
+    triton_decode.PROGRAMS_PER_SM, triton_decode.FINISH_SPLIT = best
+    print(f"sweep: keeping PROGRAMS_PER_SM={best[0]} FINISH_SPLIT={best[1]}", flush=True)
     torch.cuda.empty_cache()
 
 
@@ -295,7 +295,7 @@ def main():
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new size after this")
     p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of the decode step")
-    p.add_argument("--sweep", action="store_true", help="first pick decode.PROGRAMS_PER_SM (the split count) at 128k")
+    p.add_argument("--sweep", action="store_true", help="first pick the split count and finishing path at 128k")
     args = p.parse_args()
     if args.sweep:
         sweep_splits(args)
@@ -314,6 +314,7 @@ def main():
         triton=triton.__version__,
         python=platform.python_version(),
         programs_per_sm=triton_decode.PROGRAMS_PER_SM,
+        finish_split=triton_decode.FINISH_SPLIT,
     )
     rec = Recorder(Path(args.out), meta)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]

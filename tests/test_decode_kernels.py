@@ -166,6 +166,12 @@ def run_case(c, device) -> dict:
     # the finishing kernel's exact fallback (bisection) alone, and its fast path with 8 lanes (several blocks per
     # lane, lanes whose third key is chosen, so also the switch to the fallback)
     variants += [("bisection", dict(FINISH_FAST=False)), ("lanes", dict(FINISH_BLOCKS=8))]
+    # the finishing pass split over the blocks: bound from the splits' lane groups, survivors ranked; with a
+    # 4-key scratch and 2 groups per split, also its exact bisection branch
+    variants += [
+        ("split", dict(FINISH_SPLIT=True)),
+        ("split-exact", dict(FINISH_SPLIT=True, FINISH_CAP=4, KEYS_GROUPS=2)),
+    ]
     for how, arg in variants:
         if how == "dispatch":
             got = dispatched = ops.select_blocks(q, k, doc_start=ds, block_means=means, backend="triton", **sel)
@@ -311,6 +317,21 @@ def test_decode_kernels_compile_for_sm90(G):
             d.FINISH_WARPS,
         ),
     ]  # fmt: skip
+    split = dict(H=3, BS=16, SINK=1, LOCAL=1, HAS_POS=False, HAS_DOCS=True)
+    kernels += [
+        (
+            d._decode_keys_kernel,
+            dict(ptr, logits="*fp32", stats="*fp32", keys="*i64", gmax="*i64"),
+            dict(split, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, BN=d.KEYS_BLOCKS, LG=d.KEYS_GROUPS),
+            d.SCORE_WARPS,
+        ),
+        (
+            d._decode_pick_kernel,
+            dict(ptr, keys="*i64", gmax="*i64", comp="*i64", out="*i32"),
+            dict(split, S=16, SP=16, FP=2, BN=d.PICK_BLOCKS, LG=d.KEYS_GROUPS, NV=512, CAP=d.FINISH_CAP),
+            d.FINISH_WARPS,
+        ),
+    ]
     for one in (True, False):
         kernels.append(
             (

@@ -49,6 +49,10 @@ FINISH_WARPS = 8
 FINISH_GROUPS = 64  # lane groups whose maxima bound the threshold from below
 FINISH_CAP = 128  # surviving keys ranked exactly; more (or a lane's third key chosen) takes the bisection path
 FINISH_FAST = True  # False: always the bisection path (tests)
+FINISH_SPLIT = False  # True: the finishing pass split over the blocks (keys + pick kernels; not yet measured)
+KEYS_BLOCKS = 64  # blocks per step of the split keys kernel (its lanes)
+KEYS_GROUPS = 16  # lane groups per split whose maxima bound the threshold
+PICK_BLOCKS = 512  # keys per step of the pick kernel
 ATTEND_KEYS = 32
 ATTEND_WARPS = 4
 PROGRAMS_PER_SM = 2
@@ -129,6 +133,77 @@ def _decode_score_kernel(
 
 
 @triton.jit
+def _query_position(q_pos, doc_start, i_bt, T, TK, HAS_POS: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Position of query i_bt = b * T + t inside its document (int32)."""
+    i_t = i_bt % T
+    if HAS_POS:
+        pos = tl.load(q_pos + i_bt).to(tl.int32)
+    elif HAS_DOCS:
+        pos = (i_t + TK - T - tl.load(doc_start + i_bt)).to(tl.int32)
+    else:
+        pos = (i_t + TK - T).to(tl.int32)
+    return pos
+
+
+@triton.jit
+def _merged_stats(stats, i_bth, NSPLIT, G: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr):
+    """Softmax max and 1 / normaliser [GP] of the group's heads over all complete blocks, from the scoring
+    kernel's per-split statistics (log2 domain; 0 for padded heads)."""
+    o_g = tl.arange(0, GP)
+    m_g = o_g < G
+    p_st = stats + i_bth * NSPLIT * 2 * GS + o_g
+    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    for i in range(0, NSPLIT):
+        b_m = tl.maximum(b_m, tl.load(p_st + i * 2 * GS, mask=m_g, other=float("-inf")))
+    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
+    b_l = tl.zeros([GP], dtype=tl.float32)
+    for i in range(0, NSPLIT):
+        m_i = tl.load(p_st + i * 2 * GS, mask=m_g, other=float("-inf"))
+        b_l += tl.load(p_st + i * 2 * GS + GS, mask=m_g, other=0.0) * tl.exp2(m_i - b_m)
+    b_il = tl.where(m_g & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
+    return b_m, b_il
+
+
+@triton.jit
+def _block_keys(p_l, o_n, m_n, b_m, b_il, c_lo, NB, G: tl.constexpr, GP: tl.constexpr, SINK: tl.constexpr):
+    """Keys [BN] of blocks o_n (valid where m_n) from the row's logits p_l [G, NB] and the merged statistics:
+    (float bits of I(j) << 32) | (2^31 - 1 - j) for candidates (not sink, before the first local block c_lo;
+    unique, larger is better, ties to the lower block), -1 elsewhere."""
+    o_g = tl.arange(0, GP)
+    m_gn = (o_g < G)[:, None] & m_n[None, :]
+    b_s = tl.load(p_l + o_g[:, None] * NB + o_n[None, :], mask=m_gn, other=float("-inf"))
+    b_i = tl.sum(tl.where(m_gn, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0), 0)
+    cand = m_n & (o_n >= SINK) & (o_n < c_lo)
+    key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - o_n).to(tl.int64)
+    return tl.where(cand, key, -1)
+
+
+@triton.jit
+def _store_ascending(p_o, b_c, chosen, n_sink, n_local, l_lo, S: tl.constexpr, SP: tl.constexpr,
+                     FP: tl.constexpr, SINK: tl.constexpr):  # fmt: skip
+    """Write the chosen keys' blocks (b_c [CAP] keys, chosen [CAP]) and the forced blocks (the first n_sink, then
+    n_local from l_lo) to the output row p_o in ascending order, -1 after them. Without a sort: a kept block's
+    column is the number of kept blocks below it."""
+    BIG: tl.constexpr = 1 << 30
+    j_c = tl.where(chosen, (2147483647 - (b_c & 2147483647)).to(tl.int32), BIG)
+    o_f = tl.arange(0, FP)
+    j_f = tl.where(o_f < SINK, o_f, l_lo + o_f - SINK)
+    ok_f = ((o_f < SINK) & (o_f < n_sink)) | ((o_f >= SINK) & (o_f - SINK < n_local))
+    j_f = tl.where(ok_f, j_f, BIG)
+    col_c = tl.sum((j_c[None, :] < j_c[:, None]).to(tl.int32), 1) + tl.sum(
+        (j_f[None, :] < j_c[:, None]).to(tl.int32), 1
+    )
+    col_f = tl.sum((j_f[None, :] < j_f[:, None]).to(tl.int32), 1) + tl.sum(
+        (j_c[None, :] < j_f[:, None]).to(tl.int32), 1
+    )
+    tl.store(p_o + col_c, j_c, mask=chosen & (col_c < S))
+    tl.store(p_o + col_f, j_f, mask=ok_f & (col_f < S))
+    n_keep = tl.sum(chosen.to(tl.int32), 0) + n_sink + n_local
+    o_s = tl.arange(0, SP)
+    tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
+
+
+@triton.jit
 def _decode_finish_kernel(
     logits,  # [B * T * H, G, NB] float32 (log2 domain)
     stats,  # [B * T * H, NSPLIT, 2, GP] float32
@@ -159,14 +234,7 @@ def _decode_finish_kernel(
     HAS_DOCS: tl.constexpr,
 ):
     i_bth = tl.program_id(0).to(tl.int64)
-    i_bt = i_bth // H
-    i_t = i_bt % T
-    if HAS_POS:
-        pos = tl.load(q_pos + i_bt).to(tl.int32)
-    elif HAS_DOCS:
-        pos = (i_t + TK - T - tl.load(doc_start + i_bt)).to(tl.int32)
-    else:
-        pos = (i_t + TK - T).to(tl.int32)
+    pos = _query_position(q_pos, doc_start, i_bth // H, T, TK, HAS_POS, HAS_DOCS)
     cur = pos // BS  # the query's own block
     n_c = tl.minimum((pos + 1) // BS, NB)
     c_lo = tl.maximum(cur - LOCAL + 1, 0)  # first local block
@@ -175,16 +243,7 @@ def _decode_finish_kernel(
     o_b = tl.arange(0, BN)
 
     # ---- softmax statistics of every head over all complete blocks, from the splits
-    p_st = stats + i_bth * NSPLIT * 2 * GS + o_g
-    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
-    for i in range(0, NSPLIT):
-        b_m = tl.maximum(b_m, tl.load(p_st + i * 2 * GS, mask=m_g, other=float("-inf")))
-    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
-    b_l = tl.zeros([GP], dtype=tl.float32)
-    for i in range(0, NSPLIT):
-        m_i = tl.load(p_st + i * 2 * GS, mask=m_g, other=float("-inf"))
-        b_l += tl.load(p_st + i * 2 * GS + GS, mask=m_g, other=0.0) * tl.exp2(m_i - b_m)
-    b_il = tl.where(m_g & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
+    b_m, b_il = _merged_stats(stats, i_bth, NSPLIT, G, GP, GS)
 
     # ---- forced blocks: sinks, then the local blocks ending with the current one (none counted twice)
     n_sink = tl.minimum(cur + 1, SINK)
@@ -204,12 +263,7 @@ def _decode_finish_kernel(
         for s0 in range(0, n_c, BN):
             o_n = s0 + o_b
             m_n = o_n < n_c
-            m_gn = m_g[:, None] & m_n[None, :]
-            b_s = tl.load(p_l + o_g[:, None] * NB + o_n[None, :], mask=m_gn, other=float("-inf"))
-            b_i = tl.sum(tl.where(m_gn, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0), 0)
-            cand = m_n & (o_n >= SINK) & (o_n < c_lo)
-            key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - o_n).to(tl.int64)
-            key = tl.where(cand, key, -1)
+            key = _block_keys(p_l, o_n, m_n, b_m, b_il, c_lo, NB, G, GP, SINK)
             n3 = tl.maximum(t3, tl.minimum(t2, key))
             n2 = tl.maximum(t2, tl.minimum(t1, key))
             t1 = tl.maximum(t1, key)
@@ -246,23 +300,7 @@ def _decode_finish_kernel(
     deep = tl.sum((chosen & (o_c >= n1 + n2)).to(tl.int32), 0)
     fast = FAST & (n_s <= CAP) & (deep == 0)
     if fast:
-        BIG: tl.constexpr = 1 << 30
-        j_c = tl.where(chosen, (2147483647 - (b_c & 2147483647)).to(tl.int32), BIG)
-        o_f = tl.arange(0, FP)
-        j_f = tl.where(o_f < SINK, o_f, l_lo + o_f - SINK)
-        ok_f = ((o_f < SINK) & (o_f < n_sink)) | ((o_f >= SINK) & (o_f - SINK < n_local))
-        j_f = tl.where(ok_f, j_f, BIG)
-        # ascending without a sort: a kept block's column is the number of kept blocks below it
-        col_c = tl.sum((j_c[None, :] < j_c[:, None]).to(tl.int32), 1) + tl.sum(
-            (j_f[None, :] < j_c[:, None]).to(tl.int32), 1
-        )
-        col_f = tl.sum((j_f[None, :] < j_f[:, None]).to(tl.int32), 1) + tl.sum(
-            (j_c[None, :] < j_f[:, None]).to(tl.int32), 1
-        )
-        tl.store(p_o + col_c, j_c, mask=chosen & (col_c < S))
-        tl.store(p_o + col_f, j_f, mask=ok_f & (col_f < S))
-        n_keep = tl.sum(chosen.to(tl.int32), 0) + n_sink + n_local
-        tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
+        _store_ascending(p_o, b_c, chosen, n_sink, n_local, l_lo, S, SP, FP, SINK)
     else:
         # ---- exact fallback: importance bits of every candidate to scratch, bisection, ordered output pass
         p_i = imp + i_bth * NB
@@ -317,6 +355,157 @@ def _decode_finish_kernel(
             tl.store(p_o + col, o_n, mask=keep & (col < S))
             n_keep += tl.sum(k32, 0)
             n_tie += tl.sum(tie.to(tl.int32), 0)
+        tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
+
+
+@triton.jit
+def _decode_keys_kernel(
+    logits,  # [B * T * H, G, NB] float32 (log2 domain)
+    stats,  # [B * T * H, NSPLIT, 2, GS] float32
+    q_pos,
+    doc_start,
+    keys,  # [B * T * H, NB] int64 out: candidate keys, -1 for forced blocks
+    gmax,  # [B * T * H, NSPLIT, LG] int64 out: maxima of the split's lane groups
+    T,
+    TK,
+    NB,
+    NSPLIT,
+    BPS,  # blocks per split (the scoring kernel's)
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    GS: tl.constexpr,
+    BS: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    BN: tl.constexpr,
+    LG: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
+    """Split finishing, step 1, grid (B * T * H, NSPLIT): the keys of the split's blocks, and the maxima of LG
+    groups of its lanes (lane i holds blocks j = lo + i (mod BN)): keys of distinct blocks, for the lower bound."""
+    i_bth = tl.program_id(0).to(tl.int64)
+    i_sp = tl.program_id(1)
+    pos = _query_position(q_pos, doc_start, i_bth // H, T, TK, HAS_POS, HAS_DOCS)
+    cur = pos // BS
+    n_c = tl.minimum((pos + 1) // BS, NB)
+    c_lo = tl.maximum(cur - LOCAL + 1, 0)
+    b_m, b_il = _merged_stats(stats, i_bth, NSPLIT, G, GP, GS)
+    o_b = tl.arange(0, BN)
+    p_l = logits + i_bth * G * NB
+    lane = tl.full([BN], -1, dtype=tl.int64)
+    lo = i_sp * BPS
+    hi = tl.minimum(lo + BPS, n_c)
+    for s0 in range(lo, hi, BN):
+        o_n = s0 + o_b
+        m_n = o_n < hi
+        key = _block_keys(p_l, o_n, m_n, b_m, b_il, c_lo, NB, G, GP, SINK)
+        tl.store(keys + i_bth * NB + o_n, key, mask=m_n)
+        lane = tl.maximum(lane, key)
+    tl.store(gmax + (i_bth * NSPLIT + i_sp) * LG + tl.arange(0, LG), tl.max(tl.reshape(lane, [LG, BN // LG]), 1))
+
+
+@triton.jit
+def _decode_pick_kernel(
+    keys,  # [B * T * H, NB] int64
+    gmax,  # [B * T * H, NSPLIT, LG] int64
+    comp,  # [B * T * H, CAP] int64 scratch: the surviving keys
+    q_pos,
+    doc_start,
+    out,  # [B, T, H, S] int32 out
+    T,
+    TK,
+    NB,
+    NSPLIT,
+    H: tl.constexpr,
+    BS: tl.constexpr,
+    S: tl.constexpr,
+    SP: tl.constexpr,
+    FP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    BN: tl.constexpr,
+    LG: tl.constexpr,
+    NV: tl.constexpr,  # next power of two >= NSPLIT * LG
+    CAP: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
+    """Split finishing, step 2, grid (B * T * H): the budget-th best of all splits' group maxima bounds the
+    threshold from below (found by bisection over the key values); the keys at or above it are compacted and
+    ranked exactly. More than CAP of them: an exact bisection over every key instead (slow, rare)."""
+    i_bth = tl.program_id(0).to(tl.int64)
+    pos = _query_position(q_pos, doc_start, i_bth // H, T, TK, HAS_POS, HAS_DOCS)
+    cur = pos // BS
+    n_c = tl.minimum((pos + 1) // BS, NB)
+    c_lo = tl.maximum(cur - LOCAL + 1, 0)
+    n_sink = tl.minimum(cur + 1, SINK)
+    l_lo = tl.maximum(c_lo, SINK)
+    n_local = tl.maximum(cur - l_lo + 1, 0)
+    budget = tl.maximum(S - n_sink - n_local, 0)
+    p_o = out + i_bth * S
+    p_k = keys + i_bth * NB
+    p_c = comp + i_bth * CAP
+    o_b = tl.arange(0, BN)
+
+    # ---- lower bound: the largest x with at least `budget` group maxima >= x (0 if fewer groups hold candidates)
+    o_v = tl.arange(0, NV)
+    v = tl.load(gmax + i_bth * NSPLIT * LG + o_v, mask=o_v < NSPLIT * LG, other=-1)
+    lo = tl.max(v, 0) * 0
+    hi = tl.max(v, 0)
+    for _ in range(0, 63):
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((v >= mid).to(tl.int32), 0) >= budget
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    bound = tl.where(tl.sum((v >= 0).to(tl.int32), 0) >= budget, lo, 0)
+    bound = tl.where(budget > 0, tl.maximum(bound, 0), 9223372036854775807)  # keys >= bound are candidates
+
+    # ---- survivors: the candidate keys at or above the bound, compacted
+    n_s = pos * 0
+    top = lo * 0 - 1
+    for s0 in range(0, n_c, BN):
+        o_n = s0 + o_b
+        key = tl.load(p_k + o_n, mask=o_n < n_c, other=-1)
+        keep = key >= bound
+        at = n_s + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(p_c + at, key, mask=keep & (at < CAP))
+        n_s += tl.sum(keep.to(tl.int32), 0)
+        top = tl.maximum(top, tl.max(key, 0))
+    tl.debug_barrier()  # read back below by other threads of this program
+    if n_s <= CAP:
+        o_c = tl.arange(0, CAP)
+        b_c = tl.load(p_c + o_c, mask=o_c < n_s, other=-1)
+        c_rank = tl.sum((b_c[None, :] > b_c[:, None]).to(tl.int32), 1)
+        _store_ascending(p_o, b_c, (b_c >= 0) & (c_rank < budget), n_sink, n_local, l_lo, S, SP, FP, SINK)
+    else:
+        # ---- exact: tau = the budget-th best key (keys are unique), by bisection between the bound and the best
+        lo = bound
+        hi = top
+        for _ in range(0, 63):
+            mid = lo + (hi - lo + 1) // 2
+            cnt = n_s * 0
+            for s0 in range(0, n_c, BN):
+                o_n = s0 + o_b
+                key = tl.load(p_k + o_n, mask=o_n < n_c, other=-1)
+                cnt += tl.sum(((key >= 0) & (key >= mid)).to(tl.int32), 0)
+            ok = cnt >= budget
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        # ascending output: each kept block goes to the column counting the kept blocks below it
+        n_keep = n_s * 0
+        for s0 in range(0, cur + 1, BN):
+            o_n = s0 + o_b
+            m_n = o_n <= cur
+            key = tl.load(p_k + o_n, mask=m_n & (o_n < n_c), other=-1)
+            forced = m_n & ((o_n < SINK) | (o_n >= c_lo))
+            keep = (forced | ((key >= 0) & (key >= lo))) & m_n
+            k32 = keep.to(tl.int32)
+            col = n_keep + tl.cumsum(k32, 0) - k32
+            tl.store(p_o + col, o_n, mask=keep & (col < S))
+            n_keep += tl.sum(k32, 0)
+        o_s = tl.arange(0, SP)
         tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
 
 
@@ -539,11 +728,14 @@ def decode_select(
     nsplit = triton.cdiv(max(NB, 1), bps)
     nb = max(NB, 1)
     # one scratch allocation (a decode step is launch-bound): logits [units, G, nb], stats [units, nsplit, 2, GP],
-    # importance bits [units, nb] int32, surviving keys [units, CAP] int64
+    # importance bits [units, nb] int32 (split: keys [units, nb] int64 and group maxima [units, nsplit, LG]
+    # int64), surviving keys [units, CAP] int64
+    lg = min(KEYS_GROUPS, KEYS_BLOCKS)
+    imp_words = 2 * units * nb + 2 * units * nsplit * lg if FINISH_SPLIT else units * nb
     logits, stats, imp, comp = _workspace(
-        q.device, units * G * nb, units * nsplit * 2 * GP, units * nb, 2 * units * FINISH_CAP
+        q.device, units * G * nb, units * nsplit * 2 * GP, imp_words, 2 * units * FINISH_CAP
     )
-    imp, comp = imp.view(torch.int32), comp.view(torch.int64)
+    comp = comp.view(torch.int64)
     common = dict(HAS_POS=q_pos is not None, HAS_DOCS=ds is not None)
     _decode_score_kernel[(units, nsplit)](
         q,
@@ -574,6 +766,21 @@ def decode_select(
         num_warps=SCORE_WARPS,
         **common,
     )
+    fp = max(2, triton.next_power_of_2(sink_blocks + local_blocks))
+    if FINISH_SPLIT:
+        keys, gmax = imp[: 2 * units * nb].view(torch.int64), imp[2 * units * nb :].view(torch.int64)
+        split = dict(H=H, BS=block_size, SINK=sink_blocks, LOCAL=local_blocks, **common)
+        _decode_keys_kernel[(units, nsplit)](
+            logits, stats, q_pos, ds, keys, gmax, T, key_len, NB, nsplit, bps,
+            G=G, GP=max(2, triton.next_power_of_2(G)), GS=GP, BN=KEYS_BLOCKS, LG=lg, num_warps=SCORE_WARPS, **split,
+        )  # fmt: skip
+        _decode_pick_kernel[(units,)](
+            keys, gmax, comp, q_pos, ds, out, T, key_len, NB, nsplit,
+            S=S, SP=max(2, triton.next_power_of_2(S)), FP=fp, BN=PICK_BLOCKS, LG=lg,
+            NV=max(2, triton.next_power_of_2(nsplit * lg)), CAP=FINISH_CAP, num_warps=FINISH_WARPS, **split,
+        )  # fmt: skip
+        return out
+    imp = imp.view(torch.int32)
     _decode_finish_kernel[(units,)](
         logits,
         stats,
@@ -593,7 +800,7 @@ def decode_select(
         BS=block_size,
         S=S,
         SP=max(2, triton.next_power_of_2(S)),
-        FP=max(2, triton.next_power_of_2(sink_blocks + local_blocks)),
+        FP=fp,
         SINK=sink_blocks,
         LOCAL=local_blocks,
         BN=FINISH_BLOCKS,
