@@ -140,35 +140,22 @@ def main(args: SuiteArgs) -> None:
 
     if "benchmarks" in stages and not late():
         from ssa_adapt.assets import benchmark_tasks
-        from ssa_adapt.eval.harness import benchmarks_for_setups
+        from ssa_adapt.eval.harness import record_benchmarks, task_limits
 
         t0 = time.monotonic()
         tasks = [t for t in args.tasks.split(",") if t]
-        limits = {t: args.limit for t in tasks}
-        limits.update({k: int(v) for k, v in (x.split("=") for x in args.task_limits.split(",") if x)})
-        scores = benchmarks_for_setups(
+        record_benchmarks(
+            result,
             model,
             tok,
             setups,
             tasks,
+            task_limits(tasks, args.limit, args.task_limits),
             include_path=benchmark_tasks(),
-            limit=limits,
             batch_size=args.batch_size,
             check_items=args.benchmark_check,
             backend=args.backend,
         )
-        for s in setups:
-            result["setups"][s.name]["benchmarks"] = scores[s.name]
-        result["settings"]["benchmarks"] = {
-            "tasks": tasks,
-            "items": {t: limits[t] or "full validation set" for t in tasks},
-        }
-        if any(b.get("reused_from") for sc in scores.values() for b in sc.values()):
-            result["notes"].append(
-                "* sparse score equal to the full-attention one by construction: every request of the task fits in "
-                "the setup's receptive field, so all blocks are selected (SPEC section 1); the first "
-                f"{args.benchmark_check} items were re-run sparse to confirm (check_max_abs_loglik_diff in the JSON)."
-            )
         save("benchmarks", time.monotonic() - t0)
 
     if "niah" in stages and not late():

@@ -386,35 +386,21 @@ def evaluate(name: str, a: argparse.Namespace) -> int:
 def _benchmarks(model, tok, setups, result: dict, a: argparse.Namespace) -> None:
     """HellaSwag / PIQA / ARC-E / ARC-C (or --tasks) through harness.benchmarks_for_setups, into `result`."""
     from ssa_adapt import assets
-    from ssa_adapt.eval.harness import benchmarks_for_setups
+    from ssa_adapt.eval.harness import record_benchmarks, task_limits
 
     tasks = [t for t in a.tasks.split(",") if t]
-    limits = {t: a.limit for t in tasks}
-    limits.update({k: int(v) for k, v in (x.split("=") for x in a.task_limits.split(",") if x)})
-    scores = benchmarks_for_setups(
+    record_benchmarks(
+        result,
         model,
         tok,
         setups,
         tasks,
+        task_limits(tasks, a.limit, a.task_limits),
         include_path=a.include_path or assets.benchmark_tasks(),
-        limit=limits,
         batch_size=a.batch_size,
         check_items=a.benchmark_check,
         backend=a.backend,
     )
-    for s in setups:
-        result["setups"][s.name]["benchmarks"] = scores[s.name]
-    result["settings"]["benchmarks"] = {
-        "tasks": tasks,
-        "items": {t: limits[t] or "full validation set" for t in tasks},
-    }
-    if any(b.get("reused_from") for sc in scores.values() for b in sc.values()):
-        note = (
-            "* sparse score equal to the full-attention one by construction: every request fits in the receptive "
-            f"field, so all blocks are selected (SPEC section 1); the first {a.benchmark_check} items per task were "
-            "re-run sparse to confirm (check_max_abs_loglik_diff in the JSON)."
-        )
-        result["notes"] = [n for n in result["notes"] if not n.startswith("* sparse score")] + [note]
 
 
 # ---------------------------------------------------------------------------------------------------------------

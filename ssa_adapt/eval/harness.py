@@ -276,3 +276,30 @@ def longbench(
     if max_gen_toks is not None:
         gen["max_gen_toks"] = int(max_gen_toks)
     return evaluate_tasks(lm, tasks, limit=limit, gen_kwargs=gen)["results"]
+
+
+def task_limits(tasks: Sequence[str], limit: int | None, overrides: str = "") -> dict[str, int | None]:
+    """Items per task: `limit` for every task, then "task=N,task=N" overrides -> {task: limit}."""
+    limits: dict[str, int | None] = {t: limit for t in tasks}
+    limits.update({k: int(v) for k, v in (x.split("=") for x in overrides.split(",") if x)})
+    return limits
+
+
+def record_benchmarks(result: dict, model, tokenizer, setups, tasks: Sequence[str], limits: dict, **kwargs) -> None:
+    """`benchmarks_for_setups(model, tokenizer, setups, tasks, limit=limits, **kwargs)` filed into an eval-suite
+    result: result["setups"][name]["benchmarks"], result["settings"]["benchmarks"], and a note in result["notes"]
+    when a sparse setup reused the full-attention scores (replacing an earlier such note)."""
+    scores = benchmarks_for_setups(model, tokenizer, setups, tasks, limit=limits, **kwargs)
+    for s in setups:
+        result["setups"][s.name]["benchmarks"] = scores[s.name]
+    result["settings"]["benchmarks"] = {
+        "tasks": list(tasks),
+        "items": {t: limits[t] or "full validation set" for t in tasks},
+    }
+    if any(b.get("reused_from") for sc in scores.values() for b in sc.values()):
+        note = (
+            "* sparse score equal to the full-attention one by construction: every request of the task fits in the "
+            "setup's receptive field, so all blocks are selected (SPEC section 1); the first "
+            f"{kwargs.get('check_items', 50)} items were re-run sparse to confirm (check_max_abs_loglik_diff in the JSON)."
+        )
+        result["notes"] = [n for n in result["notes"] if not n.startswith("* sparse score")] + [note]
