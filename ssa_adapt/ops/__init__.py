@@ -6,6 +6,7 @@ Shapes: q [B, T, HQ, D], k, v [B, TK, H, D] (TK >= T, queries are the last T key
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -33,8 +34,10 @@ __all__ = [
 _DECODE_T = 4
 
 
+@functools.cache
 def _triton_ops():
-    """The Triton kernel module, or None where it cannot run (no triton, or no kernels in this build)."""
+    """The Triton kernel module, or None where it cannot run (no triton, or no kernels in this build); looked up
+    once (every kernel call asks, and a decode step's host path is launch-bound)."""
     if importlib.util.find_spec("triton") is None or importlib.util.find_spec("ssa_adapt.ops.triton") is None:
         return None
     from . import triton as triton_ops

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..reference import check_qkv
 from . import utils
-from .utils import check_block_size, check_doc_start, dot_precision, group_pad, num_programs
+from .utils import cdiv, check_block_size, check_doc_start, dot_precision, group_pad, next_pow2, num_programs
 
 __all__ = ["attend_blocks", "attend_fwd", "attend_bwd"]
 
@@ -326,7 +326,7 @@ def _geometry(q, k, block_indices, block_size):
         raise ValueError(
             f"block_indices must be [B, T, H, S] with (B, T, H) = {(B, T, H)}; got {tuple(block_indices.shape)}."
         )
-    return B, T, TK, HQ, H, D, G, S, max(16, triton.next_power_of_2(D))
+    return B, T, TK, HQ, H, D, G, S, max(16, next_pow2(D))
 
 
 def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start):
@@ -407,9 +407,9 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start)
     if n_max >= 2**31 or nid >= 2**31:
         raise ValueError(f"B*T*H*S={n_max} and B*H*TK={nid} must stay below 2**31 for the int32 reverse index.")
     BT = 32
-    SP = triton.next_power_of_2(S)
+    SP = next_pow2(S)
     counts = torch.zeros(nid, dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(T, BT), B * H)
+    grid = (cdiv(T, BT), B * H)
     _reverse_index_kernel[grid](
         block_indices,
         doc_start,
@@ -452,8 +452,8 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start)
     C = max(BQ, (DKV_ITEM_ROWS // GP) // BQ * BQ)
     items = (counts + (C - 1)) // C
     wend = torch.cumsum(items, 0, dtype=torch.int32)
-    blocks_bound = B * H * (triton.cdiv(TK, block_size) + (T + 1 if has_docs else 0))
-    w_max = max(1, min(n_max, triton.cdiv(n_max, C) + blocks_bound))
+    blocks_bound = B * H * (cdiv(TK, block_size) + (T + 1 if has_docs else 0))
+    w_max = max(1, min(n_max, cdiv(n_max, C) + blocks_bound))
     work = torch.searchsorted(wend, torch.arange(w_max, dtype=torch.int32, device=dev), right=True, out_int32=True)
     nprog = max(1, min(w_max, num_programs(dev, 8)))
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=dev)

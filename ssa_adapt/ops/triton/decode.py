@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..reference import check_qkv
 from . import utils
-from .utils import check_block_size, check_doc_start, num_programs
+from .utils import cdiv, check_block_size, check_doc_start, next_pow2, num_programs
 
 __all__ = ["decode_select", "decode_attend", "MAX_DECODE_T"]
 
@@ -657,7 +657,7 @@ def _workspace(device: torch.device, *words: int) -> list[torch.Tensor]:
 def _splits(units: int, pieces: int, device: torch.device, splits: int | None) -> int:
     """How many programs share one (query, KV head): enough for PROGRAMS_PER_SM per SM, at most `pieces`."""
     if splits is None:
-        splits = triton.cdiv(num_programs(device, PROGRAMS_PER_SM), max(units, 1))
+        splits = cdiv(num_programs(device, PROGRAMS_PER_SM), max(units, 1))
     return max(1, min(splits, pieces))
 
 
@@ -720,12 +720,12 @@ def decode_select(
     q = _last_dim_contiguous(q)
     kbar = block_means if block_means.dtype == torch.float32 else block_means.float()
     kbar = _last_dim_contiguous(kbar)
-    GP = max(16, triton.next_power_of_2(G))
-    BD = max(16, triton.next_power_of_2(D))
+    GP = max(16, next_pow2(G))
+    BD = max(16, next_pow2(D))
     units = B * T * H
-    nsplit = _splits(units, triton.cdiv(max(NB, 1), SCORE_BLOCKS), q.device, num_splits)
-    bps = triton.cdiv(triton.cdiv(max(NB, 1), nsplit), SCORE_BLOCKS) * SCORE_BLOCKS
-    nsplit = triton.cdiv(max(NB, 1), bps)
+    nsplit = _splits(units, cdiv(max(NB, 1), SCORE_BLOCKS), q.device, num_splits)
+    bps = cdiv(cdiv(max(NB, 1), nsplit), SCORE_BLOCKS) * SCORE_BLOCKS
+    nsplit = cdiv(max(NB, 1), bps)
     nb = max(NB, 1)
     # one scratch allocation (a decode step is launch-bound): logits [units, G, nb], stats [units, nsplit, 2, GP],
     # importance bits [units, nb] int32 (split: keys [units, nb] int64 and group maxima [units, nsplit, LG]
@@ -766,18 +766,18 @@ def decode_select(
         num_warps=SCORE_WARPS,
         **common,
     )
-    fp = max(2, triton.next_power_of_2(sink_blocks + local_blocks))
+    fp = max(2, next_pow2(sink_blocks + local_blocks))
     if FINISH_SPLIT:
         keys, gmax = imp[: 2 * units * nb].view(torch.int64), imp[2 * units * nb :].view(torch.int64)
         split = dict(H=H, BS=block_size, SINK=sink_blocks, LOCAL=local_blocks, **common)
         _decode_keys_kernel[(units, nsplit)](
             logits, stats, q_pos, ds, keys, gmax, T, key_len, NB, nsplit, bps,
-            G=G, GP=max(2, triton.next_power_of_2(G)), GS=GP, BN=KEYS_BLOCKS, LG=lg, num_warps=SCORE_WARPS, **split,
+            G=G, GP=max(2, next_pow2(G)), GS=GP, BN=KEYS_BLOCKS, LG=lg, num_warps=SCORE_WARPS, **split,
         )  # fmt: skip
         _decode_pick_kernel[(units,)](
             keys, gmax, comp, q_pos, ds, out, T, key_len, NB, nsplit,
-            S=S, SP=max(2, triton.next_power_of_2(S)), FP=fp, BN=PICK_BLOCKS, LG=lg,
-            NV=max(2, triton.next_power_of_2(nsplit * lg)), CAP=FINISH_CAP, num_warps=FINISH_WARPS, **split,
+            S=S, SP=max(2, next_pow2(S)), FP=fp, BN=PICK_BLOCKS, LG=lg,
+            NV=max(2, next_pow2(nsplit * lg)), CAP=FINISH_CAP, num_warps=FINISH_WARPS, **split,
         )  # fmt: skip
         return out
     imp = imp.view(torch.int32)
@@ -795,11 +795,11 @@ def decode_select(
         nsplit,
         H=H,
         G=G,
-        GP=max(2, triton.next_power_of_2(G)),
+        GP=max(2, next_pow2(G)),
         GS=GP,
         BS=block_size,
         S=S,
-        SP=max(2, triton.next_power_of_2(S)),
+        SP=max(2, next_pow2(S)),
         FP=fp,
         SINK=sink_blocks,
         LOCAL=local_blocks,
@@ -852,14 +852,14 @@ def decode_attend(
         return out.zero_()
     nbk = max(1, ATTEND_KEYS // block_size)
     units = B * T * H
-    nsplit = _splits(units, triton.cdiv(S, nbk), q.device, num_splits)
-    spb = triton.cdiv(triton.cdiv(S, nsplit), nbk) * nbk
-    nsplit = triton.cdiv(S, spb)
+    nsplit = _splits(units, cdiv(S, nbk), q.device, num_splits)
+    spb = cdiv(cdiv(S, nsplit), nbk) * nbk
+    nsplit = cdiv(S, spb)
     one = nsplit == 1
     part_o = part_ml = None
     if not one:  # partial outputs [units, nsplit, G, D] and statistics [units, nsplit, 2, G], one allocation
         part_o, part_ml = _workspace(q.device, units * nsplit * G * D, units * nsplit * 2 * G)
-    BD = max(16, triton.next_power_of_2(D))
+    BD = max(16, next_pow2(D))
     _decode_attend_kernel[(units, nsplit)](
         q,
         k,
@@ -885,7 +885,7 @@ def decode_attend(
         spb,
         H=H,
         G=G,
-        GR=max(16, triton.next_power_of_2(G)),
+        GR=max(16, next_pow2(G)),
         D=D,
         BD=BD,
         BS=block_size,
@@ -897,7 +897,5 @@ def decode_attend(
         num_warps=ATTEND_WARPS,
     )
     if not one:
-        _decode_combine_kernel[(units,)](
-            part_o, part_ml, out, nsplit, G=G, GP=max(2, triton.next_power_of_2(G)), D=D, BD=BD
-        )
+        _decode_combine_kernel[(units,)](part_o, part_ml, out, nsplit, G=G, GP=max(2, next_pow2(G)), D=D, BD=BD)
     return out

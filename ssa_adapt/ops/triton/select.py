@@ -16,7 +16,16 @@ import triton.language as tl
 
 from ..reference import check_qkv
 from . import utils
-from .utils import check_block_size, check_doc_start, dot_precision, group_pad, kbar_dtype, slot_starts
+from .utils import (
+    cdiv,
+    check_block_size,
+    check_doc_start,
+    dot_precision,
+    group_pad,
+    kbar_dtype,
+    next_pow2,
+    slot_starts,
+)
 
 __all__ = ["select_blocks", "block_means"]
 
@@ -363,12 +372,12 @@ def block_means(k: torch.Tensor, block_size: int, doc_start: torch.Tensor | None
     """
     B, TK, H, D = k.shape
     BS = block_size
-    BD = max(16, triton.next_power_of_2(D))
+    BD = max(16, next_pow2(D))
     starts = None if doc_start is None else slot_starts(doc_start, TK, BS)
     nslot = TK // BS if starts is None else starts.shape[1]
     kbar = utils.new_empty((B, H, max(nslot, 1), BD), kbar_dtype(k.dtype), k.device)
     if nslot > 0 and B * H > 0:
-        grid = (triton.cdiv(nslot, MEANS_SLOTS), B * H)
+        grid = (cdiv(nslot, MEANS_SLOTS), B * H)
         _block_means_kernel[grid](
             k, starts, kbar, TK, nslot, H=H, D=D, BD=BD, BS=BS, BN=MEANS_SLOTS, HAS_DOCS=starts is not None
         )
@@ -410,13 +419,13 @@ def select_blocks(
     G = HQ // H
     GP = group_pad(G)
     BT = max(1, SELECT_ROWS // GP)
-    KP = max(2, triton.next_power_of_2(block_count))
+    KP = max(2, next_pow2(block_count))
     lanes = max(SELECT_LANES, KP)  # the lower bound needs at least `budget` lanes
-    cap = max(2, triton.next_power_of_2(SELECT_CAP))
+    cap = max(2, next_pow2(SELECT_CAP))
     two_pass = SELECT_PASSES == 2
     lane_off = cap if two_pass else 0  # three passes: the lane maxima are done before the survivors are written
     scratch = torch.empty((B, T, H, max(cap, lane_off + lanes)), dtype=torch.int64, device=q.device)
-    grid = (triton.cdiv(T, BT), B * H)
+    grid = (cdiv(T, BT), B * H)
     _select_kernel[grid](
         q,
         kbar,

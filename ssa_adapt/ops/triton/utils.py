@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 __all__ = [
     "POISON",
+    "cdiv",
+    "next_pow2",
     "new_empty",
     "check_block_size",
     "check_doc_start",
@@ -70,9 +71,20 @@ def kbar_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.float16
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints. Host code uses this, not triton.cdiv: Triton's constexpr functions cost ~2 us a call
+    from Python, which adds up in a decode step's launch-bound host path."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1); plain Python, see `cdiv`."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def group_pad(G: int) -> int:
     """Rows reserved per token for its G query heads: the next power of two (Triton tiles are powers of two)."""
-    return triton.next_power_of_2(G)
+    return next_pow2(G)
 
 
 @functools.lru_cache(maxsize=8)
@@ -96,7 +108,7 @@ def slot_starts(doc_start: torch.Tensor, TK: int, block_size: int) -> torch.Tens
     """
     B, T = doc_start.shape
     BS = block_size
-    nslot = triton.cdiv(TK, BS) + 1
+    nslot = cdiv(TK, BS) + 1
     off = TK - T
     ds = doc_start
     pos = torch.arange(T, device=ds.device) + off - ds  # [B, T] position inside the document
