@@ -420,7 +420,9 @@ def select_blocks(
     GP = group_pad(G)
     BT = max(1, SELECT_ROWS // GP)
     KP = max(2, next_pow2(block_count))
-    lanes = max(SELECT_LANES, KP)  # the lower bound needs at least `budget` lanes
+    # the lower bound needs at least `budget` lanes; compiled, a chunk's dot needs N >= 16 (the interpreter, which
+    # the tests use with 8 lanes, does not)
+    lanes = max(SELECT_LANES, KP, 16 if q.is_cuda else 1)
     cap = max(2, next_pow2(SELECT_CAP))
     two_pass = SELECT_PASSES == 2
     lane_off = cap if two_pass else 0  # three passes: the lane maxima are done before the survivors are written
