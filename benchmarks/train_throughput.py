@@ -215,6 +215,7 @@ def run(a: argparse.Namespace) -> None:
     rows = tokens[:per_run].reshape(-1, a.seq).tolist()
     result = {
         "benchmark": "SSATrainer training throughput, train_mode full vs ssa",
+        "command": "python " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
         "host": platform.node(),

@@ -167,10 +167,10 @@ def run_case(c, device) -> dict:
     # lane, lanes whose third key is chosen, so also the switch to the fallback)
     variants += [("bisection", dict(FINISH_FAST=False)), ("lanes", dict(FINISH_BLOCKS=8))]
     # the finishing pass split over the blocks: bound from the splits' lane groups, survivors ranked; with a
-    # 4-key scratch and 2 groups per split, also its exact bisection branch
+    # 2-key scratch (fewer than any budget of 3 or more) and 2 groups per split, also its exact bisection branch
     variants += [
         ("split", dict(FINISH_SPLIT=True)),
-        ("split-exact", dict(FINISH_SPLIT=True, FINISH_CAP=4, KEYS_GROUPS=2)),
+        ("split-exact", dict(FINISH_SPLIT=True, FINISH_CAP=2, KEYS_GROUPS=2)),
     ]
     for how, arg in variants:
         if how == "dispatch":
@@ -355,15 +355,6 @@ def test_decode_kernels_compile_for_sm90(G):
 # ------------------------------------------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: the decode kernels run compiled there")
-
-
-@pytest.fixture
-def poisoned():
-    from ssa_adapt.ops.triton import utils
-
-    utils.POISON = True
-    yield
-    utils.POISON = False
 
 
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)

@@ -300,15 +300,6 @@ def test_flex_block_lists(TK, docs, window):
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: the kernels run compiled there")
 
 
-@pytest.fixture
-def poisoned():
-    from ssa_adapt.ops.triton import utils
-
-    utils.POISON = True
-    yield
-    utils.POISON = False
-
-
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
 @pytest.mark.usefixtures("poisoned")
 @pytest.mark.gpu
