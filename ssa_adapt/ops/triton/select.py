@@ -36,7 +36,7 @@ SELECT_ROWS = 64
 SELECT_BLOCKS = 64
 SELECT_LANES = 32
 SELECT_CAP = 64
-SELECT_PASSES = 3  # 2: lane maxima and survivors in one pass, the bound refreshed as it goes (README.md)
+SELECT_PASSES = 3  # 2: lane maxima and survivors in one pass, the bound refreshed as it goes (README.md); slower
 SELECT_WARPS = 4
 MEANS_SLOTS = 32
 
