@@ -85,6 +85,57 @@ def model_flops_per_token(model, seq: int) -> float:
     return 6 * n + attn
 
 
+class StepProfiler:
+    """A TrainerCallback that runs torch.profiler over the `steps` optimizer steps after the first `skip` and
+    keeps the operators and kernels that took the most device time, per step."""
+
+    def __init__(self, skip: int, steps: int, top: int = 30):
+        from transformers import TrainerCallback
+
+        self.skip, self.steps, self.top, self.rows = skip, steps, top, []
+        self.session = None
+        prof = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if prof.steps and state.global_step == prof.skip:
+                    acts = [torch.profiler.ProfilerActivity.CPU]
+                    if torch.cuda.is_available():
+                        acts.append(torch.profiler.ProfilerActivity.CUDA)
+                    prof.session = torch.profiler.profile(activities=acts)
+                    prof.session.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if prof.steps and state.global_step == prof.skip + prof.steps:
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    prof.session.__exit__(None, None, None)
+                    prof.rows = prof.table(prof.session)
+
+        self.callback = Callback()
+
+    def table(self, session) -> list[dict]:
+        """[{name, device_ms_per_step, calls_per_step}] for the `top` entries by device time."""
+
+        def device_us(e):  # on a machine without a GPU: CPU time, so the table still says something
+            if not torch.cuda.is_available():
+                return e.self_cpu_time_total
+            return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+
+        events = sorted(session.key_averages(), key=device_us, reverse=True)[: self.top]
+        rows = [
+            {
+                "name": e.key[:120],
+                "device_ms_per_step": device_us(e) / 1e3 / self.steps,
+                "calls_per_step": e.count / self.steps,
+            }
+            for e in events
+        ]
+        for r in rows:
+            print(f"  {r['device_ms_per_step']:9.2f} ms {r['calls_per_step']:7.1f} x  {r['name']}", flush=True)
+        return rows
+
+
 def train_mode(mode: str, a: argparse.Namespace) -> dict:
     import pretrain
     from train_throughput import StepTimer
@@ -104,14 +155,15 @@ def train_mode(mode: str, a: argparse.Namespace) -> dict:
             args=argv
         )
         timer = StepTimer()
+        profiler = StepProfiler(a.steps - a.profile_steps, a.profile_steps)  # the last steps, not timed
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        trainer = pretrain.main(script_args, training_args, callbacks=[timer.callback])
+        trainer = pretrain.main(script_args, training_args, callbacks=[timer.callback, profiler.callback])
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         flops = model_flops_per_token(trainer.model, script_args.seq_len)
         params = sum(p.numel() for p in trainer.model.parameters())
-    measured = timer.times[a.skip :]
+    measured = timer.times[a.skip : a.steps - a.profile_steps]
     tokens_per_step = a.batch * script_args.seq_len
     median = statistics.median(measured)
     losses = [
@@ -133,6 +185,7 @@ def train_mode(mode: str, a: argparse.Namespace) -> dict:
         "peak_gib": peak,
         "first_steps_s": timer.times[: a.skip],
         "losses": losses,
+        **({"profile": profiler.rows} if profiler.rows else {}),
     }
 
 
@@ -200,6 +253,7 @@ def main() -> None:
     r.add_argument("--warmup_steps", type=int, default=5)
     r.add_argument("--skip", type=int, default=5, help="first steps left out of the median (compilation)")
     r.add_argument("--budget_s", type=float, default=1e9, help="start no further mode after this many seconds")
+    r.add_argument("--profile_steps", type=int, default=0, help="profile the last N steps (left out of the timing)")
     a = parser.parse_args()
     if a.command == "prepare":
         prepare(Path(a.out), a.tokens)

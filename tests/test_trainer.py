@@ -100,9 +100,9 @@ def _capture_streams(monkeypatch) -> list:
     seen = []
     original = attention_module.alignment_loss
 
-    def capture(o_full, o_sparse, kind):
+    def capture(o_full, o_sparse, kind, **kwargs):
         seen.append((o_full, o_sparse))
-        return original(o_full, o_sparse, kind)
+        return original(o_full, o_sparse, kind, **kwargs)
 
     monkeypatch.setattr(attention_module, "alignment_loss", capture)
     return seen

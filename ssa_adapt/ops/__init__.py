@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .documents import doc_start_from_cu_seqlens, doc_start_from_position_ids
-from .reference import alignment_loss, attention_sparsity, check_qkv, compressed_attention
+from .reference import attention_sparsity, check_qkv, compressed_attention
 
 __all__ = [
     "select_blocks",
@@ -149,6 +149,23 @@ def sparse_attention(
     )
     out = attend_blocks(q, k, v, indices, block_size=block_size, scale=scale, doc_start=doc_start, backend=backend)
     return (out, indices) if return_indices else out
+
+
+def alignment_loss(
+    o_full: torch.Tensor, o_sparse: torch.Tensor, kind: str = "smooth_l1", backend: str = "auto"
+) -> torch.Tensor:
+    """SSA's bidirectional alignment d(o_full, sg(o_sparse)) + d(sg(o_full), o_sparse), mean over all elements
+    (`kind` "smooth_l1", beta 1, or "l2") -> float32 scalar; o_full, o_sparse: any equal shape ([B, T, HQ, D] in
+    the attention layers). One Triton pass each way on CUDA, the PyTorch reference elsewhere (same values)."""
+    if o_full.shape != o_sparse.shape:
+        raise ValueError(
+            f"o_full {tuple(o_full.shape)} and o_sparse {tuple(o_sparse.shape)} must have the same shape."
+        )
+    if kind not in ("smooth_l1", "l2"):
+        raise ValueError(f"alignment loss kind={kind!r}: use 'smooth_l1' or 'l2'.")
+    if resolve_backend("auto" if backend == "fla" else backend, o_full) == "triton":
+        return _triton_ops().alignment_loss(o_full, o_sparse, kind)
+    return reference.alignment_loss(o_full, o_sparse, kind)
 
 
 def full_attention(q, k, v, *, scale=None, doc_start=None, sliding_window=None, backend="auto") -> torch.Tensor:

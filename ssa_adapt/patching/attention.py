@@ -13,6 +13,7 @@ q, k, v (bias, q_norm / k_norm, RoPE, KV cache) and calls `ssa_attention_forward
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..cache import as_ssa_cache
@@ -120,17 +121,11 @@ def _doc_start(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -
 
 
 def _gate_values(module: nn.Module, branches: int, dtype: torch.dtype) -> torch.Tensor:
-    """gamma = sigmoid(ssa_gate(hidden)) -> [B, T, branches, HQ, 1] (hidden stashed by the pre-hook)."""
-    gate = module.ssa_gate
-    gamma = torch.sigmoid(gate(module._ssa_hidden.to(gate.weight.dtype))).to(dtype)
+    """gamma = sigmoid(ssa_gate(hidden)) -> [B, T, branches, HQ, 1] (hidden stashed by the pre-hook), computed in
+    `dtype`, the attention's: under autocast that is the autocast dtype, as for the model's other linear layers."""
+    weight = module.ssa_gate.weight
+    gamma = torch.sigmoid(F.linear(module._ssa_hidden.to(dtype), weight.to(dtype)))
     return gamma.unflatten(-1, (branches, -1))[..., None]
-
-
-def _gate(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """Multiply out [B, T, HQ, D] by the per-head gate when the layer has one (SSAConfig.gate)."""
-    if getattr(module, "ssa_gate", None) is None:
-        return out
-    return out * _gate_values(module, 1, out.dtype)[:, :, 0]
 
 
 def ssa_attention_forward(
@@ -189,8 +184,20 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
         backend=cfg.backend,
     )
 
+    gamma = None
+
+    def gated(out: torch.Tensor) -> torch.Tensor:
+        """out [B, T, HQ, D] times the per-head gate when the layer has one (SSAConfig.gate); computed once per
+        call and shared by both streams."""
+        nonlocal gamma
+        if getattr(module, "ssa_gate", None) is None:
+            return out
+        if gamma is None:
+            gamma = _gate_values(module, 1, out.dtype)[:, :, 0]
+        return out * gamma
+
     def full():
-        return _gate(module, full_attention(q, k, v, scale=scaling, doc_start=doc_start, backend=cfg.backend))
+        return gated(full_attention(q, k, v, scale=scaling, doc_start=doc_start, backend=cfg.backend))
 
     indices = None
 
@@ -207,7 +214,7 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
     def sparse():
         nonlocal indices
         out, indices = select_and_attend()
-        return _gate(module, out)
+        return gated(out)
 
     def _cached_means():
         """Decode steps (one query per row) select from the cache's block means instead of all keys."""
@@ -219,14 +226,14 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
 
     if cfg.train_mode == "nsa" and (module.training or cfg.inference_mode == "sparse"):
         # NSA baseline: gated sum of compressed (block means), selected (sparse) and sliding-window attention
-        gamma = _gate_values(module, 3, q.dtype)  # [B, T, 3, HQ, 1]
+        gammas = _gate_values(module, 3, q.dtype)  # [B, T, 3, HQ, 1]
         o_cmp = compressed_attention(q, k, v, block_size=cfg.block_size, scale=scaling, doc_start=doc_start)
         o_slc, indices = select_and_attend()
         o_win = full_attention(q, k, v, scale=scaling, doc_start=doc_start, sliding_window=cfg.nsa_window)
-        out = gamma[:, :, 0] * o_cmp + gamma[:, :, 1] * o_slc + gamma[:, :, 2] * o_win
+        out = gammas[:, :, 0] * o_cmp + gammas[:, :, 1] * o_slc + gammas[:, :, 2] * o_win
     elif module.training and cfg.train_mode == "ssa":
         o_full, o_sparse = full(), sparse()
-        ctrl.align_losses[state.layer_idx] = alignment_loss(o_full, o_sparse, cfg.align_loss)
+        ctrl.align_losses[state.layer_idx] = alignment_loss(o_full, o_sparse, cfg.align_loss, backend=cfg.backend)
         out = o_full if ctrl.training_stream() == "full" else o_sparse
     else:
         mode = cfg.train_mode if module.training else cfg.inference_mode
