@@ -110,6 +110,38 @@ def test_alignment_kernel_gpu(kind):
     assert ops.alignment_loss(a, b, kind).item() == pytest.approx(R.alignment_loss(a, b, kind).item(), rel=1e-4)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
+@pytest.mark.parametrize("smooth", [True, False])
+def test_alignment_kernels_compile_for_sm90(smooth):
+    """The interpreter accepts code the compiler rejects: compile both kernels ahead of time for sm_90 in bfloat16
+    (down to a cubin through ptxas; no GPU needed)."""
+    import inspect
+
+    import triton
+    from triton.compiler import ASTSource
+
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        pytest.skip("this triton has no GPUTarget for ahead-of-time compilation")
+    from ssa_adapt.ops.triton import align
+
+    common = dict(BLOCK=align.ALIGN_BLOCK, SMOOTH=smooth)
+    for fn, types, consts in [
+        (align._align_fwd_kernel, dict(a="*bf16", b="*bf16", partial="*fp32", N="i64", beta="fp32"), common),
+        (
+            align._align_bwd_kernel,
+            dict(a="*bf16", b="*bf16", grad="*fp32", ga="*bf16", gb="*bf16", N="i64", inv_n="fp32", beta="fp32"),
+            dict(common, HAS_GA=True, HAS_GB=False),
+        ),
+    ]:
+        names = inspect.signature(fn.fn).parameters
+        sig = {n: "constexpr" if n in consts else types[n] for n in names}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=align.ALIGN_WARPS))
+        assert compiled.asm["cubin"], fn
+
+
 def _main(out: str, ids: list[str]) -> None:
     write_interpreted(out, ids, lambda i: compare(*CASES[i], "cpu"))
 

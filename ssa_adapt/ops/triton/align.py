@@ -21,6 +21,15 @@ ALIGN_WARPS = 8
 
 
 @triton.jit
+def _block_difference(a, b, N, BLOCK: tl.constexpr):
+    """This program's BLOCK elements: (offsets, in-range mask, a - b in float32, 0 outside the range)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    d = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(b + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, d
+
+
+@triton.jit
 def _align_fwd_kernel(
     a,  # [N] any float dtype
     b,  # [N] same dtype
@@ -30,9 +39,7 @@ def _align_fwd_kernel(
     BLOCK: tl.constexpr,
     SMOOTH: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    d = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(b + offs, mask=mask, other=0.0).to(tl.float32)
+    _, mask, d = _block_difference(a, b, N, BLOCK)
     if SMOOTH:
         ad = tl.abs(d)
         per = tl.where(ad < beta, (0.5 / beta) * d * d, ad - 0.5 * beta)
@@ -56,9 +63,7 @@ def _align_bwd_kernel(
     HAS_GA: tl.constexpr,
     HAS_GB: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    d = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(b + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, d = _block_difference(a, b, N, BLOCK)
     if SMOOTH:
         g = tl.minimum(tl.maximum(d / beta, -1.0), 1.0)
     else:
