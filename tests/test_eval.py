@@ -99,6 +99,8 @@ def test_perplexity_is_exp_of_mean_cross_entropy_by_hand(tokenizer):
     assert result.tokens == 3 * 39 and result.windows == 3 and result.context_len == 40
     assert result.nll == pytest.approx(ce.item(), rel=1e-5)
     assert result.ppl == pytest.approx(math.exp(ce.item()), rel=1e-5)
+    per_window = F.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none").mean(1)
+    assert result.window_nll == pytest.approx(per_window.tolist(), rel=1e-5)  # window order, batches of 2 + 1
 
 
 def test_token_windows_score_the_same_span_at_every_length():

@@ -5,6 +5,7 @@ and the split / join of the carried bundle."""
 
 import importlib.util
 import json
+import math
 import random
 from pathlib import Path
 
@@ -240,6 +241,27 @@ def test_target_verdicts_met_and_missed():
     )
     assert [t["met"] for t in unmeasured] == [True, None, None, True, None]
     assert "not measured" in study._verdict_row(unmeasured[1])
+
+
+def test_paired_interval_separates_a_consistent_gap_from_noise():
+    """Per-window NLLs of the same windows: a gap every window shows is significant however small; a gap of the
+    same mean that flips sign from window to window is not; the interval rides on the targets and their rows."""
+    rng = random.Random(0)
+    ref = [3.0 + rng.uniform(-0.3, 0.3) for _ in range(24)]  # windows differ a lot from each other
+    consistent = [x + 0.01 for x in ref]  # +1% perplexity on every window
+    noisy = [x + 0.01 + (0.2 if i % 2 else -0.2) for i, x in enumerate(ref)]
+    lo, hi = study.paired_interval(consistent, ref)
+    assert lo == pytest.approx(math.exp(0.01) - 1, rel=1e-6) and hi == pytest.approx(lo, rel=1e-6)
+    lo, hi = study.paired_interval(noisy, ref)
+    assert lo < 0 < hi
+    assert study.paired_interval(ref[:1], ref[:1]) is None and study.paired_interval(ref, ref[:5]) is None
+    targets = study.check_targets(
+        {"full": {"full": 20.0, "sparse": 22.0}, "sparse": {"sparse": 21.0}, "ssa": {"full": 20.1, "sparse": 20.2}},
+        {"full": 0.7, "ssa": 0.8},
+        windows={"full": {"full": ref}, "ssa": {"full": consistent, "sparse": noisy}},
+    )
+    assert targets[3]["ci95"][0] > 0 and targets[1]["ci95"] is None  # Full->Sparse has no windows here
+    assert "95% CI +1.01% .. +1.01%" in study._verdict_row(targets[3])
 
 
 def test_bundle_parts_split_and_join(tmp_path, capsys):

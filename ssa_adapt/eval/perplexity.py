@@ -32,6 +32,7 @@ class PerplexityResult:
     tokens: int
     windows: int
     context_len: int
+    window_nll: list[float] | None = None  # each window's mean cross-entropy, in window order (paired comparisons)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,21 +127,25 @@ def perplexity(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     N, L = windows.shape
+    sums = []  # per window: summed cross-entropy over its L - 1 predictions
     try:
         for i in tqdm(range(0, N, batch_size), desc=desc or f"perplexity @ {L}", unit="batch", disable=not progress):
             ids = windows[i : i + batch_size].to(device)
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [b, L, hidden]
+            row = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
             for s in range(0, L - 1, chunk):
                 e = min(s + chunk, L - 1)
                 logits = head(hidden[:, s:e]).float()  # predicts tokens s+1 .. e
-                total += F.cross_entropy(logits.flatten(0, 1), ids[:, s + 1 : e + 1].flatten(), reduction="sum").item()
-            count += ids.shape[0] * (L - 1)
+                ce = F.cross_entropy(logits.flatten(0, 1), ids[:, s + 1 : e + 1].flatten(), reduction="none")
+                row += ce.view(ids.shape[0], -1).sum(1, dtype=torch.float64)
+            sums += row.tolist()
     finally:
         model.train(was_training)
-    nll = total / count
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=N, context_len=L)
+    count = N * (L - 1)
+    nll = math.fsum(sums) / count
+    window_nll = [x / (L - 1) for x in sums]
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=N, context_len=L, window_nll=window_nll)
 
 
 def apply_rope_scaling(
