@@ -2,6 +2,7 @@
 alone, block-sparse attention alone, the whole sparse stream) and fla-core's NSA kernel on the same indices.
 
     python benchmarks/attention.py --out benchmarks/results/attention-h200.json --md benchmarks/results/attention-h200.md
+    python benchmarks/attention.py --profile --T 8192 32768 --shapes 9,3,64 --out PROFILE.json   # where the time goes
 
 bf16, B = 1, random normal inputs, block 16 x 16 (sink 1, local 1). Times are medians of triton.testing.do_bench;
 forward runs under no_grad, forward+backward through torch.autograd.grad. peak_gib is the peak allocated memory of
@@ -209,6 +210,36 @@ def sweep(rows, T=32768, parts=("select",)):
     torch.cuda.empty_cache()
 
 
+def profile_stream(T, HQ, H, D, reps=10) -> dict:
+    """GPU time per kernel of one sparse-stream forward+backward (selection included) under torch.profiler, and
+    the wall time of the same calls by CUDA events: the difference is time the GPU waited for the host."""
+    from profiling import kernel_times
+
+    q, k, v, do, _ = _inputs(T, HQ, H, D)
+
+    def step():
+        torch.autograd.grad(ops.sparse_attention(q, k, v, backend="triton", **SEL), (q, k, v), do)
+
+    step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end) / reps
+    rows = [dict(kernel=r["kernel"], ms_per_step=r["us_per_step"] / 1e3, calls_per_step=r["calls_per_step"])
+            for r in kernel_times(step, reps)]  # fmt: skip
+    busy = sum(r["ms_per_step"] for r in rows)
+    print(
+        f"profile T={T} ({HQ}, {H}, {D}): wall {wall_ms:.3f} ms, kernels {busy:.3f} ms, host gaps {wall_ms - busy:.3f} ms"
+    )
+    for r in rows[:12]:
+        print(f"  {r['ms_per_step']:8.3f} ms  x{r['calls_per_step']:.0f}  {r['kernel']}", flush=True)
+    return dict(T=T, HQ=HQ, H=H, D=D, wall_ms=wall_ms, kernels_ms=busy, kernels=rows)
+
+
 def _inputs(T, HQ, H, D):
     q = torch.randn(1, T, HQ, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
     k = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -286,7 +317,17 @@ def main():
     p.add_argument("--sweep", action="store_true", help="time selection-kernel variants at 32k first")
     p.add_argument("--sweep-all", action="store_true", help="also the attention kernels' variants")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting new sizes after this")
+    p.add_argument("--profile", action="store_true", help="only the per-kernel GPU times of the sparse stream")
     args = p.parse_args()
+    if args.profile:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+        rows = [profile_stream(T, *shape) for T in args.T for shape in shapes]
+        command = "python " + " ".join(sys.argv)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        meta = dict(command=command, device=torch.cuda.get_device_name(), date=date, triton=triton.__version__)
+        Path(args.out).write_text(json.dumps(dict(**meta, rows=rows), indent=1))
+        return
     t0 = time.time()
     meta = dict(
         device=torch.cuda.get_device_name(),

@@ -176,23 +176,14 @@ def sweep_splits(args, variants=((2, False), (8, False), (2, True), (8, True), (
 
 def profile_layer(B, TK, HQ, H, D, steps=20) -> list[dict]:
     """GPU time per kernel of the sparse decode step (selection + attention from block means), torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
+    from profiling import kernel_times
 
     q, k, v, means = layer_inputs(B, TK, HQ, H, D)
     step = lambda: ops.sparse_attention(q, k, v, block_means=means, backend="triton", **SEL)  # noqa: E731
     with torch.no_grad():
         step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us > 0:
-            rows.append(dict(kernel=e.key[:80], us_per_step=us / steps, calls_per_step=e.count / steps))
-    rows.sort(key=lambda r: -r["us_per_step"])
+        rows = kernel_times(step, steps)
     print(f"profile B={B} TK={TK} (HQ, H, D)=({HQ}, {H}, {D}):")
     for r in rows[:8]:
         print(f"  {r['us_per_step']:8.1f} us  x{r['calls_per_step']:.0f}  {r['kernel']}")

@@ -117,10 +117,10 @@ class StepProfiler:
     def table(self, session) -> list[dict]:
         """[{name, device_ms_per_step, calls_per_step}] for the `top` entries by device time."""
 
+        from profiling import device_us as gpu_us
+
         def device_us(e):  # on a machine without a GPU: CPU time, so the table still says something
-            if not torch.cuda.is_available():
-                return e.self_cpu_time_total
-            return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+            return gpu_us(e) if torch.cuda.is_available() else e.self_cpu_time_total
 
         events = sorted(session.key_averages(), key=device_us, reverse=True)[: self.top]
         rows = [
