@@ -152,11 +152,12 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D):
             )
 
 
-def sweep_splits(args, variants=((2, False), (8, False), (2, True), (8, True), (16, True))) -> None:
+def sweep_splits(args, variants=((2, False), (8, False), (2, True), (8, True), (16, True))) -> list[dict]:
     """Time the whole sparse step (CUDA graph) for each (PROGRAMS_PER_SM, FINISH_SPLIT) over the shapes and batches
-    at 128k; keep the variant with the lowest total for the rest of the run (printed, and in every row's meta)."""
+    at 128k; keep the variant with the lowest total for the rest of the run (printed, and in every row's meta).
+    Returns every (variant, shape, batch) time, so that a per-shape choice can be read off later."""
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    totals = {}
+    totals, rows = {}, []
     for per_sm, split in variants:
         triton_decode.PROGRAMS_PER_SM, triton_decode.FINISH_SPLIT = per_sm, split
         total = 0.0
@@ -165,13 +166,18 @@ def sweep_splits(args, variants=((2, False), (8, False), (2, True), (8, True), (
                 q, k, v, means = layer_inputs(B, 131072, HQ, H, D)
                 with torch.no_grad():
                     step = partial(ops.sparse_attention, q, k, v, block_means=means, backend="triton", **SEL)
-                    total += timed(graphed(step))
+                    ms = timed(graphed(step))
+                total += ms
+                rows.append(dict(kind="sweep", sweep_programs_per_sm=per_sm, sweep_finish_split=split, HQ=HQ, H=H, D=D, batch=B,
+                                 context=131072, ms=ms))  # fmt: skip
+                print(f"sweep ({HQ}, {H}, {D}) B={B} PROGRAMS_PER_SM={per_sm} FINISH_SPLIT={split}: {ms * 1e3:.1f} us")
         totals[(per_sm, split)] = total
         print(f"sweep PROGRAMS_PER_SM={per_sm} FINISH_SPLIT={split}: {total * 1e3:.1f} us summed", flush=True)
     best = min(totals, key=totals.get)
     triton_decode.PROGRAMS_PER_SM, triton_decode.FINISH_SPLIT = best
     print(f"sweep: keeping PROGRAMS_PER_SM={best[0]} FINISH_SPLIT={best[1]}", flush=True)
     torch.cuda.empty_cache()
+    return rows
 
 
 def profile_layer(B, TK, HQ, H, D, steps=20) -> list[dict]:
@@ -288,8 +294,7 @@ def main():
     p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of the decode step")
     p.add_argument("--sweep", action="store_true", help="first pick the split count and finishing path at 128k")
     args = p.parse_args()
-    if args.sweep:
-        sweep_splits(args)
+    sweep_rows = sweep_splits(args) if args.sweep else []
     if args.profile:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
         out = {f"B{B}-TK{TK}-{HQ},{H},{D}": profile_layer(B, TK, HQ, H, D) for HQ, H, D in shapes
@@ -308,6 +313,8 @@ def main():
         finish_split=triton_decode.FINISH_SPLIT,
     )
     rec = Recorder(Path(args.out), meta)
+    for row in sweep_rows:
+        rec.add(**row)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
     jobs = []
     if not args.skip_layer:
