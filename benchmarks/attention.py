@@ -323,6 +323,8 @@ def main():
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
         rows = [profile_stream(T, *shape) for T in args.T for shape in shapes]
         command = "python " + " ".join(sys.argv)
+        if args.out == p.get_default("out"):  # never over the benchmark's own results
+            args.out = str(Path(args.out).with_name("attention-profile-h200.json"))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         meta = dict(command=command, device=torch.cuda.get_device_name(), date=date, triton=triton.__version__)
