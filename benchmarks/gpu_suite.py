@@ -9,6 +9,7 @@ Jobs (first GPU first, in the order given; `multi` waits for the others and take
   tests      pytest -m gpu over the kernel and decoding tests (SmolLM2's only with --model's assets in the cache)
   attention  benchmarks/attention.py --sweep over the five head shapes and 8k-128k
   decode     benchmarks/decode.py --sweep (per-layer rows), then --profile at 128k
+  profile    benchmarks/attention.py --profile: per-kernel times of the sparse stream at 8k and 32k, three shapes
   pretrain   benchmarks/pretrain_throughput.py run (SSA-1B, the four modes) on --token_cache
   train      benchmarks/train_throughput.py run --stage STAGE [--model PATH] (SmolLM2, full vs ssa)
   multi      benchmarks/multi_gpu.py --model PATH --data FILE (one GPU, DDP, FSDP2)
@@ -39,6 +40,8 @@ def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
         "decode": [[py, bench("decode.py"), "--sweep", "--skip-generate", "--out", str(out / "decode-layer.json")],
                    [py, bench("decode.py"), "--profile", "--contexts", "131072", "--out",
                     str(out / "decode-profile.json")]],
+        "profile": [[py, bench("attention.py"), "--profile", "--T", "8192", "32768", "--shapes", "32,2,64", "32,8,64",
+                     "9,3,64", "--out", str(out / "attention-profile.json")]],
         "pretrain": [[py, bench("pretrain_throughput.py"), "run", "--token_cache", a.token_cache, "--tokenizer",
                       a.token_cache, "--out", str(out / "pretrain-h200.json")]],
         "train": [[py, bench("train_throughput.py"), "run", "--stage", a.stage, "--dtype", "float32", "--steps",
