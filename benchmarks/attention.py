@@ -158,10 +158,17 @@ SWEEP = {
         "SELECT_WARPS",
         "SELECT_LANES",
         "SELECT_BLOCKS",
-        "SELECT_PASSES",
+        "SELECT_BOUND",
         # swept on 2026-11-29 (attention-h200.md): (64, 4, 32, 64) won among the three-pass variants; on 2026-11-30
-        # (attention-h200-two-pass.md) every two-pass variant lost to it: 17.5-29.2 ms against 10.8 (both shapes)
-        [(64, 4, 32, 64, 3), (64, 4, 32, 64, 2), (64, 8, 32, 64, 2), (32, 4, 32, 64, 2), (64, 4, 16, 64, 2)],
+        # (attention-h200-two-pass.md) every two-pass variant lost to it: 17.5-29.2 ms against 10.8 (both shapes).
+        # "logits": the bound's candidates picked in pass 1, no pass 2 (not yet measured)
+        [
+            (64, 4, 32, 64, "lanes"),
+            (64, 4, 32, 64, "logits"),
+            (64, 8, 32, 64, "logits"),
+            (32, 4, 32, 64, "logits"),
+            (64, 4, 32, 128, "logits"),
+        ],
     ),
     # swept on 2026-11-29 (attention-h200.md of that run): (64, 4, 3) and (64, 4, 1) won; pass --sweep-all to redo
     "fwd": ("FWD_KEYS", "FWD_WARPS", "FWD_STAGES", [(64, 8, 3), (32, 4, 3), (64, 4, 3), (128, 8, 2), (32, 8, 1)]),

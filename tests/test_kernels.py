@@ -66,6 +66,11 @@ CPU_CASES = [
         1, 700, 2, 3, 64, "float32", S=6, sink=2, local=2, select=dict(SELECT_PASSES=2, SELECT_CAP=8, SELECT_LANES=4)
     ),
     _case(1, 300, 2, 2, 64, TK=830, docs="prefill", select=dict(SELECT_PASSES=2, SELECT_CAP=2)),
+    # the bound's candidates picked in pass 1 by summed logits (no pass 2): many blocks, documents, prefill, 8
+    # lanes, and CAP 2 for the fallback
+    _case(1, 700, 1, 4, 64, S=5, docs="varlen", select=dict(SELECT_BOUND="logits")),
+    _case(1, 640, 2, 3, 64, "float32", S=6, sink=2, local=2, select=dict(SELECT_BOUND="logits", SELECT_LANES=8)),
+    _case(1, 300, 2, 2, 64, TK=830, docs="prefill", select=dict(SELECT_BOUND="logits", SELECT_CAP=2)),
 ]
 
 # compiled on the GPU: the benchmark's five head shapes (so compiles are shared) at odd T, documents, TK > T, and
@@ -353,6 +358,39 @@ def test_fla_backend_gpu():
     q4, k4, v4, _ = make_inputs(_case(1, 256, 8, 4, 64, "bfloat16"), "cuda")
     with pytest.raises(ValueError, match="power of two >= 16"):
         ops.attend_blocks(q4, k4, v4, ops.select_blocks(q4, k4), backend="fla")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
+@pytest.mark.parametrize("bound", ["lanes", "logits"])
+@pytest.mark.parametrize("G", [4, 16])
+def test_select_kernel_compiles_for_sm90(G, bound):
+    """The interpreter accepts code the compiler rejects: the selection kernel, both bounds, compiled ahead of time
+    for sm_90 with the module's constants (down to a cubin through ptxas; no GPU needed)."""
+    import inspect
+
+    import triton
+    from triton.compiler import ASTSource
+
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        pytest.skip("this triton has no GPUTarget for ahead-of-time compilation")
+    from ssa_adapt.ops.triton import select as sel
+
+    GP = max(1, triton.next_power_of_2(G))
+    lanes = max(sel.SELECT_LANES, 16)
+    consts = dict(
+        H=2, G=G, GP=GP, D=64, BD=64, BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, sel.SELECT_ROWS // GP),
+        BN=max(sel.SELECT_BLOCKS, lanes), LANES=lanes, CAP=sel.SELECT_CAP, ROW=max(sel.SELECT_CAP, lanes), LANE_OFF=0,
+        BOUND_MARGIN=sel.BOUND_MARGIN_ULPS, TWO_PASS=False, LOGIT_BOUND=bound == "logits", HAS_DOCS=True,
+        DOT_PREC="tf32",
+    )  # fmt: skip
+    types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*i64", out="*i32", scale_log2="fp32")
+    names = inspect.signature(sel._select_kernel.fn).parameters
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    src = ASTSource(fn=sel._select_kernel, signature=sig, constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=sel.SELECT_WARPS))
+    assert compiled.asm["cubin"]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ SELECT_BLOCKS = 64
 SELECT_LANES = 32
 SELECT_CAP = 64
 SELECT_PASSES = 3  # 2: lane maxima and survivors in one pass, the bound refreshed as it goes (README.md); slower
+SELECT_BOUND = "lanes"  # "logits": the bound's candidates picked in pass 1 by summed logits, no pass 2 (README.md)
+BOUND_MARGIN_ULPS = 1024  # "logits": the bound is lowered by this many float32 steps (its keys are computed apart)
 SELECT_WARPS = 4
 MEANS_SLOTS = 32
 
@@ -120,6 +122,74 @@ def _candidate_keys(
 
 
 @triton.jit
+def _token_geometry(doc_start, i_b, i_t, T, off, BT: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr,
+                    LOCAL: tl.constexpr, S: tl.constexpr, HAS_DOCS: tl.constexpr):  # fmt: skip
+    """Per token of the tile [BT]: (valid, its block, its document's block-0 slot, end of its candidates (SINK <= j
+    < t_hi), how many candidates it chooses)."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    if HAS_DOCS:
+        t_ds = tl.load(doc_start + i_b * T + o_t, mask=m_t, other=0).to(tl.int32)
+    else:
+        t_ds = tl.zeros([BT], dtype=tl.int32)
+    t_pos = o_t + off - t_ds
+    t_cur = t_pos // BS
+    t_base = (t_ds + BS - 1) // BS
+    t_hi = tl.minimum(t_cur - LOCAL + 1, (t_pos + 1) // BS)
+    n_sink = tl.minimum(t_cur + 1, SINK)
+    n_local = tl.maximum(t_cur - tl.maximum(t_cur - LOCAL + 1, SINK) + 1, 0)
+    return m_t, t_cur, t_base, t_hi, S - n_sink - n_local
+
+
+@triton.jit
+def _logit_candidates(b_cand, b_pick, b_s, o_s, m_r, t_base, t_hi, m_t, BT: tl.constexpr, GP: tl.constexpr,
+                      BN: tl.constexpr, LANES: tl.constexpr, SINK: tl.constexpr):  # fmt: skip
+    """Pass 1's share of the "logits" bound: lane c % LANES of each chunk keeps, per token, its candidate block with
+    the largest logit summed over the group's heads (b_cand [BT, LANES] keys: order-preserving float bits << 32 |
+    block; the lanes partition the blocks, so their picks are distinct), and the picks' logits per row (b_pick
+    [BT, GP, LANES], log2 domain) for their exact importance after the pass. No exponentials, no gathers."""
+    R: tl.constexpr = BN // LANES
+    g_s = tl.sum(tl.reshape(tl.where(m_r[:, None] & (b_s > float("-inf")), b_s, 0.0), [BT, GP, BN]), 1)
+    jt = o_s[None, :] - t_base[:, None]
+    cand = m_t[:, None] & (jt >= SINK) & (jt < t_hi[:, None])
+    bits = g_s.to(tl.int32, bitcast=True)
+    mono = bits ^ ((bits >> 31) & 2147483647)  # signed order of the floats
+    key = (mono.to(tl.int64) << 32) | (2147483647 - jt).to(tl.int64)
+    none = tl.full([BT, BN], -2147483648, dtype=tl.int64) << 32
+    key = tl.reshape(tl.where(cand, key, none), [BT, R, LANES])
+    k_max = tl.max(key, 1)  # [BT, LANES]: this chunk's pick per lane (keys are unique: at most one column matches)
+    hit = (key == k_max[:, None, :]) & (k_max[:, None, :] != -2147483648 * 4294967296)  # [BT, R, LANES]
+    s_pick = tl.sum(tl.where(hit[:, None, :, :], tl.reshape(b_s, [BT, GP, R, LANES]), 0.0), 2)  # [BT, GP, LANES]
+    better = k_max > b_cand
+    return tl.where(better, k_max, b_cand), tl.where(better[:, None, :], s_pick, b_pick)
+
+
+@triton.jit
+def _pick_keys(b_cand, b_pick, b_m, b_il, m_t, BT: tl.constexpr, GP: tl.constexpr, LANES: tl.constexpr):
+    """The importance keys (as `_candidate_keys` writes them) of pass 1's picks, from their kept logits and the
+    final softmax statistics: [BT, LANES], -1 where a lane has no pick."""
+    none = -2147483648 * 4294967296
+    b_p = tl.exp2(b_pick - tl.reshape(b_m, [BT, GP])[:, :, None]) * tl.reshape(b_il, [BT, GP])[:, :, None]
+    b_i = tl.sum(b_p, 1)  # [BT, LANES]
+    jt = 2147483647 - (b_cand & 2147483647)
+    key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - jt).to(tl.int64)
+    return tl.where(m_t[:, None] & (b_cand != none), key, -1)
+
+
+@triton.jit
+def _lane_maxima(b_q, p_kb, lo2, hi2, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+                 BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, LANES: tl.constexpr, SINK: tl.constexpr,
+                 DOT_PREC: tl.constexpr):  # fmt: skip
+    """Pass 2 of 3: lane i of a chunk keeps each token's best key of the blocks j = i (mod LANES) -> [BT, LANES]
+    (elementwise max over the chunks, no reduction)."""
+    b_lane = tl.full([BT, LANES], -1, dtype=tl.int64)
+    for s0 in range(lo2, hi2, LANES):
+        b_lane = tl.maximum(b_lane, _candidate_keys(b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il,
+                                                    t_base, t_hi, m_t, BT, GP, BD, LANES, SINK, DOT_PREC))  # fmt: skip
+    return b_lane
+
+
+@triton.jit
 def _lane_bound(p_ln, b_lane, budget, m_t, BT: tl.constexpr, LANES: tl.constexpr):
     """budget-th best of each token's lane maxima b_lane [BT, LANES] (keys of distinct candidates, so a lower bound
     on the token's budget-th best key; -1 with fewer lanes than the budget). Ranks come from the columns read back
@@ -191,7 +261,9 @@ def _select_kernel(
     CAP: tl.constexpr,
     ROW: tl.constexpr,
     LANE_OFF: tl.constexpr,  # where the lane maxima live in a scratch row
+    BOUND_MARGIN: tl.constexpr,  # float steps taken off the "logits" bound
     TWO_PASS: tl.constexpr,
+    LOGIT_BOUND: tl.constexpr,  # the bound's candidates from pass 1 (no pass 2); needs BN % LANES == 0
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -221,6 +293,13 @@ def _select_kernel(
     b_q = b_q.to(kbar.dtype.element_ty)
     p_kb = kbar + i_bh * NSLOT * BD
 
+    if LOGIT_BOUND:  # pass 1 needs the tokens' candidate ranges
+        m_t, t_cur, t_base, t_hi, budget = _token_geometry(
+            doc_start, i_b, i_t, T, off, BT, BS, SINK, LOCAL, S, HAS_DOCS
+        )
+        b_cand = tl.full([BT, LANES], -2147483648, dtype=tl.int64) << 32
+        b_pick = tl.zeros([BT, GP, LANES], dtype=tl.float32)
+
     # ---- pass 1: per-row softmax max and normaliser over the complete blocks
     lo = tl.min(tl.where(m_r, r_base, NSLOT), 0)
     hi = tl.max(tl.where(m_r, r_base + r_nc, 0), 0)
@@ -238,23 +317,19 @@ def _select_kernel(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         b_l = b_l * tl.exp2(b_m - m_use) + tl.sum(tl.exp2(b_s - m_use[:, None]), 1)
         b_m = m_new
+        if LOGIT_BOUND:
+            b_cand, b_pick = _logit_candidates(
+                b_cand, b_pick, b_s, o_s, m_r, t_base, t_hi, m_t, BT, GP, BN, LANES, SINK
+            )
     b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
     b_il = tl.where(m_r & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
 
-    # ---- tokens, [BT]
+    # ---- tokens, [BT]: candidates SINK <= j < t_hi, `budget` of them to choose
+    if not LOGIT_BOUND:
+        m_t, t_cur, t_base, t_hi, budget = _token_geometry(
+            doc_start, i_b, i_t, T, off, BT, BS, SINK, LOCAL, S, HAS_DOCS
+        )
     o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    if HAS_DOCS:
-        t_ds = tl.load(doc_start + i_b * T + o_t, mask=m_t, other=0).to(tl.int32)
-    else:
-        t_ds = tl.zeros([BT], dtype=tl.int32)
-    t_pos = o_t + off - t_ds
-    t_cur = t_pos // BS
-    t_base = (t_ds + BS - 1) // BS
-    t_hi = tl.minimum(t_cur - LOCAL + 1, (t_pos + 1) // BS)  # candidates: SINK <= j < t_hi
-    n_sink = tl.minimum(t_cur + 1, SINK)
-    n_local = tl.maximum(t_cur - tl.maximum(t_cur - LOCAL + 1, SINK) + 1, 0)
-    budget = S - n_sink - n_local  # candidates to choose
     lo2 = tl.min(tl.where(m_t, t_base + SINK, NSLOT), 0)
     hi2 = tl.max(tl.where(m_t, t_base + t_hi, 0), 0)
     o_k = tl.arange(0, KP)
@@ -295,17 +370,21 @@ def _select_kernel(
                 tl.debug_barrier()
         fallback = (tl.max(cnt, 0) > CAP) | (tl.max(lost, 0) > 0)
     else:
-        # ---- pass 2 of 3: a lower bound on each token's budget-th best key. Lane i of a chunk keeps the best key of
-        # the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima are keys of distinct
-        # candidates, so their budget-th best cannot exceed the budget-th best of all candidates.
-        b_lane = tl.full([BT, LANES], -1, dtype=tl.int64)
-        for s0 in range(lo2, hi2, LANES):
-            key = _candidate_keys(
-                b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+        if LOGIT_BOUND:
+            # ---- the bound from pass 1's picks: their exact keys (distinct candidates, so again a lower bound),
+            # lowered by a few float steps since they are computed apart from pass 3's keys
+            b_lane = _pick_keys(b_cand, b_pick, b_m, b_il, m_t, BT, GP, LANES)
+            bound = _lane_bound(p_sc + LANE_OFF, b_lane, budget, m_t, BT, LANES)
+            bound = tl.where(bound >= 0, tl.maximum(bound - BOUND_MARGIN * 4294967296, 0), bound)
+        else:
+            # ---- pass 2 of 3: a lower bound on each token's budget-th best key. Lane i of a chunk keeps the best key
+            # of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima are keys of distinct
+            # candidates, so their budget-th best cannot exceed the budget-th best of all candidates.
+            b_lane = _lane_maxima(
+                b_q, p_kb, lo2, hi2, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
                 BT, GP, BD, LANES, SINK, DOT_PREC,
             )  # fmt: skip
-            b_lane = tl.maximum(b_lane, key)
-        bound = _lane_bound(p_sc + LANE_OFF, b_lane, budget, m_t, BT, LANES)
+            bound = _lane_bound(p_sc + LANE_OFF, b_lane, budget, m_t, BT, LANES)
 
         # ---- pass 3 of 3: the keys at or above the bound (about `budget` of them) go to the token's scratch row
         cnt = tl.zeros([BT], dtype=tl.int32)
@@ -425,6 +504,9 @@ def select_blocks(
     lanes = max(SELECT_LANES, KP, 16 if q.is_cuda else 1)
     cap = max(2, next_pow2(SELECT_CAP))
     two_pass = SELECT_PASSES == 2
+    if SELECT_BOUND not in ("lanes", "logits"):
+        raise ValueError(f"SELECT_BOUND={SELECT_BOUND!r}: use 'lanes' or 'logits'.")
+    logit_bound = SELECT_BOUND == "logits" and not two_pass
     lane_off = cap if two_pass else 0  # three passes: the lane maxima are done before the survivors are written
     scratch = torch.empty((B, T, H, max(cap, lane_off + lanes)), dtype=torch.int64, device=q.device)
     grid = (cdiv(T, BT), B * H)
@@ -449,12 +531,14 @@ def select_blocks(
         SINK=sink_blocks,
         LOCAL=local_blocks,
         BT=BT,
-        BN=SELECT_BLOCKS,
+        BN=max(SELECT_BLOCKS, lanes) if logit_bound else SELECT_BLOCKS,
         LANES=lanes,
         CAP=cap,
         ROW=scratch.shape[3],
         LANE_OFF=lane_off,
+        BOUND_MARGIN=BOUND_MARGIN_ULPS,
         TWO_PASS=two_pass,
+        LOGIT_BOUND=logit_bound,
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
         num_warps=SELECT_WARPS,
