@@ -893,7 +893,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--benchmark_setups", default="full,sparse-16x16-sink1", help="Setups scored on the benchmarks.")
     e.add_argument("--niah_lengths", default="4096,8192")
     e.add_argument("--niah_depths", default="0,0.25,0.5,0.75,1")
-    e.add_argument("--niah_samples", type=int, default=1, help="Prompts per (length, depth) cell.")
+    e.add_argument("--niah_samples", type=int, default=3, help="Prompts per (length, depth) cell.")
     e.add_argument("--time_budget_s", type=float, default=None, help="Skip units that would start after this.")
     e.add_argument("--redo", default="", help="Comma-separated stages to recompute: ppl,sparsity,benchmarks,niah.")
 

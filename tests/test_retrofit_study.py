@@ -131,7 +131,7 @@ def pipeline(tmp_path_factory):
             *("--original", str(original), "--device", "cpu", "--setups", SETUPS, "--ppl_lengths", "32,128"),
             *("--ppl_span", "128", "--sparsity_len", "128", "--include_path", str(task_dir), "--limit", "6"),
             *("--batch_size", "8", "--benchmark_check", "3", "--benchmark_setups", "full,sparse-4x4-sink1"),
-            *("--niah_lengths", "64,128", "--niah_depths", "0,1"),
+            *("--niah_lengths", "64,128", "--niah_depths", "0,1", "--niah_samples", "2"),
         ]
         codes["eval original, budget 0"] = study.main(
             [*base, "eval", "--model", "original", *tiny, "--time_budget_s", "0"]
@@ -177,6 +177,7 @@ def test_pipeline_evaluates_every_model_and_metric(pipeline):
         assert list(setups) == SETUPS.split(",")
         for name, entry in setups.items():
             assert set(entry["ppl"]) == {"32", "128"} and all(p["ppl"] > 1 for p in entry["ppl"].values())
+            assert all(len(p["window_nll"]) == p["windows"] for p in entry["ppl"].values())  # for paired intervals
             assert entry["niah"]["context_lengths"] == [64, 128]
             assert ("sparsity" in entry) == (name != "full")
         assert (
@@ -186,6 +187,7 @@ def test_pipeline_evaluates_every_model_and_metric(pipeline):
             assert set(setups[name]["benchmarks"]) == set(TASKS)
             assert all(b["n"] == 6 and 0 <= b["acc_norm"] <= 1 for b in setups[name]["benchmarks"].values())
         assert "benchmarks" not in setups["sparse-4x8-sink1"]
+        assert result["settings"]["niah"]["samples_per_cell"] == 2
 
 
 def test_report_json_table_plot_and_verdicts(pipeline):
@@ -200,6 +202,12 @@ def test_report_json_table_plot_and_verdicts(pipeline):
     first = report["targets"][0]
     assert first["value"] == ppl["ssa"]["sparse-4x4-sink1"]["ppl"]["128"]["ppl"]
     assert first["reference"] == ppl["full"]["full"]["ppl"]["128"]["ppl"]
+    windows = ppl["ssa"]["sparse-4x4-sink1"]["ppl"]["128"]["windows"]
+    if windows >= 2:  # the paired interval over the shared windows brackets the point estimate
+        lo, hi = first["ci95"]
+        assert lo <= first["relative"] <= hi and "95% CI" in out.with_suffix(".md").read_text()
+    else:
+        assert first["ci95"] is None
     curve = report["ppl_vs_budget"]["SSA"]
     assert [p["receptive_field"] for p in curve] == [128, 16, 32]
     md = out.with_suffix(".md").read_text()
