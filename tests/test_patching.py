@@ -310,3 +310,29 @@ def test_mixed_dtypes_under_autocast_attend_in_autocast_dtype():
     assert out.dtype == torch.bfloat16
     expected = ssa_attention_forward(attn, q.bfloat16(), k.bfloat16(), v, None, scaling=8**-0.5)[0]
     torch.testing.assert_close(out, expected)
+
+
+def test_gate_runs_once_per_layer_in_the_autocast_dtype(monkeypatch):
+    """SSA training computes both streams: the gate (fp32 master weights) is evaluated once per layer and shared,
+    in bf16 under autocast like the other linear layers, and its weights still get gradients."""
+    from ssa_adapt.patching import attention as attention_module
+
+    model = ssa_adapt.convert(tiny_model("llama", 2), SSAConfig(block_size=4, block_count=4, gate=True))
+    calls = []
+    original = attention_module._gate_values
+
+    def spy(module, branches, dtype):
+        gamma = original(module, branches, dtype)
+        calls.append(gamma.dtype)
+        return gamma
+
+    monkeypatch.setattr(attention_module, "_gate_values", spy)
+    model.train()
+    ids = token_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+        loss = ssa_adapt.ssa_loss(model, out.loss)
+    loss.backward()
+    assert calls == [torch.bfloat16] * model.config.num_hidden_layers
+    gates = [layer.self_attn.ssa_gate.weight for layer in model.model.layers]
+    assert all(w.dtype == torch.float32 and w.grad is not None and w.grad.abs().sum() > 0 for w in gates)

@@ -162,3 +162,37 @@ def test_lora_on_converted_model_trains_and_round_trips(tmp_path):
     restored = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(restored(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["lora", "modules_to_save"])
+def test_peft_on_the_output_gate_reaches_the_attention(how):
+    """The gate runs through its module, so PEFT's wrappers apply: LoRA on `ssa_gate` (or a trainable copy through
+    modules_to_save) changes the attention output and gets a gradient from the SSA loss, in both streams."""
+    from peft import LoraConfig, get_peft_model
+
+    base = ssa_adapt.convert(tiny_model("llama", 2), SSAConfig(block_size=4, block_count=4, gate=True))
+    ids = token_batch()
+    base.eval()
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    if how == "lora":
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["ssa_gate"], init_lora_weights=False)
+    else:
+        config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["ssa_gate"])
+    peft_model = get_peft_model(base, config)
+    if how == "modules_to_save":
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "modules_to_save" in name and "ssa_gate" in name:
+                    p.add_(1.0)  # only the trainable copy changes
+    peft_model.eval()
+    with torch.no_grad():
+        assert (peft_model(input_ids=ids).logits - plain).abs().max() > 1e-4
+    peft_model.train()
+    for stream in ("full", "sparse"):
+        peft_model.zero_grad()
+        ssa_adapt.set_stream(peft_model, stream)
+        out = peft_model(input_ids=ids, labels=ids)
+        ssa_adapt.ssa_loss(peft_model, out.loss).backward()
+        grads = [p.grad for n, p in peft_model.named_parameters() if "ssa_gate" in n and p.requires_grad]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), stream

@@ -13,7 +13,6 @@ q, k, v (bias, q_norm / k_norm, RoPE, KV cache) and calls `ssa_attention_forward
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cache import as_ssa_cache
@@ -121,11 +120,19 @@ def _doc_start(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -
 
 
 def _gate_values(module: nn.Module, branches: int, dtype: torch.dtype) -> torch.Tensor:
-    """gamma = sigmoid(ssa_gate(hidden)) -> [B, T, branches, HQ, 1] (hidden stashed by the pre-hook), computed in
-    `dtype`, the attention's: under autocast that is the autocast dtype, as for the model's other linear layers."""
-    weight = module.ssa_gate.weight
-    gamma = torch.sigmoid(F.linear(module._ssa_hidden.to(dtype), weight.to(dtype)))
-    return gamma.unflatten(-1, (branches, -1))[..., None]
+    """gamma = sigmoid(ssa_gate(hidden)) -> [B, T, branches, HQ, 1] in `dtype` (hidden stashed by the pre-hook).
+
+    The gate module itself is called (PEFT wrappers and LoRA on it apply). When its weights are wider than the
+    attention's half-precision dtype (fp32 master weights under autocast, which the attention switched off), it
+    runs under autocast to `dtype` again, as the model's other linear layers do."""
+    gate, hidden = module.ssa_gate, module._ssa_hidden
+    weight = getattr(gate, "weight", None)
+    if dtype in (torch.float16, torch.bfloat16) and weight is not None and weight.dtype != dtype:
+        with torch.autocast(hidden.device.type, dtype=dtype):
+            gamma = torch.sigmoid(gate(hidden))
+    else:
+        gamma = torch.sigmoid(gate(hidden.to(weight.dtype if weight is not None else dtype)))
+    return gamma.to(dtype).unflatten(-1, (branches, -1))[..., None]
 
 
 def ssa_attention_forward(
