@@ -160,7 +160,7 @@ SWEEP = {
         "SELECT_BLOCKS",
         "SELECT_BOUND",
         # swept on 2026-11-29 (attention-h200.md): (64, 4, 32, 64) won among the three-pass variants; on 2026-11-30
-        # (attention-h200-two-pass.md) every two-pass variant lost to it: 17.5-29.2 ms against 10.8 (both shapes).
+        # (attention-h200-two-pass.md) every two-pass variant (since removed) lost to it: 17.5-29.2 ms against 10.8.
         # "logits": the bound's candidates picked in pass 1, no pass 2 (not yet measured)
         [
             (64, 4, 32, 64, "lanes"),

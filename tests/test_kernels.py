@@ -59,13 +59,6 @@ CPU_CASES = [
     _case(1, 700, 1, 2, 64, S=4),
     _case(1, 640, 1, 3, 64, "float32", S=6, sink=2, local=2, docs="varlen", select=dict(SELECT_LANES=8)),
     _case(2, 300, 1, 4, 64, "float32", S=5, docs="leftpad", select=dict(SELECT_CAP=1)),
-    # the two-pass variant: bound refreshed as it goes, rows compacted (small rows force refreshes when near full,
-    # and with CAP 2 the fallback after dropped keys)
-    _case(1, 800, 1, 4, 64, S=5, docs="varlen", select=dict(SELECT_PASSES=2)),
-    _case(
-        1, 700, 2, 3, 64, "float32", S=6, sink=2, local=2, select=dict(SELECT_PASSES=2, SELECT_CAP=8, SELECT_LANES=4)
-    ),
-    _case(1, 300, 2, 2, 64, TK=830, docs="prefill", select=dict(SELECT_PASSES=2, SELECT_CAP=2)),
     # the bound's candidates picked in pass 1 by summed logits (no pass 2): many blocks, documents, prefill, 8
     # lanes, and CAP 2 for the fallback
     _case(1, 700, 1, 4, 64, S=5, docs="varlen", select=dict(SELECT_BOUND="logits")),
@@ -381,8 +374,8 @@ def test_select_kernel_compiles_for_sm90(G, bound):
     lanes = max(sel.SELECT_LANES, 16)
     consts = dict(
         H=2, G=G, GP=GP, D=64, BD=64, BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, sel.SELECT_ROWS // GP),
-        BN=max(sel.SELECT_BLOCKS, lanes), LANES=lanes, CAP=sel.SELECT_CAP, ROW=max(sel.SELECT_CAP, lanes), LANE_OFF=0,
-        BOUND_MARGIN=sel.BOUND_MARGIN_ULPS, TWO_PASS=False, LOGIT_BOUND=bound == "logits", HAS_DOCS=True,
+        BN=max(sel.SELECT_BLOCKS, lanes), LANES=lanes, CAP=sel.SELECT_CAP, ROW=max(sel.SELECT_CAP, lanes),
+        BOUND_MARGIN=sel.BOUND_MARGIN_ULPS, LOGIT_BOUND=bound == "logits", HAS_DOCS=True,
         DOT_PREC="tf32",
     )  # fmt: skip
     types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*i64", out="*i32", scale_log2="fp32")

@@ -36,7 +36,6 @@ SELECT_ROWS = 64
 SELECT_BLOCKS = 64
 SELECT_LANES = 32
 SELECT_CAP = 64
-SELECT_PASSES = 3  # 2: lane maxima and survivors in one pass, the bound refreshed as it goes (README.md); slower
 SELECT_BOUND = "lanes"  # "logits": the bound's candidates picked in pass 1 by summed logits, no pass 2 (README.md)
 BOUND_MARGIN_ULPS = 1024  # "logits": the bound is lowered by this many float32 steps (its keys are computed apart)
 SELECT_WARPS = 4
@@ -239,7 +238,7 @@ def _select_kernel(
     q,  # [B, T, HQ, D]
     kbar,  # [B, H, NSLOT, BD]
     doc_start,  # [B, T] int64 or None
-    scratch,  # [B, T, H, ROW] int64: the keys that pass the lower bound, the lane maxima at LANE_OFF
+    scratch,  # [B, T, H, ROW] int64: the lane maxima (for their ranks), then the keys that pass the bound
     out,  # [B, T, H, S] int32
     scale_log2,  # scale * log2(e): logits live in the log2 domain
     T,
@@ -260,9 +259,7 @@ def _select_kernel(
     LANES: tl.constexpr,
     CAP: tl.constexpr,
     ROW: tl.constexpr,
-    LANE_OFF: tl.constexpr,  # where the lane maxima live in a scratch row
     BOUND_MARGIN: tl.constexpr,  # float steps taken off the "logits" bound
-    TWO_PASS: tl.constexpr,
     LOGIT_BOUND: tl.constexpr,  # the bound's candidates from pass 1 (no pass 2); needs BN % LANES == 0
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -333,68 +330,33 @@ def _select_kernel(
     lo2 = tl.min(tl.where(m_t, t_base + SINK, NSLOT), 0)
     hi2 = tl.max(tl.where(m_t, t_base + t_hi, 0), 0)
     o_k = tl.arange(0, KP)
-    o_c = tl.arange(0, CAP)
     p_sc = scratch + ((i_b * T + o_t) * H + i_h).to(tl.int64) * ROW  # [BT] scratch rows
 
-    if TWO_PASS:
-        # ---- pass 2 of 2: lane maxima (as below) and survivors in one pass. The bound, valid at any time since the
-        # lane maxima only grow, is refreshed after 1, 2, 4, 8, ... chunks and whenever a row nears full; each
-        # refresh compacts the rows to the keys at or above it. A key of the final top-`budget` is at or above
-        # every bound, so it is appended when seen and never compacted away.
-        b_lane = tl.full([BT, LANES], -1, dtype=tl.int64)
-        bound = tl.full([BT], -1, dtype=tl.int64)
-        cnt = tl.zeros([BT], dtype=tl.int32)
-        lost = tl.zeros([BT], dtype=tl.int32)  # a row overflowed before a compaction: keys were dropped
-        n_seen = 0
-        refresh_at = 1
-        for s0 in range(lo2, hi2, LANES):
-            key = _candidate_keys(
-                b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
-                BT, GP, BD, LANES, SINK, DOT_PREC,
-            )  # fmt: skip
-            b_lane = tl.maximum(b_lane, key)
-            cnt = _append_survivors(p_sc, key, bound, budget, cnt, CAP)
-            n_seen += 1
-            if (n_seen == refresh_at) | (tl.max(cnt, 0) > CAP - LANES):
-                if n_seen == refresh_at:
-                    refresh_at *= 2
-                bound = tl.maximum(bound, _lane_bound(p_sc + LANE_OFF, b_lane, budget, m_t, BT, LANES))
-                lost += (cnt > CAP).to(tl.int32)
-                n_cnt = tl.minimum(cnt, CAP)
-                b_sv = tl.load(p_sc[:, None] + o_c[None, :], mask=o_c[None, :] < n_cnt[:, None], other=-1)
-                tl.debug_barrier()
-                keep_sv = (b_sv >= 0) & (b_sv >= bound[:, None])
-                at_sv = tl.cumsum(keep_sv.to(tl.int32), 1) - 1
-                tl.store(p_sc[:, None] + at_sv, b_sv, mask=keep_sv)
-                cnt = tl.sum(keep_sv.to(tl.int32), 1)
-                tl.debug_barrier()
-        fallback = (tl.max(cnt, 0) > CAP) | (tl.max(lost, 0) > 0)
+    if LOGIT_BOUND:
+        # ---- the bound from pass 1's picks: their exact keys (distinct candidates, so again a lower bound),
+        # lowered by a few float steps since they are computed apart from pass 3's keys
+        b_lane = _pick_keys(b_cand, b_pick, b_m, b_il, m_t, BT, GP, LANES)
+        bound = _lane_bound(p_sc, b_lane, budget, m_t, BT, LANES)
+        bound = tl.where(bound >= 0, tl.maximum(bound - BOUND_MARGIN * 4294967296, 0), bound)
     else:
-        if LOGIT_BOUND:
-            # ---- the bound from pass 1's picks: their exact keys (distinct candidates, so again a lower bound),
-            # lowered by a few float steps since they are computed apart from pass 3's keys
-            b_lane = _pick_keys(b_cand, b_pick, b_m, b_il, m_t, BT, GP, LANES)
-            bound = _lane_bound(p_sc + LANE_OFF, b_lane, budget, m_t, BT, LANES)
-            bound = tl.where(bound >= 0, tl.maximum(bound - BOUND_MARGIN * 4294967296, 0), bound)
-        else:
-            # ---- pass 2 of 3: a lower bound on each token's budget-th best key. Lane i of a chunk keeps the best key
-            # of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima are keys of distinct
-            # candidates, so their budget-th best cannot exceed the budget-th best of all candidates.
-            b_lane = _lane_maxima(
-                b_q, p_kb, lo2, hi2, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
-                BT, GP, BD, LANES, SINK, DOT_PREC,
-            )  # fmt: skip
-            bound = _lane_bound(p_sc + LANE_OFF, b_lane, budget, m_t, BT, LANES)
+        # ---- pass 2 of 3: a lower bound on each token's budget-th best key. Lane i of a chunk keeps the best key
+        # of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima are keys of distinct
+        # candidates, so their budget-th best cannot exceed the budget-th best of all candidates.
+        b_lane = _lane_maxima(
+            b_q, p_kb, lo2, hi2, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+            BT, GP, BD, LANES, SINK, DOT_PREC,
+        )  # fmt: skip
+        bound = _lane_bound(p_sc, b_lane, budget, m_t, BT, LANES)
 
-        # ---- pass 3 of 3: the keys at or above the bound (about `budget` of them) go to the token's scratch row
-        cnt = tl.zeros([BT], dtype=tl.int32)
-        for s0 in range(lo2, hi2, LANES):
-            key = _candidate_keys(
-                b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
-                BT, GP, BD, LANES, SINK, DOT_PREC,
-            )  # fmt: skip
-            cnt = _append_survivors(p_sc, key, bound, budget, cnt, CAP)
-        fallback = tl.max(cnt, 0) > CAP
+    # ---- pass 3 of 3: the keys at or above the bound (about `budget` of them) go to the token's scratch row
+    cnt = tl.zeros([BT], dtype=tl.int32)
+    for s0 in range(lo2, hi2, LANES):
+        key = _candidate_keys(
+            b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+            BT, GP, BD, LANES, SINK, DOT_PREC,
+        )  # fmt: skip
+        cnt = _append_survivors(p_sc, key, bound, budget, cnt, CAP)
+    fallback = tl.max(cnt, 0) > CAP
     tl.debug_barrier()
     # exact ranks among the survivors, then the best KP of them in rank order
     b_top = _rank_survivors(p_sc, cnt, CAP, KP, BT)
@@ -503,12 +465,10 @@ def select_blocks(
     # the tests use with 8 lanes, does not)
     lanes = max(SELECT_LANES, KP, 16 if q.is_cuda else 1)
     cap = max(2, next_pow2(SELECT_CAP))
-    two_pass = SELECT_PASSES == 2
     if SELECT_BOUND not in ("lanes", "logits"):
         raise ValueError(f"SELECT_BOUND={SELECT_BOUND!r}: use 'lanes' or 'logits'.")
-    logit_bound = SELECT_BOUND == "logits" and not two_pass
-    lane_off = cap if two_pass else 0  # three passes: the lane maxima are done before the survivors are written
-    scratch = torch.empty((B, T, H, max(cap, lane_off + lanes)), dtype=torch.int64, device=q.device)
+    logit_bound = SELECT_BOUND == "logits"
+    scratch = torch.empty((B, T, H, max(cap, lanes)), dtype=torch.int64, device=q.device)
     grid = (cdiv(T, BT), B * H)
     _select_kernel[grid](
         q,
@@ -535,9 +495,7 @@ def select_blocks(
         LANES=lanes,
         CAP=cap,
         ROW=scratch.shape[3],
-        LANE_OFF=lane_off,
         BOUND_MARGIN=BOUND_MARGIN_ULPS,
-        TWO_PASS=two_pass,
         LOGIT_BOUND=logit_bound,
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
