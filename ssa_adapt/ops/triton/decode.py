@@ -146,6 +146,22 @@ def _query_position(q_pos, doc_start, i_bt, T, TK, HAS_POS: tl.constexpr, HAS_DO
 
 
 @triton.jit
+def _row_blocks(q_pos, doc_start, i_bth, T, TK, NB, H: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
+                SINK: tl.constexpr, LOCAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_DOCS: tl.constexpr):  # fmt: skip
+    """The block layout of row i_bth = (b * T + t) * H + h: (query position, its own block, complete blocks, first
+    local block, forced sinks, first forced local block, forced locals (none counted twice), candidates to choose)."""
+    pos = _query_position(q_pos, doc_start, i_bth // H, T, TK, HAS_POS, HAS_DOCS)
+    cur = pos // BS
+    n_c = tl.minimum((pos + 1) // BS, NB)
+    c_lo = tl.maximum(cur - LOCAL + 1, 0)
+    n_sink = tl.minimum(cur + 1, SINK)
+    l_lo = tl.maximum(c_lo, SINK)
+    n_local = tl.maximum(cur - l_lo + 1, 0)
+    budget = tl.maximum(S - n_sink - n_local, 0)
+    return pos, cur, n_c, c_lo, n_sink, l_lo, n_local, budget
+
+
+@triton.jit
 def _merged_stats(stats, i_bth, NSPLIT, G: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr):
     """Softmax max and 1 / normaliser [GP] of the group's heads over all complete blocks, from the scoring
     kernel's per-split statistics (log2 domain; 0 for padded heads)."""
@@ -234,10 +250,9 @@ def _decode_finish_kernel(
     HAS_DOCS: tl.constexpr,
 ):
     i_bth = tl.program_id(0).to(tl.int64)
-    pos = _query_position(q_pos, doc_start, i_bth // H, T, TK, HAS_POS, HAS_DOCS)
-    cur = pos // BS  # the query's own block
-    n_c = tl.minimum((pos + 1) // BS, NB)
-    c_lo = tl.maximum(cur - LOCAL + 1, 0)  # first local block
+    pos, cur, n_c, c_lo, n_sink, l_lo, n_local, budget = _row_blocks(
+        q_pos, doc_start, i_bth, T, TK, NB, H, BS, S, SINK, LOCAL, HAS_POS, HAS_DOCS
+    )
     o_g = tl.arange(0, GP)
     m_g = o_g < G
     o_b = tl.arange(0, BN)
@@ -245,11 +260,6 @@ def _decode_finish_kernel(
     # ---- softmax statistics of every head over all complete blocks, from the splits
     b_m, b_il = _merged_stats(stats, i_bth, NSPLIT, G, GP, GS)
 
-    # ---- forced blocks: sinks, then the local blocks ending with the current one (none counted twice)
-    n_sink = tl.minimum(cur + 1, SINK)
-    l_lo = tl.maximum(c_lo, SINK)
-    n_local = tl.maximum(cur - l_lo + 1, 0)
-    budget = tl.maximum(S - n_sink - n_local, 0)
     p_l = logits + i_bth * G * NB
     p_o = out + i_bth * S
     o_s = tl.arange(0, SP)
@@ -387,10 +397,9 @@ def _decode_keys_kernel(
     groups of its lanes (lane i holds blocks j = lo + i (mod BN)): keys of distinct blocks, for the lower bound."""
     i_bth = tl.program_id(0).to(tl.int64)
     i_sp = tl.program_id(1)
-    pos = _query_position(q_pos, doc_start, i_bth // H, T, TK, HAS_POS, HAS_DOCS)
-    cur = pos // BS
-    n_c = tl.minimum((pos + 1) // BS, NB)
-    c_lo = tl.maximum(cur - LOCAL + 1, 0)
+    pos, cur, n_c, c_lo, n_sink, l_lo, n_local, budget = _row_blocks(
+        q_pos, doc_start, i_bth, T, TK, NB, H, BS, 1, SINK, LOCAL, HAS_POS, HAS_DOCS
+    )
     b_m, b_il = _merged_stats(stats, i_bth, NSPLIT, G, GP, GS)
     o_b = tl.arange(0, BN)
     p_l = logits + i_bth * G * NB
@@ -436,14 +445,9 @@ def _decode_pick_kernel(
     threshold from below (found by bisection over the key values); the keys at or above it are compacted and
     ranked exactly. More than CAP of them: an exact bisection over every key instead (slow, rare)."""
     i_bth = tl.program_id(0).to(tl.int64)
-    pos = _query_position(q_pos, doc_start, i_bth // H, T, TK, HAS_POS, HAS_DOCS)
-    cur = pos // BS
-    n_c = tl.minimum((pos + 1) // BS, NB)
-    c_lo = tl.maximum(cur - LOCAL + 1, 0)
-    n_sink = tl.minimum(cur + 1, SINK)
-    l_lo = tl.maximum(c_lo, SINK)
-    n_local = tl.maximum(cur - l_lo + 1, 0)
-    budget = tl.maximum(S - n_sink - n_local, 0)
+    pos, cur, n_c, c_lo, n_sink, l_lo, n_local, budget = _row_blocks(
+        q_pos, doc_start, i_bth, T, TK, NB, H, BS, S, SINK, LOCAL, HAS_POS, HAS_DOCS
+    )
     p_o = out + i_bth * S
     p_k = keys + i_bth * NB
     p_c = comp + i_bth * CAP
