@@ -86,8 +86,9 @@ def test_alignment_kernel_interpreted(interpreted, case):
 
 def test_dispatch_checks_inputs():
     a, b = torch.randn(2, 3), torch.randn(2, 4)
-    with pytest.raises(ValueError, match=r"must have the same shape"):
-        ops.alignment_loss(a, b)
+    for backend in ("auto", "triton"):  # both paths check before any kernel runs
+        with pytest.raises(ValueError, match=r"must have the same shape"):
+            ops.alignment_loss(a, b, backend=backend)
     with pytest.raises(ValueError, match="kind='l1'"):
         ops.alignment_loss(a, a, kind="l1")
     assert ops.alignment_loss(a, a + 0.5, backend="reference").item() == pytest.approx(2 * 0.125)

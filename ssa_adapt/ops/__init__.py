@@ -157,13 +157,8 @@ def alignment_loss(
     """SSA's bidirectional alignment d(o_full, sg(o_sparse)) + d(sg(o_full), o_sparse), mean over all elements
     (`kind` "smooth_l1", beta 1, or "l2") -> float32 scalar; o_full, o_sparse: any equal shape ([B, T, HQ, D] in
     the attention layers). One Triton pass each way on CUDA, the PyTorch reference elsewhere (same values)."""
-    if o_full.shape != o_sparse.shape:
-        raise ValueError(
-            f"o_full {tuple(o_full.shape)} and o_sparse {tuple(o_sparse.shape)} must have the same shape."
-        )
-    if kind not in ("smooth_l1", "l2"):
-        raise ValueError(f"alignment loss kind={kind!r}: use 'smooth_l1' or 'l2'.")
     if resolve_backend("auto" if backend == "fla" else backend, o_full) == "triton":
+        reference.check_alignment(o_full, o_sparse, kind)
         return _triton_ops().alignment_loss(o_full, o_sparse, kind)
     return reference.alignment_loss(o_full, o_sparse, kind)
 

@@ -445,10 +445,15 @@ def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor, kind: str = "sm
     sparse attention near full (gradient into the sparse stream only). Shapes: any, equal; returns a float32
     scalar. `kind`: "smooth_l1" (beta 1) or "l2" (mean squared error); computed in float32 in one fused pass.
     """
+    check_alignment(o_full, o_sparse, kind)
+    return _SymmetricAlignment.apply(o_full, o_sparse, kind, 1.0)
+
+
+def check_alignment(o_full: torch.Tensor, o_sparse: torch.Tensor, kind: str) -> None:
+    """The alignment loss's arguments (shared with the Triton path): equal shapes, a known kind."""
     if o_full.shape != o_sparse.shape:
         raise ValueError(
             f"o_full {tuple(o_full.shape)} and o_sparse {tuple(o_sparse.shape)} must have the same shape."
         )
     if kind not in ("smooth_l1", "l2"):
         raise ValueError(f"alignment loss kind={kind!r}: use 'smooth_l1' or 'l2'.")
-    return _SymmetricAlignment.apply(o_full, o_sparse, kind, 1.0)
