@@ -116,20 +116,11 @@ class StepProfiler:
 
     def table(self, session) -> list[dict]:
         """[{name, device_ms_per_step, calls_per_step}] for the `top` entries by device time."""
+        from profiling import event_rows
 
-        from profiling import device_us as gpu_us
-
-        def device_us(e):  # on a machine without a GPU: CPU time, so the table still says something
-            return gpu_us(e) if torch.cuda.is_available() else e.self_cpu_time_total
-
-        events = sorted(session.key_averages(), key=device_us, reverse=True)[: self.top]
         rows = [
-            {
-                "name": e.key[:120],
-                "device_ms_per_step": device_us(e) / 1e3 / self.steps,
-                "calls_per_step": e.count / self.steps,
-            }
-            for e in events
+            {"name": r["kernel"], "device_ms_per_step": r["us_per_step"] / 1e3, "calls_per_step": r["calls_per_step"]}
+            for r in event_rows(session, self.steps)[: self.top]
         ]
         for r in rows:
             print(f"  {r['device_ms_per_step']:9.2f} ms {r['calls_per_step']:7.1f} x  {r['name']}", flush=True)
