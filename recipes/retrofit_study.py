@@ -33,10 +33,12 @@ runs/retrofit-smollm2/summary, which Q copies to $OUT every time):
             E="--task_limits ssa_hellaswag=2000";
     Q = ; mkdir -p $OUT/summary; cp runs/retrofit-smollm2/summary/*.json $OUT/summary/ 2>/dev/null; true
 
-On two GPUs (nvidia-h200-x2; how the published run was made on 2026-11-30: 17.6 device minutes, kernel benchmarks on the idle GPU included) the
-independent stages run side by side, one per GPU (G0 / G1 stand for `CUDA_VISIBLE_DEVICES=0` / `=1`; each
-parenthesised queue runs in the background with its own log, then `wait`). Measured wall times on the H200s:
-unbundle 41 s, train full 226 s, sparse 268 s, ssa 312 s (21M tokens each), eval 2.5-3.5 min per model.
+On two GPUs (nvidia-h200-x2; how the published run was made on 2026-11-30: 17.6 device minutes, kernel
+benchmarks on the idle GPU included) the independent stages run side by side, one per GPU (G0 / G1 stand for
+`CUDA_VISIBLE_DEVICES=0` / `=1`; each parenthesised queue runs in the background with its own log, then `wait`). Measured wall times on the H200s:
+unbundle 41 s, train full 226 s, sparse 268 s, ssa 312 s (21M tokens each), eval 2.5-3.5 min per model (that
+run had the defaults of then, --ppl_span 8192 --niah_samples 1; today's score 4x the text with 3 NIAH prompts
+per cell, about a minute more per model).
 
     P $S unbundle Q                                                     # carry part-00: stashes it (20 s)
     P $S unbundle && ((G0 $S train --mode full --time_budget_s 300 && G0 $S eval --model full $E) &
@@ -48,7 +50,7 @@ unbundle 41 s, train full 226 s, sparse 268 s, ssa 312 s (21M tokens each), eval
 On one GPU the same stages run one after the other (about 25 minutes). A stage stopped by its budget exits with
 75 (an `&&` chain stops there): repeat the call, it resumes from its newest checkpoint; eval's --time_budget_s
 skips units that would start after the budget and a repeated call does only what is missing. HellaSwag is cut
-to its first 2000 items to keep a model's evaluation near 3 minutes (drop --task_limits for all 10042). Then
+to its first 2000 items to keep a model's evaluation near 3-4 minutes (drop --task_limits for all 10042). Then
 here, with the summaries back in runs/retrofit-smollm2/summary/: `python recipes/retrofit_study.py report`.
 """
 
