@@ -152,14 +152,36 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D):
             )
 
 
-def sweep_splits(args, variants=((2, False), (8, False), (2, True), (8, True), (16, True))) -> list[dict]:
-    """Time the whole sparse step (CUDA graph) for each (PROGRAMS_PER_SM, FINISH_SPLIT) over the shapes and batches
-    at 128k; keep the variant with the lowest total for the rest of the run (printed, and in every row's meta).
-    Returns every (variant, shape, batch) time, so that a per-shape choice can be read off later."""
+# Decode-kernel settings tried by --sweep at 128k (module attributes of ssa_adapt/ops/triton/decode.py). Swept on
+# 2026-11-30 (decode-h200-sweep.json): PROGRAMS_PER_SM 8 beat 2, the split finishing lost (529-549 us summed
+# against 465-472). This round: the scoring kernel's products on the tensor cores (tf32x3) and the finishing
+# kernel's chunk and warps.
+SWEEP_BASE = dict(PROGRAMS_PER_SM=8, FINISH_SPLIT=False, SCORE_PRECISION="ieee", SCORE_BLOCKS=64, FINISH_BLOCKS=512,
+                  FINISH_WARPS=8)  # fmt: skip
+SWEEP_VARIANTS = [
+    {},
+    dict(SCORE_PRECISION="tf32x3"),
+    dict(SCORE_PRECISION="tf32x3", SCORE_BLOCKS=128),
+    dict(SCORE_PRECISION="tf32x3", FINISH_BLOCKS=1024),
+    dict(SCORE_PRECISION="tf32x3", FINISH_BLOCKS=2048),
+    dict(SCORE_PRECISION="tf32x3", FINISH_BLOCKS=1024, FINISH_WARPS=16),
+    dict(SCORE_PRECISION="tf32x3", FINISH_BLOCKS=2048, FINISH_WARPS=16),
+    dict(SCORE_PRECISION="tf32x3", PROGRAMS_PER_SM=4),
+    dict(SCORE_PRECISION="tf32x3", PROGRAMS_PER_SM=16),
+    dict(SCORE_PRECISION="tf32x3", FINISH_SPLIT=True),
+]
+
+
+def sweep_settings(args, variants=SWEEP_VARIANTS) -> list[dict]:
+    """Time the whole sparse step (CUDA graph) for each variant (SWEEP_BASE updated by it) over the shapes and
+    batches at 128k; keep the variant with the lowest total for the rest of the run (printed, and in every row's
+    meta). Returns every (variant, shape, batch) time, so that a per-shape choice can be read off later."""
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    totals, rows = {}, []
-    for per_sm, split in variants:
-        triton_decode.PROGRAMS_PER_SM, triton_decode.FINISH_SPLIT = per_sm, split
+    totals, rows = [], []
+    for change in variants:
+        setting = dict(SWEEP_BASE, **change)
+        for name, value in setting.items():
+            setattr(triton_decode, name, value)
         total = 0.0
         for HQ, H, D in shapes:
             for B in args.batch:
@@ -167,15 +189,17 @@ def sweep_splits(args, variants=((2, False), (8, False), (2, True), (8, True), (
                 with torch.no_grad():
                     step = partial(ops.sparse_attention, q, k, v, block_means=means, backend="triton", **SEL)
                     ms = timed(graphed(step))
+                    sel_ms = timed(graphed(partial(triton_decode.decode_select, q, means, key_len=131072, **SEL)))
                 total += ms
-                rows.append(dict(kind="sweep", sweep_programs_per_sm=per_sm, sweep_finish_split=split, HQ=HQ, H=H, D=D, batch=B,
-                                 context=131072, ms=ms))  # fmt: skip
-                print(f"sweep ({HQ}, {H}, {D}) B={B} PROGRAMS_PER_SM={per_sm} FINISH_SPLIT={split}: {ms * 1e3:.1f} us")
-        totals[(per_sm, split)] = total
-        print(f"sweep PROGRAMS_PER_SM={per_sm} FINISH_SPLIT={split}: {total * 1e3:.1f} us summed", flush=True)
-    best = min(totals, key=totals.get)
-    triton_decode.PROGRAMS_PER_SM, triton_decode.FINISH_SPLIT = best
-    print(f"sweep: keeping PROGRAMS_PER_SM={best[0]} FINISH_SPLIT={best[1]}", flush=True)
+                rows.append(dict(kind="sweep", variant=change, HQ=HQ, H=H, D=D, batch=B, context=131072, ms=ms,
+                                 select_ms=sel_ms))  # fmt: skip
+                print(f"sweep ({HQ}, {H}, {D}) B={B} {change}: step {ms * 1e3:.1f} us, select {sel_ms * 1e3:.1f} us")
+        totals.append((total, setting))
+        print(f"sweep {change}: {total * 1e3:.1f} us summed", flush=True)
+    best = min(totals, key=lambda t: t[0])[1]
+    for name, value in best.items():
+        setattr(triton_decode, name, value)
+    print(f"sweep: keeping {best}", flush=True)
     torch.cuda.empty_cache()
     return rows
 
@@ -292,9 +316,11 @@ def main():
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new size after this")
     p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of the decode step")
-    p.add_argument("--sweep", action="store_true", help="first pick the split count and finishing path at 128k")
+    p.add_argument(
+        "--sweep", action="store_true", help="first pick the decode kernel settings at 128k (SWEEP_VARIANTS)"
+    )
     args = p.parse_args()
-    sweep_rows = sweep_splits(args) if args.sweep else []
+    sweep_rows = sweep_settings(args) if args.sweep else []
     if args.profile:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
         out = {f"B{B}-TK{TK}-{HQ},{H},{D}": profile_layer(B, TK, HQ, H, D) for HQ, H, D in shapes
@@ -309,8 +335,7 @@ def main():
         torch=torch.__version__,
         triton=triton.__version__,
         python=platform.python_version(),
-        programs_per_sm=triton_decode.PROGRAMS_PER_SM,
-        finish_split=triton_decode.FINISH_SPLIT,
+        decode_settings={name: getattr(triton_decode, name) for name in SWEEP_BASE},
     )
     rec = Recorder(Path(args.out), meta)
     for row in sweep_rows:

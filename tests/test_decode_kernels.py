@@ -72,11 +72,15 @@ def make_inputs(c, device):
     g = torch.Generator().manual_seed(zlib.crc32(case_id(c).encode()))
     dtype = getattr(torch, c["dtype"])
     B, T, TK, H, G, D = c["B"], c["T"], c["TK"], c["H"], c["G"], c["D"]
-    q = torch.randn(B, H * G, T, D, generator=g).to(device, dtype).transpose(1, 2)
-    if c["ties"]:  # every key block the same: all importances tie exactly, the lowest blocks must win
-        k = torch.randn(B, H, 1, D, generator=g).expand(B, H, TK, D).contiguous()
+    q = torch.randn(B, H * G, T, D, generator=g)
+    if c["ties"]:  # every key block the same: all importances tie exactly, the lowest blocks must win. Multiples
+        # of 1/8 make every product and partial sum exact, so the logits tie in any summation order (a BLAS under
+        # the interpreter may sum some columns of one matmul in another order than the rest)
+        q = torch.round(q * 8) / 8
+        k = (torch.round(torch.randn(B, H, 1, D, generator=g) * 8) / 8).expand(B, H, TK, D).contiguous()
     else:
         k = torch.randn(B, H, TK, D, generator=g)
+    q = q.to(device, dtype).transpose(1, 2)
     k = k.to(device, dtype).transpose(1, 2)
     v = torch.randn(B, H, TK, D, generator=g).to(device, dtype).transpose(1, 2)
     starts = torch.tensor(c["starts"] or [0] * B, device=device)
@@ -166,6 +170,16 @@ def run_case(c, device) -> dict:
     # the finishing kernel's exact fallback (bisection) alone, and its fast path with 8 lanes (several blocks per
     # lane, lanes whose third key is chosen, so also the switch to the fallback)
     variants += [("bisection", dict(FINISH_FAST=False)), ("lanes", dict(FINISH_BLOCKS=8))]
+    # the finishing kernels read the splits' statistics a chunk at a time: 5 splits in chunks of 2 (a partial one)
+    chunks = lambda nsplit, G: 2  # noqa: E731
+    variants += [
+        ("stats-chunks", dict(_stats_chunk=chunks)),
+        ("split-stats-chunks", dict(_stats_chunk=chunks, FINISH_SPLIT=True)),
+    ]
+    splits_of = {"stats-chunks": 5, "split-stats-chunks": 5}
+    if device == "cuda":  # the other product precision of the scoring kernel (the interpreter computes both exactly)
+        other = "ieee" if decode.SCORE_PRECISION != "ieee" else "tf32x3"
+        variants += [("precision", dict(SCORE_PRECISION=other))]
     # the finishing pass split over the blocks: bound from the splits' lane groups, survivors ranked; with a
     # 2-key scratch (fewer than any budget of 3 or more) and 2 groups per split, also its exact bisection branch
     variants += [
@@ -184,7 +198,7 @@ def run_case(c, device) -> dict:
             try:
                 for n, x in arg.items():
                     setattr(decode, n, x)
-                got = decode_select(q, means, key_len=TK, doc_start=ds, **sel)
+                got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=splits_of.get(how), **sel)
             finally:
                 for n, x in saved.items():
                     setattr(decode, n, x)
@@ -303,16 +317,19 @@ def test_decode_kernels_compile_for_sm90(G):
     ptr = dict(doc_start="*i64", q_pos="*i64")
     common = dict(H=3, G=G, D=64, BD=64, BS=16, HAS_DOCS=True)
     kernels = [
-        (
-            d._decode_score_kernel,
-            dict(ptr, q="*bf16", kbar="*fp32", logits="*fp32", stats="*fp32", scale_log2="fp32"),
-            dict(common, GP=16, BN=d.SCORE_BLOCKS, HAS_POS=False),
-            d.SCORE_WARPS,
-        ),
+        *[
+            (
+                d._decode_score_kernel,
+                dict(ptr, q="*bf16", kbar="*fp32", logits="*fp32", stats="*fp32", scale_log2="fp32"),
+                dict(common, GP=16, BN=d.SCORE_BLOCKS, PRECISION=precision, HAS_POS=False),
+                d.SCORE_WARPS,
+            )
+            for precision in ("tf32x3", "ieee")
+        ],
         (
             d._decode_finish_kernel,
             dict(ptr, logits="*fp32", stats="*fp32", imp="*i32", comp="*i64", out="*i32"),
-            dict(H=3, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, BS=16, S=16, SP=16, FP=2, SINK=1, LOCAL=1, BN=d.FINISH_BLOCKS, LG=d.FINISH_GROUPS,
+            dict(H=3, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, NSP=64, BS=16, S=16, SP=16, FP=2, SINK=1, LOCAL=1, BN=d.FINISH_BLOCKS, LG=d.FINISH_GROUPS,
                  CAP=d.FINISH_CAP, FAST=True, HAS_POS=False, HAS_DOCS=True),
             d.FINISH_WARPS,
         ),
@@ -322,7 +339,7 @@ def test_decode_kernels_compile_for_sm90(G):
         (
             d._decode_keys_kernel,
             dict(ptr, logits="*fp32", stats="*fp32", keys="*i64", gmax="*i64"),
-            dict(split, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, BN=d.KEYS_BLOCKS, LG=d.KEYS_GROUPS),
+            dict(split, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, NSP=64, BN=d.KEYS_BLOCKS, LG=d.KEYS_GROUPS),
             d.SCORE_WARPS,
         ),
         (

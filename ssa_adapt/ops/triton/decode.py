@@ -44,6 +44,10 @@ MAX_DECODE_T = 4  # the dispatcher sends calls with at most this many queries pe
 # per step of the attention kernel, its warps; programs per SM the split heuristics aim at.
 SCORE_BLOCKS = 64
 SCORE_WARPS = 4
+# The logits' products: "tf32x3" (three tf32 tensor-core products, hi*hi + hi*lo + lo*hi: ~2^-21 relative error, the
+# products' rounding of float32 itself is 2^-24) or "ieee" (exact float32 FMAs on the CUDA cores; the group is padded
+# to 16 rows, so 16 / G times the useful work). Measured on the H200: README.md section 6.
+SCORE_PRECISION = "tf32x3"
 FINISH_BLOCKS = 512
 FINISH_WARPS = 8
 FINISH_GROUPS = 64  # lane groups whose maxima bound the threshold from below
@@ -85,6 +89,7 @@ def _decode_score_kernel(
     BD: tl.constexpr,
     BS: tl.constexpr,
     BN: tl.constexpr,
+    PRECISION: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
@@ -119,8 +124,8 @@ def _decode_score_kernel(
         m_n = o_n < hi
         # [BN, BD]
         b_kb = tl.load(p_kb + o_n[:, None] * stride_kn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        # [GP, BN], exact float32 products
-        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision="ieee") * scale_log2
+        # [GP, BN] in float32 (SCORE_PRECISION: "ieee" exact products on the CUDA cores, "tf32x3" on the tensor cores)
+        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=PRECISION) * scale_log2
         tl.store(p_l + o_g[:, None] * NB + o_n[None, :], b_s, mask=m_g[:, None] & m_n[None, :])
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -162,20 +167,27 @@ def _row_blocks(q_pos, doc_start, i_bth, T, TK, NB, H: tl.constexpr, BS: tl.cons
 
 
 @triton.jit
-def _merged_stats(stats, i_bth, NSPLIT, G: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr):
+def _merged_stats(stats, i_bth, NSPLIT, G: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, NSP: tl.constexpr):
     """Softmax max and 1 / normaliser [GP] of the group's heads over all complete blocks, from the scoring
-    kernel's per-split statistics (log2 domain; 0 for padded heads)."""
+    kernel's per-split statistics (log2 domain; 0 for padded heads). The splits are read NSP at a time in one
+    [NSP, GP] load (NSP: `_stats_chunk`): a loop over single splits waits for each load in turn (~0.5 us apiece;
+    132 splits at batch 1 were most of the finishing kernel's time on the H200)."""
     o_g = tl.arange(0, GP)
+    o_i = tl.arange(0, NSP)
     m_g = o_g < G
-    p_st = stats + i_bth * NSPLIT * 2 * GS + o_g
+    p_st = stats + i_bth * NSPLIT * 2 * GS + o_g[None, :]
     b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
-    for i in range(0, NSPLIT):
-        b_m = tl.maximum(b_m, tl.load(p_st + i * 2 * GS, mask=m_g, other=float("-inf")))
-    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
     b_l = tl.zeros([GP], dtype=tl.float32)
-    for i in range(0, NSPLIT):
-        m_i = tl.load(p_st + i * 2 * GS, mask=m_g, other=float("-inf"))
-        b_l += tl.load(p_st + i * 2 * GS + GS, mask=m_g, other=0.0) * tl.exp2(m_i - b_m)
+    for i0 in range(0, NSPLIT, NSP):
+        m_ig = ((i0 + o_i) < NSPLIT)[:, None] & m_g[None, :]
+        p_i = p_st + (i0 + o_i)[:, None] * 2 * GS
+        m_i = tl.load(p_i, mask=m_ig, other=float("-inf"))
+        l_i = tl.load(p_i + GS, mask=m_ig, other=0.0)
+        m_new = tl.maximum(b_m, tl.max(m_i, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_l = b_l * tl.exp2(b_m - m_use) + tl.sum(tl.where(m_ig, l_i * tl.exp2(m_i - m_use[None, :]), 0.0), 0)
+        b_m = m_new
+    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
     b_il = tl.where(m_g & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
     return b_m, b_il
 
@@ -236,6 +248,7 @@ def _decode_finish_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,  # rows for the group here: next power of two >= G
     GS: tl.constexpr,  # head stride of `stats` (the scoring kernel's padded group)
+    NSP: tl.constexpr,  # splits of `stats` read at a time
     BS: tl.constexpr,
     S: tl.constexpr,
     SP: tl.constexpr,
@@ -258,7 +271,7 @@ def _decode_finish_kernel(
     o_b = tl.arange(0, BN)
 
     # ---- softmax statistics of every head over all complete blocks, from the splits
-    b_m, b_il = _merged_stats(stats, i_bth, NSPLIT, G, GP, GS)
+    b_m, b_il = _merged_stats(stats, i_bth, NSPLIT, G, GP, GS, NSP)
 
     p_l = logits + i_bth * G * NB
     p_o = out + i_bth * S
@@ -385,6 +398,7 @@ def _decode_keys_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,
     GS: tl.constexpr,
+    NSP: tl.constexpr,
     BS: tl.constexpr,
     SINK: tl.constexpr,
     LOCAL: tl.constexpr,
@@ -400,7 +414,7 @@ def _decode_keys_kernel(
     pos, cur, n_c, c_lo, n_sink, l_lo, n_local, budget = _row_blocks(
         q_pos, doc_start, i_bth, T, TK, NB, H, BS, 1, SINK, LOCAL, HAS_POS, HAS_DOCS
     )
-    b_m, b_il = _merged_stats(stats, i_bth, NSPLIT, G, GP, GS)
+    b_m, b_il = _merged_stats(stats, i_bth, NSPLIT, G, GP, GS, NSP)
     o_b = tl.arange(0, BN)
     p_l = logits + i_bth * G * NB
     lane = tl.full([BN], -1, dtype=tl.int64)
@@ -658,6 +672,11 @@ def _workspace(device: torch.device, *words: int) -> list[torch.Tensor]:
     return out
 
 
+def _stats_chunk(nsplit: int, G: int) -> int:
+    """Splits whose statistics the finishing kernels read in one load: all of them, up to 2048 values."""
+    return max(2, min(next_pow2(nsplit), 2048 // max(2, next_pow2(G))))
+
+
 def _splits(units: int, pieces: int, device: torch.device, splits: int | None) -> int:
     """How many programs share one (query, KV head): enough for PROGRAMS_PER_SM per SM, at most `pieces`."""
     if splits is None:
@@ -767,6 +786,7 @@ def decode_select(
         BD=BD,
         BS=block_size,
         BN=SCORE_BLOCKS,
+        PRECISION=SCORE_PRECISION,
         num_warps=SCORE_WARPS,
         **common,
     )
@@ -776,7 +796,8 @@ def decode_select(
         split = dict(H=H, BS=block_size, SINK=sink_blocks, LOCAL=local_blocks, **common)
         _decode_keys_kernel[(units, nsplit)](
             logits, stats, q_pos, ds, keys, gmax, T, key_len, NB, nsplit, bps,
-            G=G, GP=max(2, next_pow2(G)), GS=GP, BN=KEYS_BLOCKS, LG=lg, num_warps=SCORE_WARPS, **split,
+            G=G, GP=max(2, next_pow2(G)), GS=GP, NSP=_stats_chunk(nsplit, G), BN=KEYS_BLOCKS, LG=lg,
+            num_warps=SCORE_WARPS, **split,
         )  # fmt: skip
         _decode_pick_kernel[(units,)](
             keys, gmax, comp, q_pos, ds, out, T, key_len, NB, nsplit,
@@ -801,6 +822,7 @@ def decode_select(
         G=G,
         GP=max(2, next_pow2(G)),
         GS=GP,
+        NSP=_stats_chunk(nsplit, G),
         BS=block_size,
         S=S,
         SP=max(2, next_pow2(S)),
