@@ -137,6 +137,18 @@ def selection_gap(got, ref, imp):
     return len(diff), gap
 
 
+def split_keys_error(scratch, imp, units, nb) -> float:
+    """Largest relative error of the importances that the split finishing wrote into its keys ((float bits of I
+    << 32) | index) against the float64 reference, over the candidates (keys >= 0)."""
+    keys = scratch[: 2 * units * nb].view(torch.int64).view(units, nb).cpu()
+    got = (keys >> 32).to(torch.int32).view(torch.float32).double()
+    ref = imp.reshape(units, -1)[:, :nb].cpu()
+    ok = (keys >= 0) & torch.isfinite(ref)
+    if not ok.any():
+        return float("inf")
+    return ((got - ref).abs() / ref.abs().clamp_min(1e-30))[ok].max().item()
+
+
 def lowest_blocks(q_pos, c, H):
     """The selection when every importance ties: the forced blocks and the lowest other complete blocks."""
     B, T = q_pos.shape
@@ -205,7 +217,14 @@ def run_case(c, device) -> dict:
             try:
                 for n, x in arg.items():
                     setattr(decode, n, x)
+                if how == "split-stats-chunks":  # keep the scratch: its keys carry each candidate's importance
+                    kept = []
+                    workspace = decode._workspace
+                    decode._workspace = lambda *a, kept=kept, ws=workspace: kept.extend(ws(*a)) or kept
                 got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=splits_of.get(how), **sel)
+                if how == "split-stats-chunks":
+                    decode._workspace = workspace
+                    res["importance_err"] = split_keys_error(kept[2], imp, B * T * c["H"], means.shape[1])
             finally:
                 for n, x in saved.items():
                     setattr(decode, n, x)
@@ -238,6 +257,8 @@ def check(res: dict, c):
     assert res["select_gap"] <= TIE, f"{res['select_rows_differ']} rows differ beyond ties: gap {res['select_gap']}"
     if "ties_exact" in res:
         assert res["ties_exact"] == 1.0, "exact ties must go to the lower block index"
+    if "importance_err" in res:  # the statistics merged from every split (in chunks), not from some
+        assert res["importance_err"] < 1e-4, f"split keys' importances off by {res['importance_err']:.2e}"
     tol = TOL[getattr(torch, c["dtype"])]
     errs = {n: res[n] for n in ("o", "o_dispatch")}
     assert all(e < tol for e in errs.values()), f"relative RMS errors {errs} over {tol}"
