@@ -48,7 +48,7 @@ SCORE_WARPS = 4
 # products' rounding of float32 itself is 2^-24) or "ieee" (exact float32 FMAs on the CUDA cores; the group is padded
 # to 16 rows, so 16 / G times the useful work). Measured on the H200: README.md section 6.
 SCORE_PRECISION = "tf32x3"
-FINISH_BLOCKS = 512
+FINISH_BLOCKS = 1024  # swept on the H200 2026-12-02 (decode-h200-sweep-tf32x3.json): 1024 beat 512 and 2048
 FINISH_WARPS = 8
 FINISH_GROUPS = 64  # lane groups whose maxima bound the threshold from below
 FINISH_CAP = 128  # surviving keys ranked exactly; more (or a lane's third key chosen) takes the bisection path
