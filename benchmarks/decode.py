@@ -18,7 +18,8 @@ Per layer (`kind: layer`), medians of triton.testing.do_bench in ms:
 `speedup` rows divide the sdpa time by ssa_sparse (eager and graph).
 
 `generate` (`kind: generate`): a random Llama of the shape (`--layers` layers, hidden = HQ * D, vocab 32000), or
-with `--model FOLDER` the real model for the rows of its shape (SmolLM2: all 30 layers, RoPE run past 8k),
+with `--model FOLDER` the real model for the rows of its shape (SmolLM2: all 30 layers, RoPE run past 8k; a folder
+with only its config.json: that architecture with random weights, the same speed),
 converted with SSAConfig(16, 16, sink 1), greedy decoding of `--new-tokens` tokens after a random prompt of the
 context length, sparse and full mode; decode tokens/s = B * (N - 1) / (t(N tokens) - t(1 token)), so the prefill
 cancels. Every row carries command, device and date; the file is rewritten after every row.
@@ -153,22 +154,19 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D):
 
 
 # Decode-kernel settings tried by --sweep at 128k (module attributes of ssa_adapt/ops/triton/decode.py). Swept on
-# 2026-11-30 (decode-h200-sweep.json): PROGRAMS_PER_SM 8 beat 2, the split finishing lost (529-549 us summed
-# against 465-472). This round: the scoring kernel's products on the tensor cores (tf32x3) and the finishing
-# kernel's chunk and warps.
-SWEEP_BASE = dict(PROGRAMS_PER_SM=8, FINISH_SPLIT=False, SCORE_PRECISION="ieee", SCORE_BLOCKS=64, FINISH_BLOCKS=512,
-                  FINISH_WARPS=8)  # fmt: skip
+# 2026-11-30 (decode-h200-sweep.json): PROGRAMS_PER_SM 8 beat 2, the split finishing lost; on 2026-12-02
+# (decode-h200-sweep-tf32x3.json): tf32x3 scoring and FINISH_BLOCKS 1024 won (223.8 us summed); later that day
+# (decode-h200-chunks.json) the chunked finishing of 1024 blocks tied one program per row (222.9 / 223.6), winning
+# at batch 1, and narrower chunks (512, 256) lost. This round: the chunks' 32-wide ranking, the auto choice.
+SWEEP_BASE = dict(PROGRAMS_PER_SM=8, FINISH="row", SCORE_PRECISION="tf32x3", SCORE_BLOCKS=64, FINISH_BLOCKS=1024,
+                  FINISH_WARPS=8, CHUNK_BLOCKS=1024, CHUNK_SMALL=32, CHUNK_PROGRAMS_PER_SM=2)  # fmt: skip
 SWEEP_VARIANTS = [
     {},
-    dict(SCORE_PRECISION="tf32x3"),
-    dict(SCORE_PRECISION="tf32x3", SCORE_BLOCKS=128),
-    dict(SCORE_PRECISION="tf32x3", FINISH_BLOCKS=1024),
-    dict(SCORE_PRECISION="tf32x3", FINISH_BLOCKS=2048),
-    dict(SCORE_PRECISION="tf32x3", FINISH_BLOCKS=1024, FINISH_WARPS=16),
-    dict(SCORE_PRECISION="tf32x3", FINISH_BLOCKS=2048, FINISH_WARPS=16),
-    dict(SCORE_PRECISION="tf32x3", PROGRAMS_PER_SM=4),
-    dict(SCORE_PRECISION="tf32x3", PROGRAMS_PER_SM=16),
-    dict(SCORE_PRECISION="tf32x3", FINISH_SPLIT=True),
+    dict(FINISH="chunks", CHUNK_SMALL=128),
+    dict(FINISH="chunks"),
+    dict(FINISH="chunks", CHUNK_BLOCKS=2048),
+    dict(FINISH="auto"),
+    dict(FINISH="auto", CHUNK_PROGRAMS_PER_SM=4),
 ]
 
 
@@ -220,19 +218,26 @@ def profile_layer(B, TK, HQ, H, D, steps=20) -> list[dict]:
     return rows
 
 
-def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens, model_path=None):
-    """`model_path`: a real model of this (HQ, H, D) shape (all its layers) instead of the random `layers`-layer one."""
+def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens, model_path=None, cprofile=False):
+    """`model_path`: a real model of this (HQ, H, D) shape (all its layers) instead of the random `layers`-layer one
+    (a folder with config.json alone: that architecture with random weights). cprofile: print the host profile of
+    one sparse and one full call instead of timing."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import ssa_adapt
 
+    weights = model_path and any(Path(model_path).glob("*.safetensors"))
     if model_path:
         config = AutoConfig.from_pretrained(model_path)
         config.max_position_embeddings = max(config.max_position_embeddings, TK + new_tokens + 16)
         layers = config.num_hidden_layers
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, config=config, attn_implementation="sdpa", dtype=torch.bfloat16
-        )
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, config=config, attn_implementation="sdpa", dtype=torch.bfloat16
+            )
+        else:  # a folder with config.json alone: the real architecture with random weights (same speed)
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
     else:
         model = random_model(TK + new_tokens + 16, HQ, H, D, layers)
     model = ssa_adapt.convert(model.cuda().eval(), ssa_adapt.SSAConfig(**SEL))
@@ -240,6 +245,8 @@ def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens, model_pat
     prompt = torch.randint(0, vocab, (B, TK), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     mask = torch.ones_like(prompt)
     name = Path(model_path).name if model_path else f"random Llama, {layers} layers"
+    if model_path and not weights:
+        name += " (its config, random weights)"
 
     def run(n):
         torch.cuda.synchronize()
@@ -252,6 +259,20 @@ def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens, model_pat
         assert out.shape[1] == TK + n
         return time.perf_counter() - t0
 
+    if cprofile:  # host time of a sparse and a full generate call by function (decode is launch-bound)
+        import cProfile
+        import pstats
+
+        for mode in ("sparse", "full"):
+            ssa_adapt.set_inference(model, mode)
+            run(2)
+            prof = cProfile.Profile()
+            prof.enable()
+            run(new_tokens)
+            prof.disable()
+            print(f"cProfile generate {mode} B={B} TK={TK} ({HQ}, {H}, {D}), {new_tokens} tokens:")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        return
     for mode in ("sparse", "full"):
         meta = dict(kind="generate", mode=mode, model=name, HQ=HQ, H=H, D=D, context=TK, batch=B, layers=layers)
         try:
@@ -317,6 +338,9 @@ def main():
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new size after this")
     p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of the decode step")
     p.add_argument(
+        "--cprofile", action="store_true", help="only print host profiles of generate (first shape, context, batch)"
+    )
+    p.add_argument(
         "--sweep", action="store_true", help="first pick the decode kernel settings at 128k (SWEEP_VARIANTS)"
     )
     args = p.parse_args()
@@ -326,6 +350,11 @@ def main():
         out = {f"B{B}-TK{TK}-{HQ},{H},{D}": profile_layer(B, TK, HQ, H, D) for HQ, H, D in shapes
                for TK in args.contexts for B in args.batch}  # fmt: skip
         Path(args.out).write_text(json.dumps(out, indent=1))
+        return
+    if args.cprofile:
+        shape = tuple(int(x) for x in args.shapes[0].split(","))
+        model = model_for(args.model, shape)
+        bench_generate(None, args.batch[0], args.contexts[0], *shape, args.layers, args.new_tokens, model, True)
         return
     t0 = time.time()
     meta = dict(

@@ -137,12 +137,14 @@ def selection_gap(got, ref, imp):
     return len(diff), gap
 
 
-def split_keys_error(scratch, imp, units, nb) -> float:
-    """Largest relative error of the importances that the split finishing wrote into its keys ((float bits of I
-    << 32) | index) against the float64 reference, over the candidates (keys >= 0)."""
-    keys = scratch[: 2 * units * nb].view(torch.int64).view(units, nb).cpu()
+def keys_error(keys, imp, units) -> float:
+    """Largest relative error of the importances that a finishing kernel wrote into its keys [units, N] int64
+    ((float bits of I(j) << 32) | (2^31 - 1 - j), -1 for none) against the float64 reference imp, over the keys
+    that are set (inf when none is)."""
+    keys = keys.cpu()
     got = (keys >> 32).to(torch.int32).view(torch.float32).double()
-    ref = imp.reshape(units, -1)[:, :nb].cpu()
+    block = (2**31 - 1 - (keys & (2**31 - 1))).clamp(0, imp.shape[-1] - 1)
+    ref = imp.reshape(units, -1).cpu().gather(1, block)
     ok = (keys >= 0) & torch.isfinite(ref)
     if not ok.any():
         return float("inf")
@@ -186,28 +188,53 @@ def run_case(c, device) -> dict:
     imp = importance(q, means, q_pos, scale)
     res = {"select_written": 1.0, "select_gap": 0.0, "select_rows_differ": 0}
     variants = [("dispatch", None)] + [("splits", s) for s in c["splits"]] + [("q_pos", None)]
-    # the finishing kernel's exact fallback (bisection) alone, and its fast path with 8 lanes (several blocks per
-    # lane, lanes whose third key is chosen, so also the switch to the fallback)
-    variants += [("bisection", dict(FINISH_FAST=False)), ("lanes", dict(FINISH_BLOCKS=8))]
-    # the finishing kernels read the splits' statistics a chunk at a time: 5 splits in chunks of 2 (a partial one)
-    # the second also keeps its scratch buffers: the split keys carry each candidate's importance
+    # the finishing pass over chunks of blocks (the default): many chunks of 8 (their candidates merged by
+    # bisection), a few of 64 (merged by pairwise ranks, or by bisection), a 2-key scratch per chunk (fewer
+    # than any budget of 3 or more: each chunk's exact bisection), and survivors ranked FINISH_CAP wide
+    variants += [
+        ("chunks-8", dict(FINISH="chunks", CHUNK_BLOCKS=8)),
+        ("chunks-64", dict(FINISH="chunks", CHUNK_BLOCKS=64)),
+        ("chunks-64-merge-bisection", dict(FINISH="chunks", CHUNK_BLOCKS=64, CHUNK_PAIRS=2)),
+        ("chunks-exact", dict(FINISH="chunks", CHUNK_BLOCKS=8, FINISH_CAP=2)),
+        ("chunks-wide-rank", dict(FINISH="chunks", CHUNK_BLOCKS=64, CHUNK_SMALL=2)),
+    ]
+    # one program per row: its exact fallback (bisection) alone, and its fast path with 8 lanes (several blocks
+    # per lane, lanes whose third key is chosen, so also the switch to the fallback)
+    variants += [
+        ("row", dict(FINISH="row")),
+        ("bisection", dict(FINISH="row", FINISH_FAST=False)),
+        ("lanes", dict(FINISH="row", FINISH_BLOCKS=8)),
+    ]
+    # the finishing kernels read the splits' statistics a chunk at a time: 5 splits in chunks of 2 (a partial one);
+    # the scratch buffers are kept, so the keys the finishing wrote can be checked: each carries its block's
+    # importance (chunks: the chunks' candidates; split: every candidate's key)
     chunks = lambda nsplit, G: 2  # noqa: E731
     kept = []
-    keep = lambda *words, ws=decode._workspace: kept.extend(ws(*words)) or kept[-len(words) :]  # noqa: E731
+
+    def keep(device, *words, ws=decode._workspace):
+        """decode._workspace that keeps its buffers, every word -1 (NaN as float32): keys never written read -1"""
+        bufs = ws(device, *words)
+        for b in bufs:
+            b.view(torch.int32).fill_(-1)
+        kept.extend(bufs)
+        return bufs
+
     variants += [
-        ("stats-chunks", dict(_stats_chunk=chunks)),
-        ("split-stats-chunks", dict(_stats_chunk=chunks, FINISH_SPLIT=True, _workspace=keep)),
+        ("row-stats-chunks", dict(_stats_chunk=chunks, FINISH="row")),
+        ("chunks-stats-chunks", dict(_stats_chunk=chunks, FINISH="chunks", CHUNK_BLOCKS=64, _workspace=keep)),
+        ("split-stats-chunks", dict(_stats_chunk=chunks, FINISH="split", _workspace=keep)),
     ]
-    splits_of = {"stats-chunks": 5, "split-stats-chunks": 5}
+    splits_of = {n: 5 for n in ("row-stats-chunks", "chunks-stats-chunks", "split-stats-chunks")}
     if device == "cuda":  # the other product precision of the scoring kernel (the interpreter computes both exactly)
         other = "ieee" if decode.SCORE_PRECISION != "ieee" else "tf32x3"
         variants += [("precision", dict(SCORE_PRECISION=other))]
     # the finishing pass split over the blocks: bound from the splits' lane groups, survivors ranked; with a
     # 2-key scratch (fewer than any budget of 3 or more) and 2 groups per split, also its exact bisection branch
     variants += [
-        ("split", dict(FINISH_SPLIT=True)),
-        ("split-exact", dict(FINISH_SPLIT=True, FINISH_CAP=2, KEYS_GROUPS=2)),
+        ("split", dict(FINISH="split")),
+        ("split-exact", dict(FINISH="split", FINISH_CAP=2, KEYS_GROUPS=2)),
     ]
+    units, nb = B * T * c["H"], means.shape[1]
     for how, arg in variants:
         if how == "dispatch":
             got = dispatched = ops.select_blocks(q, k, doc_start=ds, block_means=means, backend="triton", **sel)
@@ -222,7 +249,11 @@ def run_case(c, device) -> dict:
                     setattr(decode, n, x)
                 got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=splits_of.get(how), **sel)
                 if how == "split-stats-chunks":  # scratch buffers: logits, stats, keys + group maxima, survivors
-                    res["importance_err"] = split_keys_error(kept[-2], imp, B * T * c["H"], means.shape[1])
+                    keys = kept[-2][: 2 * units * nb].view(torch.int64).view(units, nb)
+                    res["importance_err"] = max(res.get("importance_err", 0.0), keys_error(keys, imp, units))
+                if how == "chunks-stats-chunks":  # scratch buffers: logits, stats, candidates, survivors
+                    keys = kept[-2].view(torch.int64).view(units, -1)
+                    res["importance_err"] = max(res.get("importance_err", 0.0), keys_error(keys, imp, units))
             finally:
                 for n, x in saved.items():
                     setattr(decode, n, x)
@@ -235,6 +266,9 @@ def run_case(c, device) -> dict:
             # rounds equal inputs differently across blocks, so it is no arbiter here)
             exact = float(torch.equal(got.cpu(), lowest_blocks(q_pos.cpu(), c, got.shape[2])))
             res["ties_exact"] = min(res.get("ties_exact", 1.0), exact)
+
+    # the chunked finishing's row counters are back to zero after every call (else the next call would not merge)
+    res["counts_left"] = sum(int(n.abs().sum()) for n in decode._COUNTS.values()) if decode._COUNTS else -1
 
     # attention on the reference's indices, float64 reference on the same (rounded) inputs
     o_ref = R.attend_blocks(q.double(), k.double(), v.double(), ref, block_size=BS, doc_start=ds)
@@ -256,7 +290,8 @@ def check(res: dict, c):
     if "ties_exact" in res:
         assert res["ties_exact"] == 1.0, "exact ties must go to the lower block index"
     if "importance_err" in res:  # the statistics merged from every split (in chunks), not from some
-        assert res["importance_err"] < 1e-4, f"split keys' importances off by {res['importance_err']:.2e}"
+        assert res["importance_err"] < 1e-4, f"finishing keys' importances off by {res['importance_err']:.2e}"
+    assert res["counts_left"] == 0, "the chunked finishing left its row counters set"
     tol = TOL[getattr(torch, c["dtype"])]
     errs = {n: res[n] for n in ("o", "o_dispatch")}
     assert all(e < tol for e in errs.values()), f"relative RMS errors {errs} over {tol}"
@@ -359,6 +394,17 @@ def test_decode_kernels_compile_for_sm90(G):
                  CAP=d.FINISH_CAP, FAST=True, HAS_POS=False, HAS_DOCS=True),
             d.FINISH_WARPS,
         ),
+    ]  # fmt: skip
+    kernels += [
+        (
+            d._decode_finish_chunks_kernel,
+            dict(ptr, logits="*fp32", stats="*fp32", comp="*i64", cand="*i64", count="*i32", out="*i32"),
+            dict(H=3, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, NSP=64, BS=16, S=16, SP=16, FP=2, SINK=1,
+                 LOCAL=1, BN=d.CHUNK_BLOCKS, LG=d.FINISH_GROUPS, CAP=d.FINISH_CAP, SMALL=32, NV=nv, PAIRS=nv <= 256,
+                 HAS_POS=False, HAS_DOCS=True),
+            d.FINISH_WARPS,
+        )
+        for nv in (128, 512)
     ]  # fmt: skip
     split = dict(H=3, BS=16, SINK=1, LOCAL=1, HAS_POS=False, HAS_DOCS=True)
     kernels += [

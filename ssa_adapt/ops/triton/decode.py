@@ -53,7 +53,17 @@ FINISH_WARPS = 8
 FINISH_GROUPS = 64  # lane groups whose maxima bound the threshold from below
 FINISH_CAP = 128  # surviving keys ranked exactly; more (or a lane's third key chosen) takes the bisection path
 FINISH_FAST = True  # False: always the bisection path (tests)
-FINISH_SPLIT = False  # True: the finishing pass split over the blocks (keys + pick kernels; slower on the H200)
+# The finishing pass: "chunks" (one launch over (row, chunk of CHUNK_BLOCKS blocks); the row's last chunk merges),
+# "row" (one program per row scans every block), "split" (keys + pick kernels; slower on the H200), or "auto":
+# chunks while they make at most CHUNK_PROGRAMS_PER_SM programs per SM, else row. On the H200 at 128k
+# (decode-h200-chunks.json) chunks of 1024 won at batch 1 (28.6 / 35.5 us against 34.4 / 41.8 for the whole step),
+# tied for SmolLM2 at batch 8 (57.6 / 58.3) and lost for the 1B shape at batch 8 (101.2 / 89.0: 512 programs);
+# narrower chunks lost everywhere (each program ranks its survivors, the last one merges NCH * S candidates)
+FINISH = "auto"
+CHUNK_BLOCKS = 1024
+CHUNK_PROGRAMS_PER_SM = 2
+CHUNK_SMALL = 32  # a chunk's survivors up to this many are ranked in a 32 x 32 comparison (else FINISH_CAP wide)
+CHUNK_PAIRS = 256  # merged candidates up to this many are ranked by pairwise comparison, more by bisection
 KEYS_BLOCKS = 64  # blocks per step of the split keys kernel (its lanes)
 KEYS_GROUPS = 16  # lane groups per split whose maxima bound the threshold
 PICK_BLOCKS = 512  # keys per step of the pick kernel
@@ -382,6 +392,136 @@ def _decode_finish_kernel(
 
 
 @triton.jit
+def _chunk_threshold(key, budget, LG: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr, p_c, BN: tl.constexpr):
+    """The smallest of the `budget` best keys of one chunk (key [BN], unique where >= 0; -1: not a candidate),
+    0 when at most `budget` keys are candidates, int64 max when budget is 0. Fast: the budget-th best of LG lane-group
+    maxima (distinct blocks) bounds it from below, and the few keys above that bound (compacted through p_c [CAP])
+    are ranked exactly ([SMALL, SMALL] comparisons when at most SMALL survive, the usual case, else [CAP, CAP]);
+    more than CAP of them: a bisection over the key values (63 counting passes)."""
+    BIG: tl.constexpr = 9223372036854775807
+    g_max = tl.max(tl.reshape(key, [BN // LG, LG]), 0)
+    g_rank = tl.sum((g_max[None, :] > g_max[:, None]).to(tl.int32), 1)
+    lb = tl.max(tl.where((g_rank == budget - 1) & (g_max >= 0), g_max, -1), 0)
+    lb = tl.where(budget > 0, tl.maximum(lb, 0), BIG)
+    surv = key >= lb
+    n_s = tl.sum(surv.to(tl.int32), 0)
+    at = tl.cumsum(surv.to(tl.int32), 0) - 1
+    tl.store(p_c + at, key, mask=surv & (at < CAP))
+    tl.debug_barrier()  # read back below by other threads of this program
+    if n_s <= SMALL:
+        o_c = tl.arange(0, SMALL)
+        b_c = tl.load(p_c + o_c, mask=o_c < n_s, other=-1)
+        c_rank = tl.sum((b_c[None, :] > b_c[:, None]).to(tl.int32), 1)
+        chosen = (b_c >= 0) & (c_rank < budget)
+        tau = tl.min(tl.where(chosen, b_c, BIG), 0)
+        tau = tl.where(tl.sum(chosen.to(tl.int32), 0) < budget, 0, tau)
+    elif n_s <= CAP:
+        o_c = tl.arange(0, CAP)
+        b_c = tl.load(p_c + o_c, mask=o_c < n_s, other=-1)
+        c_rank = tl.sum((b_c[None, :] > b_c[:, None]).to(tl.int32), 1)
+        chosen = (b_c >= 0) & (c_rank < budget)
+        tau = tl.min(tl.where(chosen, b_c, BIG), 0)
+        tau = tl.where(tl.sum(chosen.to(tl.int32), 0) < budget, 0, tau)
+    else:
+        lo = tl.max(key, 0) * 0
+        hi = tl.max(key, 0)
+        for _ in range(0, 63):
+            mid = lo + (hi - lo + 1) // 2
+            ok = tl.sum((key >= mid).to(tl.int32), 0) >= budget
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        tau = tl.where(tl.sum((key >= 0).to(tl.int32), 0) > budget, lo, 0)
+        tau = tl.where(budget > 0, tau, BIG)
+    return tau
+
+
+@triton.jit
+def _decode_finish_chunks_kernel(
+    logits,  # [B * T * H, G, NB] float32 (log2 domain)
+    stats,  # [B * T * H, NSPLIT, 2, GS] float32
+    comp,  # [B * T * H, NCH, CAP] int64 scratch: a chunk's surviving keys
+    cand,  # [B * T * H, NCH, SP] int64 scratch: each chunk's best keys, ascending by block, -1 after them
+    count,  # [B * T * H] int32, 0 between calls: chunks of the row done
+    q_pos,
+    doc_start,
+    out,  # [B, T, H, S] int32 out
+    T,
+    TK,
+    NB,
+    NSPLIT,
+    NCH,  # chunks of BN blocks per row (the grid's second axis)
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    GS: tl.constexpr,
+    NSP: tl.constexpr,
+    BS: tl.constexpr,
+    S: tl.constexpr,
+    SP: tl.constexpr,
+    FP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    BN: tl.constexpr,
+    LG: tl.constexpr,
+    CAP: tl.constexpr,
+    SMALL: tl.constexpr,  # survivors up to this many are ranked in a SMALL x SMALL comparison
+    NV: tl.constexpr,  # next power of two >= NCH * SP: the merged candidates
+    PAIRS: tl.constexpr,  # rank the merged candidates by pairwise comparison (else bisection)
+    HAS_POS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
+    """Finishing split over chunks of BN blocks, in one launch, grid (B * T * H, NCH): each program keeps its
+    chunk's `budget` best keys (any of the row's best is among its chunk's best), and the row's last program to
+    finish (counted atomically) merges the NCH * SP candidates into the output row and resets the count."""
+    BIG: tl.constexpr = 9223372036854775807
+    i_bth = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1)
+    pos, cur, n_c, c_lo, n_sink, l_lo, n_local, budget = _row_blocks(
+        q_pos, doc_start, i_bth, T, TK, NB, H, BS, S, SINK, LOCAL, HAS_POS, HAS_DOCS
+    )
+    b_m, b_il = _merged_stats(stats, i_bth, NSPLIT, G, GP, GS, NSP)
+    o_n = i_c * BN + tl.arange(0, BN)
+    key = _block_keys(logits + i_bth * G * NB, o_n, o_n < n_c, b_m, b_il, c_lo, NB, G, GP, SINK)
+    tau = _chunk_threshold(key, budget, LG, CAP, SMALL, comp + (i_bth * NCH + i_c) * CAP, BN)
+    keep = (key >= tau) & (key >= 0)
+    k32 = keep.to(tl.int32)
+    col = tl.cumsum(k32, 0) - 1  # ascending blocks: lanes are in block order
+    p_cand = cand + i_bth * NCH * SP
+    tl.store(p_cand + i_c * SP + col, key, mask=keep & (col < SP))
+    o_s = tl.arange(0, SP)
+    tl.store(p_cand + i_c * SP + o_s, tl.full([SP], -1, dtype=tl.int64), mask=o_s >= tl.sum(k32, 0))
+    tl.debug_barrier()  # every thread's candidates are written before the count says so
+    if tl.atomic_add(count + i_bth, 1, sem="acq_rel") == NCH - 1:
+        # ---- the row's last chunk: the budget best of all chunks' candidates, then the output row
+        o_v = tl.arange(0, NV)
+        v = tl.load(p_cand + o_v, mask=o_v < NCH * SP, other=-1, cache_modifier=".cg")
+        if PAIRS:
+            rank = tl.sum((v[None, :] > v[:, None]).to(tl.int32), 1)
+            chosen = (v >= 0) & (rank < budget)
+        else:
+            lo = tl.max(v, 0) * 0
+            hi = tl.max(v, 0)
+            for _ in range(0, 63):
+                mid = lo + (hi - lo + 1) // 2
+                ok = tl.sum((v >= mid).to(tl.int32), 0) >= budget
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid - 1)
+            top = tl.where(tl.sum((v >= 0).to(tl.int32), 0) > budget, lo, 0)
+            chosen = (v >= 0) & (v >= tl.where(budget > 0, top, BIG))
+        c32 = chosen.to(tl.int32)
+        n_ch = tl.sum(c32, 0)
+        p_o = out + i_bth * S
+        # columns: the sinks, then the chosen blocks (chunk by chunk, each ascending), then the local blocks
+        tl.store(p_o + n_sink + tl.cumsum(c32, 0) - c32, (2147483647 - (v & 2147483647)).to(tl.int32), mask=chosen)
+        o_f = tl.arange(0, FP)
+        tl.store(p_o + o_f, o_f, mask=o_f < n_sink)
+        tl.store(p_o + n_sink + n_ch + o_f, l_lo + o_f, mask=o_f < n_local)
+        n_keep = n_sink + n_ch + n_local
+        tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
+        tl.atomic_xchg(count + i_bth, 0)
+
+
+@triton.jit
 def _decode_keys_kernel(
     logits,  # [B * T * H, G, NB] float32 (log2 domain)
     stats,  # [B * T * H, NSPLIT, 2, GS] float32
@@ -672,6 +812,19 @@ def _workspace(device: torch.device, *words: int) -> list[torch.Tensor]:
     return out
 
 
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _row_counts(device: torch.device, units: int) -> torch.Tensor:
+    """The chunked finishing's per-row counters [>= units] int32: zero between calls (the row's last program
+    resets its count), so they are allocated once per device and kept. Calls on one device must not overlap
+    (one stream at a time, as a decode loop runs)."""
+    counts = _COUNTS.get(device)
+    if counts is None or counts.numel() < units:
+        counts = _COUNTS[device] = torch.zeros(max(units, 4096), dtype=torch.int32, device=device)
+    return counts
+
+
 def _stats_chunk(nsplit: int, G: int) -> int:
     """Splits whose statistics the finishing kernels read in one load: all of them, up to 2048 values."""
     return max(2, min(next_pow2(nsplit), 2048 // max(2, next_pow2(G))))
@@ -753,10 +906,22 @@ def decode_select(
     # one scratch allocation (a decode step is launch-bound): logits [units, G, nb], stats [units, nsplit, 2, GP],
     # importance bits [units, nb] int32 (split: keys [units, nb] int64 and group maxima [units, nsplit, LG]
     # int64), surviving keys [units, CAP] int64
+    if FINISH not in ("auto", "chunks", "row", "split"):
+        raise ValueError(f"decode.FINISH={FINISH!r}: use 'auto', 'chunks', 'row' or 'split'.")
     lg = min(KEYS_GROUPS, KEYS_BLOCKS)
-    imp_words = 2 * units * nb + 2 * units * nsplit * lg if FINISH_SPLIT else units * nb
+    nch = cdiv(nb, CHUNK_BLOCKS)
+    finish = FINISH
+    if finish == "auto":
+        finish = "chunks" if units * nch <= num_programs(q.device, CHUNK_PROGRAMS_PER_SM) else "row"
+    SP = max(2, next_pow2(S))
+    imp_words = {
+        "chunks": 2 * units * nch * SP,  # the chunks' candidates [units, nch, SP] int64
+        "row": units * nb,  # importance bits [units, nb] int32
+        "split": 2 * units * nb + 2 * units * nsplit * lg,  # keys [units, nb], group maxima [units, nsplit, lg]
+    }[finish]
+    caps = nch if finish == "chunks" else 1
     logits, stats, imp, comp = _workspace(
-        q.device, units * G * nb, units * nsplit * 2 * GP, imp_words, 2 * units * FINISH_CAP
+        q.device, units * G * nb, units * nsplit * 2 * GP, imp_words, 2 * units * caps * FINISH_CAP
     )
     comp = comp.view(torch.int64)
     common = dict(HAS_POS=q_pos is not None, HAS_DOCS=ds is not None)
@@ -791,7 +956,17 @@ def decode_select(
         **common,
     )
     fp = max(2, next_pow2(sink_blocks + local_blocks))
-    if FINISH_SPLIT:
+    if finish == "chunks":
+        nv = max(2, next_pow2(nch * SP))
+        _decode_finish_chunks_kernel[(units, nch)](
+            logits, stats, comp, imp.view(torch.int64), _row_counts(q.device, units), q_pos, ds, out,
+            T, key_len, NB, nsplit, nch,
+            H=H, G=G, GP=max(2, next_pow2(G)), GS=GP, NSP=_stats_chunk(nsplit, G), BS=block_size, S=S, SP=SP,
+            FP=fp, SINK=sink_blocks, LOCAL=local_blocks, BN=CHUNK_BLOCKS, LG=min(FINISH_GROUPS, CHUNK_BLOCKS),
+            CAP=FINISH_CAP, SMALL=min(CHUNK_SMALL, FINISH_CAP), NV=nv, PAIRS=nv <= CHUNK_PAIRS, num_warps=FINISH_WARPS, **common,
+        )  # fmt: skip
+        return out
+    if finish == "split":
         keys, gmax = imp[: 2 * units * nb].view(torch.int64), imp[2 * units * nb :].view(torch.int64)
         split = dict(H=H, BS=block_size, SINK=sink_blocks, LOCAL=local_blocks, **common)
         _decode_keys_kernel[(units, nsplit)](
