@@ -157,16 +157,15 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D):
 # 2026-11-30 (decode-h200-sweep.json): PROGRAMS_PER_SM 8 beat 2, the split finishing lost; on 2026-12-02
 # (decode-h200-sweep-tf32x3.json): tf32x3 scoring and FINISH_BLOCKS 1024 won (223.8 us summed); later that day
 # (decode-h200-chunks.json) the chunked finishing of 1024 blocks tied one program per row (222.9 / 223.6), winning
-# at batch 1, and narrower chunks (512, 256) lost. This round: the chunks' 32-wide ranking, the auto choice.
-SWEEP_BASE = dict(PROGRAMS_PER_SM=8, FINISH="row", SCORE_PRECISION="tf32x3", SCORE_BLOCKS=64, FINISH_BLOCKS=1024,
-                  FINISH_WARPS=8, CHUNK_BLOCKS=1024, CHUNK_SMALL=32, CHUNK_PROGRAMS_PER_SM=2)  # fmt: skip
+# at batch 1, and narrower chunks (512, 256) lost; then (decode-h200-chunks-auto.json) chunks of 2048 with a
+# 32-wide ranking won (190.3 us summed; row 223.8). This round: 4096-block chunks.
+SWEEP_BASE = dict(PROGRAMS_PER_SM=8, FINISH="auto", SCORE_PRECISION="tf32x3", SCORE_BLOCKS=64, FINISH_BLOCKS=1024,
+                  FINISH_WARPS=8, CHUNK_BLOCKS=2048, CHUNK_SMALL=32, CHUNK_PROGRAMS_PER_SM=2)  # fmt: skip
 SWEEP_VARIANTS = [
     {},
-    dict(FINISH="chunks", CHUNK_SMALL=128),
-    dict(FINISH="chunks"),
-    dict(FINISH="chunks", CHUNK_BLOCKS=2048),
-    dict(FINISH="auto"),
-    dict(FINISH="auto", CHUNK_PROGRAMS_PER_SM=4),
+    dict(CHUNK_BLOCKS=4096),
+    dict(CHUNK_BLOCKS=4096, FINISH_WARPS=16),
+    dict(FINISH="row"),
 ]
 
 

@@ -55,12 +55,12 @@ FINISH_CAP = 128  # surviving keys ranked exactly; more (or a lane's third key c
 FINISH_FAST = True  # False: always the bisection path (tests)
 # The finishing pass: "chunks" (one launch over (row, chunk of CHUNK_BLOCKS blocks); the row's last chunk merges),
 # "row" (one program per row scans every block), "split" (keys + pick kernels; slower on the H200), or "auto":
-# chunks while they make at most CHUNK_PROGRAMS_PER_SM programs per SM, else row. On the H200 at 128k
-# (decode-h200-chunks.json) chunks of 1024 won at batch 1 (28.6 / 35.5 us against 34.4 / 41.8 for the whole step),
-# tied for SmolLM2 at batch 8 (57.6 / 58.3) and lost for the 1B shape at batch 8 (101.2 / 89.0: 512 programs);
-# narrower chunks lost everywhere (each program ranks its survivors, the last one merges NCH * S candidates)
+# chunks while they make at most CHUNK_PROGRAMS_PER_SM programs per SM, else row. On the H200 at 128k (whole step,
+# CUDA graph, (9, 3, 64) / (32, 8, 64) x batch 1 / 8, decode-h200-chunks-auto.json): row 34.3 / 58.5 / 42.1 / 88.8
+# us, chunks of 2048 26.7 / 47.8 / 33.7 / 82.1; chunks of 1024, 512, 256 lost to 2048 (each program ranks its
+# survivors, and the last one merges NCH * S candidates)
 FINISH = "auto"
-CHUNK_BLOCKS = 1024
+CHUNK_BLOCKS = 2048
 CHUNK_PROGRAMS_PER_SM = 2
 CHUNK_SMALL = 32  # a chunk's survivors up to this many are ranked in a 32 x 32 comparison (else FINISH_CAP wide)
 CHUNK_PAIRS = 256  # merged candidates up to this many are ranked by pairwise comparison, more by bisection
