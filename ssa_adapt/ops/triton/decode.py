@@ -72,7 +72,12 @@ ATTEND_WARPS = 4
 PROGRAMS_PER_SM = 8  # swept on the H200 (benchmarks/results/decode-h200-sweep.json)
 
 
-@triton.jit
+# The key length grows by one every decode step: left unspecialised (Triton would otherwise compile each kernel again
+# for key lengths divisible by 16, in the middle of a `generate` call)
+_PER_STEP = ["TK"]
+
+
+@triton.jit(do_not_specialize=_PER_STEP)
 def _decode_score_kernel(
     q,  # [B, T, HQ, D] (strided)
     kbar,  # [B, NB, H, D] float32 (strided, last dim contiguous)
@@ -241,7 +246,7 @@ def _store_ascending(p_o, b_c, chosen, n_sink, n_local, l_lo, S: tl.constexpr, S
     tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP)
 def _decode_finish_kernel(
     logits,  # [B * T * H, G, NB] float32 (log2 domain)
     stats,  # [B * T * H, NSPLIT, 2, GP] float32
@@ -435,7 +440,7 @@ def _chunk_threshold(key, budget, LG: tl.constexpr, CAP: tl.constexpr, SMALL: tl
     return tau
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP)
 def _decode_finish_chunks_kernel(
     logits,  # [B * T * H, G, NB] float32 (log2 domain)
     stats,  # [B * T * H, NSPLIT, 2, GS] float32
@@ -521,7 +526,7 @@ def _decode_finish_chunks_kernel(
         tl.atomic_xchg(count + i_bth, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP)
 def _decode_keys_kernel(
     logits,  # [B * T * H, G, NB] float32 (log2 domain)
     stats,  # [B * T * H, NSPLIT, 2, GS] float32
@@ -569,7 +574,7 @@ def _decode_keys_kernel(
     tl.store(gmax + (i_bth * NSPLIT + i_sp) * LG + tl.arange(0, LG), tl.max(tl.reshape(lane, [LG, BN // LG]), 1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP)
 def _decode_pick_kernel(
     keys,  # [B * T * H, NB] int64
     gmax,  # [B * T * H, NSPLIT, LG] int64
@@ -667,7 +672,7 @@ def _decode_pick_kernel(
         tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP)
 def _decode_attend_kernel(
     q,  # [B, T, HQ, D] (strided)
     k,  # [B, TK, H, D] (strided)
