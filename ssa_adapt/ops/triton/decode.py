@@ -397,17 +397,36 @@ def _decode_finish_kernel(
 
 
 @triton.jit
-def _chunk_threshold(key, budget, LG: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr, p_c, BN: tl.constexpr):
-    """The smallest of the `budget` best keys of one chunk (key [BN], unique where >= 0; -1: not a candidate),
-    0 when at most `budget` keys are candidates, int64 max when budget is 0. Fast: the budget-th best of LG lane-group
-    maxima (distinct blocks) bounds it from below, and the few keys above that bound (compacted through p_c [CAP])
-    are ranked exactly ([SMALL, SMALL] comparisons when at most SMALL survive, the usual case, else [CAP, CAP]);
-    more than CAP of them: a bisection over the key values (63 counting passes)."""
+def _kth_key(v, budget, PAIRS: tl.constexpr):
+    """The threshold tau for which the keys v >= tau are the `budget` best of v (unique where >= 0; -1: none): the
+    budget-th best key, the lowest set key when at most `budget` are set, int64 max when budget is 0 or none is. PAIRS: by pairwise ranks ([N, N]
+    comparisons), else by a bisection over the key values (63 counting passes)."""
     BIG: tl.constexpr = 9223372036854775807
+    if PAIRS:
+        rank = tl.sum((v[None, :] > v[:, None]).to(tl.int32), 1)
+        tau = tl.min(tl.where((v >= 0) & (rank < budget), v, BIG), 0)
+    else:
+        tau = tl.max(v, 0) * 0
+        hi = tl.max(v, 0)
+        for _ in range(0, 63):
+            mid = tau + (hi - tau + 1) // 2
+            ok = tl.sum((v >= mid).to(tl.int32), 0) >= budget
+            tau = tl.where(ok, mid, tau)
+            hi = tl.where(ok, hi, mid - 1)
+    lowest = tl.min(tl.where(v >= 0, v, BIG), 0)  # at most `budget` set: all of them
+    tau = tl.where(tl.sum((v >= 0).to(tl.int32), 0) > budget, tau, lowest)
+    return tl.where(budget > 0, tau, BIG)
+
+
+@triton.jit
+def _chunk_threshold(key, budget, LG: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr, p_c, BN: tl.constexpr):
+    """`_kth_key` of one chunk's keys [BN]. Fast: the budget-th best of LG lane-group maxima (distinct blocks) bounds
+    it from below, and the few keys above that bound (compacted through p_c [CAP]) are ranked exactly ([SMALL, SMALL]
+    comparisons when at most SMALL survive, the usual case, else [CAP, CAP]); more than CAP of them: a bisection."""
     g_max = tl.max(tl.reshape(key, [BN // LG, LG]), 0)
     g_rank = tl.sum((g_max[None, :] > g_max[:, None]).to(tl.int32), 1)
     lb = tl.max(tl.where((g_rank == budget - 1) & (g_max >= 0), g_max, -1), 0)
-    lb = tl.where(budget > 0, tl.maximum(lb, 0), BIG)
+    lb = tl.where(budget > 0, tl.maximum(lb, 0), 9223372036854775807)
     surv = key >= lb
     n_s = tl.sum(surv.to(tl.int32), 0)
     at = tl.cumsum(surv.to(tl.int32), 0) - 1
@@ -415,28 +434,12 @@ def _chunk_threshold(key, budget, LG: tl.constexpr, CAP: tl.constexpr, SMALL: tl
     tl.debug_barrier()  # read back below by other threads of this program
     if n_s <= SMALL:
         o_c = tl.arange(0, SMALL)
-        b_c = tl.load(p_c + o_c, mask=o_c < n_s, other=-1)
-        c_rank = tl.sum((b_c[None, :] > b_c[:, None]).to(tl.int32), 1)
-        chosen = (b_c >= 0) & (c_rank < budget)
-        tau = tl.min(tl.where(chosen, b_c, BIG), 0)
-        tau = tl.where(tl.sum(chosen.to(tl.int32), 0) < budget, 0, tau)
+        tau = _kth_key(tl.load(p_c + o_c, mask=o_c < n_s, other=-1), budget, True)
     elif n_s <= CAP:
         o_c = tl.arange(0, CAP)
-        b_c = tl.load(p_c + o_c, mask=o_c < n_s, other=-1)
-        c_rank = tl.sum((b_c[None, :] > b_c[:, None]).to(tl.int32), 1)
-        chosen = (b_c >= 0) & (c_rank < budget)
-        tau = tl.min(tl.where(chosen, b_c, BIG), 0)
-        tau = tl.where(tl.sum(chosen.to(tl.int32), 0) < budget, 0, tau)
+        tau = _kth_key(tl.load(p_c + o_c, mask=o_c < n_s, other=-1), budget, True)
     else:
-        lo = tl.max(key, 0) * 0
-        hi = tl.max(key, 0)
-        for _ in range(0, 63):
-            mid = lo + (hi - lo + 1) // 2
-            ok = tl.sum((key >= mid).to(tl.int32), 0) >= budget
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        tau = tl.where(tl.sum((key >= 0).to(tl.int32), 0) > budget, lo, 0)
-        tau = tl.where(budget > 0, tau, BIG)
+        tau = _kth_key(key, budget, False)
     return tau
 
 
@@ -478,7 +481,6 @@ def _decode_finish_chunks_kernel(
     """Finishing split over chunks of BN blocks, in one launch, grid (B * T * H, NCH): each program keeps its
     chunk's `budget` best keys (any of the row's best is among its chunk's best), and the row's last program to
     finish (counted atomically) merges the NCH * SP candidates into the output row and resets the count."""
-    BIG: tl.constexpr = 9223372036854775807
     i_bth = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1)
     pos, cur, n_c, c_lo, n_sink, l_lo, n_local, budget = _row_blocks(
@@ -500,19 +502,7 @@ def _decode_finish_chunks_kernel(
         # ---- the row's last chunk: the budget best of all chunks' candidates, then the output row
         o_v = tl.arange(0, NV)
         v = tl.load(p_cand + o_v, mask=o_v < NCH * SP, other=-1, cache_modifier=".cg")
-        if PAIRS:
-            rank = tl.sum((v[None, :] > v[:, None]).to(tl.int32), 1)
-            chosen = (v >= 0) & (rank < budget)
-        else:
-            lo = tl.max(v, 0) * 0
-            hi = tl.max(v, 0)
-            for _ in range(0, 63):
-                mid = lo + (hi - lo + 1) // 2
-                ok = tl.sum((v >= mid).to(tl.int32), 0) >= budget
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid - 1)
-            top = tl.where(tl.sum((v >= 0).to(tl.int32), 0) > budget, lo, 0)
-            chosen = (v >= 0) & (v >= tl.where(budget > 0, top, BIG))
+        chosen = (v >= 0) & (v >= _kth_key(v, budget, PAIRS))
         c32 = chosen.to(tl.int32)
         n_ch = tl.sum(c32, 0)
         p_o = out + i_bth * S
