@@ -17,6 +17,9 @@ relative to each row's document start) in two launches:
    them (ascending without a sort: `tl.sort` crashes Triton 3.6 on sm_90). Exact unless more than CAP keys
    survive or some lane's third key is chosen (its fourth might then belong too): those rows take an exact
    fallback, a bisection over the float bits of the importance written to a scratch row (31 counting passes).
+   `FINISH = "auto"` (the default) runs `_decode_finish_chunks_kernel` instead while the grid stays small: grid
+   (B * T * H, chunks of CHUNK_BLOCKS blocks), each chunk keeping its own best keys, the row's last chunk to finish
+   (an atomic count, reset after) merging them into the output row; still two launches.
 
 `decode_attend` is split-KV attention ("flash-decoding") over the selected blocks: programs over (query, KV head,
 split of the selected blocks) compute the partial softmax statistics and un-normalised outputs of the G heads of
