@@ -63,6 +63,10 @@ CPU_CASES = [
     # lanes, and CAP 2 for the fallback
     _case(1, 700, 1, 4, 64, S=5, docs="varlen", select=dict(SELECT_BOUND="logits")),
     _case(1, 640, 2, 3, 64, "float32", S=6, sink=2, local=2, select=dict(SELECT_BOUND="logits", SELECT_LANES=8)),
+    # narrow chunks: most of them interior (every block a candidate of every token of the tile, no masks); the
+    # selection with every chunk masked must be bitwise the same
+    _case(1, 900, 1, 16, 64, S=5, docs="varlen", select=dict(SELECT_LANES=8, SELECT_BLOCKS=16)),
+    _case(1, 1000, 2, 4, 64, S=6, sink=2, local=2, select=dict(SELECT_LANES=8, SELECT_BLOCKS=16)),
     _case(1, 300, 2, 2, 64, TK=830, docs="prefill", select=dict(SELECT_BOUND="logits", SELECT_CAP=2)),
 ]
 
@@ -176,6 +180,10 @@ def run_case(c, device) -> dict:
         for n, x in (c["select"] or {}).items():
             setattr(triton_select, n, x)
         got = ops.select_blocks(q, k, backend="triton", **sel)
+        if c["select"] and c["select"].get("SELECT_BLOCKS") == 16:  # the interior-chunk cases
+            triton_select.SELECT_INTERIOR = False
+            res["select_masked_equal"] = float(torch.equal(got, ops.select_blocks(q, k, backend="triton", **sel)))
+            triton_select.SELECT_INTERIOR = True
     finally:
         for n, x in saved.items():
             setattr(triton_select, n, x)
@@ -221,6 +229,7 @@ def check(res: dict, c, parts=("select", "attend")):
         assert res["select_gap"] <= TIE, (
             f"{res['select_rows_differ']} rows differ beyond ties: gap {res['select_gap']}"
         )
+        assert res.get("select_masked_equal", 1.0) == 1.0, "interior (unmasked) chunks changed the selection"
     if "attend" in parts:
         errs = {n: res[n] for n in ("o", "dq", "dk", "dv")}
         assert all(e < tol for e in errs.values()), f"relative RMS errors {errs} over {tol}"
@@ -375,7 +384,7 @@ def test_select_kernel_compiles_for_sm90(G, bound):
     consts = dict(
         H=2, G=G, GP=GP, D=64, BD=64, BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, sel.SELECT_ROWS // GP),
         BN=max(sel.SELECT_BLOCKS, lanes), LANES=lanes, CAP=sel.SELECT_CAP, ROW=max(sel.SELECT_CAP, lanes),
-        BOUND_MARGIN=sel.BOUND_MARGIN_ULPS, LOGIT_BOUND=bound == "logits", HAS_DOCS=True,
+        BOUND_MARGIN=sel.BOUND_MARGIN_ULPS, LOGIT_BOUND=bound == "logits", INTERIOR=True, HAS_DOCS=True,
         DOT_PREC="tf32",
     )  # fmt: skip
     types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*i64", out="*i32", scale_log2="fp32")

@@ -39,6 +39,7 @@ SELECT_CAP = 64
 SELECT_BOUND = "lanes"  # "logits": the bound's candidates picked in pass 1 by summed logits, no pass 2 (README.md)
 BOUND_MARGIN_ULPS = 1024  # "logits": the bound is lowered by this many float32 steps (its keys are computed apart)
 SELECT_WARPS = 4
+SELECT_INTERIOR = True  # chunks that hold only candidates of every token of the tile run without masks
 MEANS_SLOTS = 32
 
 
@@ -100,31 +101,50 @@ def _candidate_keys(
     BN: tl.constexpr,
     SINK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """Keys of the chunk's blocks [BT, BN] int64: (float bits of I(j) << 32) | (2^31 - 1 - j) for candidates (unique;
-    larger is better, equal importances go to the lower block as in the reference's stable sort), -1 elsewhere."""
+    larger is better, equal importances go to the lower block as in the reference's stable sort), -1 elsewhere.
+
+    MASKED=False: an interior chunk, every block a candidate of every valid token (`_interior`): no masks, the same
+    keys. Invalid rows have zero queries and b_il = 0, so they add nothing either way."""
     o_d = tl.arange(0, BD)
     o_s = s0 + tl.arange(0, BN)
-    # [BN, BD]
-    b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
+    if MASKED:
+        # [BN, BD]
+        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
+    else:
+        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :])
     # [M, BN]
     b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
-    j = o_s[None, :] - r_base[:, None]
-    m_s = m_r[:, None] & (j >= 0) & (j < r_nc[:, None])
-    # softmax probabilities -> [BT, BN] summed over the group's heads
-    b_p = tl.where(m_s, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0)
-    b_i = tl.sum(tl.reshape(b_p, [BT, GP, BN]), 1)
     jt = o_s[None, :] - t_base[:, None]
-    cand = m_t[:, None] & (jt >= SINK) & (jt < t_hi[:, None])
+    if MASKED:
+        j = o_s[None, :] - r_base[:, None]
+        m_s = m_r[:, None] & (j >= 0) & (j < r_nc[:, None])
+        # softmax probabilities -> [BT, BN] summed over the group's heads
+        b_p = tl.where(m_s, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0)
+    else:
+        b_p = tl.exp2(b_s - b_m[:, None]) * b_il[:, None]
+    b_i = tl.sum(tl.reshape(b_p, [BT, GP, BN]), 1)
     key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - jt).to(tl.int64)
-    return tl.where(cand, key, -1)
+    if MASKED:
+        cand = m_t[:, None] & (jt >= SINK) & (jt < t_hi[:, None])
+        key = tl.where(cand, key, -1)
+    return key
+
+
+@triton.jit
+def _interior(s0, lo_in, hi_in, BN: tl.constexpr):
+    """Whether the chunk [s0, s0 + BN) lies inside [lo_in, hi_in), the blocks every valid row (token) of the tile
+    takes part in: such a chunk needs no masks."""
+    return (s0 >= lo_in) & (s0 + BN <= hi_in)
 
 
 @triton.jit
 def _token_geometry(doc_start, i_b, i_t, T, off, BT: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr,
                     LOCAL: tl.constexpr, S: tl.constexpr, HAS_DOCS: tl.constexpr):  # fmt: skip
     """Per token of the tile [BT]: (valid, its block, its document's block-0 slot, end of its candidates (SINK <= j
-    < t_hi), how many candidates it chooses)."""
+    < t_hi), how many candidates it chooses: 0 for tokens past T, so that nothing of theirs is stored)."""
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     if HAS_DOCS:
@@ -137,7 +157,7 @@ def _token_geometry(doc_start, i_b, i_t, T, off, BT: tl.constexpr, BS: tl.conste
     t_hi = tl.minimum(t_cur - LOCAL + 1, (t_pos + 1) // BS)
     n_sink = tl.minimum(t_cur + 1, SINK)
     n_local = tl.maximum(t_cur - tl.maximum(t_cur - LOCAL + 1, SINK) + 1, 0)
-    return m_t, t_cur, t_base, t_hi, S - n_sink - n_local
+    return m_t, t_cur, t_base, t_hi, tl.where(m_t, S - n_sink - n_local, 0)
 
 
 @triton.jit
@@ -176,15 +196,20 @@ def _pick_keys(b_cand, b_pick, b_m, b_il, m_t, BT: tl.constexpr, GP: tl.constexp
 
 
 @triton.jit
-def _lane_maxima(b_q, p_kb, lo2, hi2, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+def _lane_maxima(b_q, p_kb, lo2, hi2, lo_in, hi_in, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
                  BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, LANES: tl.constexpr, SINK: tl.constexpr,
                  DOT_PREC: tl.constexpr):  # fmt: skip
     """Pass 2 of 3: lane i of a chunk keeps each token's best key of the blocks j = i (mod LANES) -> [BT, LANES]
     (elementwise max over the chunks, no reduction)."""
     b_lane = tl.full([BT, LANES], -1, dtype=tl.int64)
     for s0 in range(lo2, hi2, LANES):
-        b_lane = tl.maximum(b_lane, _candidate_keys(b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il,
-                                                    t_base, t_hi, m_t, BT, GP, BD, LANES, SINK, DOT_PREC))  # fmt: skip
+        if _interior(s0, lo_in, hi_in, LANES):
+            key = _candidate_keys(b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+                                  BT, GP, BD, LANES, SINK, DOT_PREC, False)  # fmt: skip
+        else:
+            key = _candidate_keys(b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+                                  BT, GP, BD, LANES, SINK, DOT_PREC, True)  # fmt: skip
+        b_lane = tl.maximum(b_lane, key)
     return b_lane
 
 
@@ -261,6 +286,7 @@ def _select_kernel(
     ROW: tl.constexpr,
     BOUND_MARGIN: tl.constexpr,  # float steps taken off the "logits" bound
     LOGIT_BOUND: tl.constexpr,  # the bound's candidates from pass 1 (no pass 2); needs BN % LANES == 0
+    INTERIOR: tl.constexpr,  # chunks inside every row's range skip the masks (False: every chunk masked)
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -302,14 +328,23 @@ def _select_kernel(
     hi = tl.max(tl.where(m_r, r_base + r_nc, 0), 0)
     b_m = tl.full([M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([M], dtype=tl.float32)
+    # chunks inside [lo_in, hi_in) hold complete blocks of every valid row: no masks there
+    lo_in = tl.max(tl.where(m_r, r_base, 0), 0)
+    hi_in = tl.min(tl.where(m_r, r_base + r_nc, NSLOT), 0)
+    if LOGIT_BOUND or not INTERIOR:  # "logits" picks its candidates from the masked logits
+        hi_in = lo_in - 1
     for s0 in range(lo, hi, BN):
         o_s = s0 + tl.arange(0, BN)
-        # [BN, BD]
-        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
-        # [M, BN]
-        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
-        j = o_s[None, :] - r_base[:, None]
-        b_s = tl.where((j >= 0) & (j < r_nc[:, None]), b_s, float("-inf"))
+        if _interior(s0, lo_in, hi_in, BN):
+            b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :])
+            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
+        else:
+            # [BN, BD]
+            b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
+            # [M, BN]
+            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
+            j = o_s[None, :] - r_base[:, None]
+            b_s = tl.where((j >= 0) & (j < r_nc[:, None]), b_s, float("-inf"))
         m_new = tl.maximum(b_m, tl.max(b_s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         b_l = b_l * tl.exp2(b_m - m_use) + tl.sum(tl.exp2(b_s - m_use[:, None]), 1)
@@ -329,6 +364,10 @@ def _select_kernel(
     o_t = i_t * BT + tl.arange(0, BT)
     lo2 = tl.min(tl.where(m_t, t_base + SINK, NSLOT), 0)
     hi2 = tl.max(tl.where(m_t, t_base + t_hi, 0), 0)
+    lo2_in = tl.max(tl.where(m_t, t_base + SINK, 0), 0)  # [lo2_in, hi2_in): candidates of every valid token
+    hi2_in = tl.min(tl.where(m_t, t_base + t_hi, NSLOT), 0)
+    if not INTERIOR:
+        hi2_in = lo2_in - 1
     o_k = tl.arange(0, KP)
     p_sc = scratch + ((i_b * T + o_t) * H + i_h).to(tl.int64) * ROW  # [BT] scratch rows
 
@@ -343,7 +382,7 @@ def _select_kernel(
         # of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima are keys of distinct
         # candidates, so their budget-th best cannot exceed the budget-th best of all candidates.
         b_lane = _lane_maxima(
-            b_q, p_kb, lo2, hi2, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+            b_q, p_kb, lo2, hi2, lo2_in, hi2_in, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
             BT, GP, BD, LANES, SINK, DOT_PREC,
         )  # fmt: skip
         bound = _lane_bound(p_sc, b_lane, budget, m_t, BT, LANES)
@@ -351,10 +390,16 @@ def _select_kernel(
     # ---- pass 3 of 3: the keys at or above the bound (about `budget` of them) go to the token's scratch row
     cnt = tl.zeros([BT], dtype=tl.int32)
     for s0 in range(lo2, hi2, LANES):
-        key = _candidate_keys(
-            b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
-            BT, GP, BD, LANES, SINK, DOT_PREC,
-        )  # fmt: skip
+        if _interior(s0, lo2_in, hi2_in, LANES):
+            key = _candidate_keys(
+                b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+                BT, GP, BD, LANES, SINK, DOT_PREC, False,
+            )  # fmt: skip
+        else:
+            key = _candidate_keys(
+                b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
+                BT, GP, BD, LANES, SINK, DOT_PREC, True,
+            )  # fmt: skip
         cnt = _append_survivors(p_sc, key, bound, budget, cnt, CAP)
     fallback = tl.max(cnt, 0) > CAP
     tl.debug_barrier()
@@ -369,7 +414,7 @@ def _select_kernel(
         for s0 in range(lo2, hi2, LANES):  # the chunks of pass 2: bitwise the same keys as the bound's
             key = _candidate_keys(
                 b_q, p_kb, s0, NSLOT, scale_log2, r_base, r_nc, m_r, b_m, b_il, t_base, t_hi, m_t,
-                BT, GP, BD, LANES, SINK, DOT_PREC,
+                BT, GP, BD, LANES, SINK, DOT_PREC, True,
             )  # fmt: skip
             key = tl.where((key >= bound[:, None]) & (key > b_thr[:, None]), key, -1)
             n = tl.max(tl.max(key, 1), 0)
@@ -497,6 +542,7 @@ def select_blocks(
         ROW=scratch.shape[3],
         BOUND_MARGIN=BOUND_MARGIN_ULPS,
         LOGIT_BOUND=logit_bound,
+        INTERIOR=SELECT_INTERIOR,
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
         num_warps=SELECT_WARPS,
