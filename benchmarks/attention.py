@@ -163,13 +163,12 @@ SWEEP = {
         # swept on 2026-11-29 (attention-h200.md): (64, 4, 32, 64) won among the three-pass variants; on 2026-11-30
         # (attention-h200-two-pass.md) every two-pass variant (since removed) lost to it: 17.5-29.2 ms against 10.8;
         # on 2026-12-02 (attention-h200-logits-bound.md) "logits" lost (14.6-28.8 ms against 10.8).
-        # SELECT_INTERIOR: unmasked interior chunks against every chunk masked
+        # SELECT_INTERIOR (unmasked interior chunks): on 2026-12-03 (attention-h200-interior.md) True won at G = 16
+        # (3.32 against 4.02 ms) and lost at G = 4 (12.47 against 6.73), hence "auto" (on for padded groups >= 8)
         [
+            (64, 4, 32, 64, "lanes", "auto"),
             (64, 4, 32, 64, "lanes", True),
             (64, 4, 32, 64, "lanes", False),
-            (64, 4, 32, 128, "lanes", True),
-            (128, 4, 32, 64, "lanes", True),
-            (64, 8, 32, 64, "lanes", True),
         ],
     ),
     # swept on 2026-11-29 (attention-h200.md of that run): (64, 4, 3) and (64, 4, 1) won; pass --sweep-all to redo

@@ -8,6 +8,8 @@ that reaches a converted layer is upgraded to an `SSACache` in place, so `genera
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import DynamicCache
 
@@ -15,14 +17,14 @@ __all__ = ["SSACache", "as_ssa_cache"]
 
 
 class _LayerMeans:
-    """Block means of one layer: means [B, cap, H, D] (float32), blocks done per row [B], doc start per row [B],
-    and the key length they were computed for (a host int, so decode steps need no device-to-host sync)."""
+    """Block means of one layer: means [B, cap, H, D] (float32), doc start per row [B] (int64), and the key length
+    they were computed for (a host int, so decode steps need no device-to-host sync)."""
 
-    def __init__(self, means: torch.Tensor, done: torch.Tensor, start: torch.Tensor, key_len: int):
-        self.means, self.done, self.start, self.key_len = means, done, start, key_len
+    def __init__(self, means: torch.Tensor, start: torch.Tensor, key_len: int):
+        self.means, self.start, self.key_len = means, start, key_len
 
     def index(self, rows: torch.Tensor) -> _LayerMeans:
-        return _LayerMeans(self.means[rows], self.done[rows], self.start[rows], self.key_len)
+        return _LayerMeans(self.means[rows], self.start[rows], self.key_len)
 
 
 class SSACache(DynamicCache):
@@ -60,24 +62,27 @@ class SSACache(DynamicCache):
             index = (doc_start[:, None] + torch.arange(n * block_size, device=keys.device)[None]).clamp(max=TK - 1)
             rows = keys.gather(1, index[:, :, None, None].expand(B, n * block_size, H, D)).float()
             means[:, :n] = rows.view(B, n, block_size, H, D).mean(2)
-        return _LayerMeans(means, (TK - doc_start) // block_size, doc_start.clone(), TK)
+        return _LayerMeans(means, doc_start.to(torch.int64, copy=True), TK)
 
     @staticmethod
     def _append(state, keys, block_size) -> _LayerMeans:
-        """One new key per row: rows whose new key completed a block get that block's mean."""
+        """One new key per row: a row whose key count (from its document start) became a multiple of the block
+        size gets the mean of the block that key completed. CUDA: one kernel launch (ops/triton/cache_means.py)."""
         B, TK, H, D = keys.shape
         if TK // block_size > state.means.shape[1]:
             state.means = torch.cat([state.means, torch.zeros_like(state.means)], 1)
-        target = (TK - state.start) // block_size
-        grown = target > state.done
-        slot = (target - 1).clamp(min=0)  # the newly complete block of each growing row
+        state.key_len = TK
+        if keys.is_cuda and _append_kernel() is not None:
+            _append_kernel()(state.means, state.start, keys, block_size)
+            return state
+        n = TK - state.start
+        grown = (n > 0) & (n % block_size == 0)
+        slot = (n // block_size - 1).clamp(min=0)  # the newly complete block of each growing row
         first = (state.start + slot * block_size).clamp(min=0, max=max(TK - block_size, 0))
         index = first[:, None] + torch.arange(min(block_size, TK), device=keys.device)[None]
         block = keys.gather(1, index[:, :, None, None].expand(B, index.shape[1], H, D)).float().mean(1)  # [B, H, D]
         rows = torch.arange(B, device=keys.device)
         state.means[rows, slot] = torch.where(grown[:, None, None], block, state.means[rows, slot])
-        state.done = target
-        state.key_len = TK
         return state
 
     # structural changes of the cache carry the means along ------------------------------------------------
@@ -92,7 +97,7 @@ class SSACache(DynamicCache):
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
         self._ssa_means = {
-            i: _LayerMeans(*(x.repeat_interleave(repeats, dim=0) for x in (s.means, s.done, s.start)), s.key_len)
+            i: _LayerMeans(*(x.repeat_interleave(repeats, dim=0) for x in (s.means, s.start)), s.key_len)
             for i, s in self._ssa_means.items()
         }
 
@@ -103,6 +108,19 @@ class SSACache(DynamicCache):
     def reset(self):
         super().reset()
         self._ssa_means = {}
+
+
+@functools.cache
+def _append_kernel():
+    """`append_block_means` from the Triton kernels, or None where they cannot run (looked up once)."""
+    from .ops import _triton_ops
+
+    ops = _triton_ops()
+    if ops is None:
+        return None
+    from .ops.triton.cache_means import append_block_means
+
+    return append_block_means
 
 
 def as_ssa_cache(cache) -> SSACache | None:

@@ -180,10 +180,11 @@ def run_case(c, device) -> dict:
         for n, x in (c["select"] or {}).items():
             setattr(triton_select, n, x)
         got = ops.select_blocks(q, k, backend="triton", **sel)
-        if c["select"] and c["select"].get("SELECT_BLOCKS") == 16:  # the interior-chunk cases
+        if device == "cuda" or (c["select"] or {}).get("SELECT_BLOCKS") == 16:  # interior chunks on and off
+            triton_select.SELECT_INTERIOR = True
+            got = ops.select_blocks(q, k, backend="triton", **sel)
             triton_select.SELECT_INTERIOR = False
             res["select_masked_equal"] = float(torch.equal(got, ops.select_blocks(q, k, backend="triton", **sel)))
-            triton_select.SELECT_INTERIOR = True
     finally:
         for n, x in saved.items():
             setattr(triton_select, n, x)

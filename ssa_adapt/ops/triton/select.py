@@ -39,7 +39,10 @@ SELECT_CAP = 64
 SELECT_BOUND = "lanes"  # "logits": the bound's candidates picked in pass 1 by summed logits, no pass 2 (README.md)
 BOUND_MARGIN_ULPS = 1024  # "logits": the bound is lowered by this many float32 steps (its keys are computed apart)
 SELECT_WARPS = 4
-SELECT_INTERIOR = True  # chunks that hold only candidates of every token of the tile run without masks
+# Chunks that hold only candidates of every token of the tile run without masks: True, False, or "auto" (on when
+# the padded group has at least SELECT_INTERIOR_MIN_GROUP rows, where the H200 measured it faster; README.md).
+SELECT_INTERIOR = "auto"
+SELECT_INTERIOR_MIN_GROUP = 8
 MEANS_SLOTS = 32
 
 
@@ -513,6 +516,9 @@ def select_blocks(
     if SELECT_BOUND not in ("lanes", "logits"):
         raise ValueError(f"SELECT_BOUND={SELECT_BOUND!r}: use 'lanes' or 'logits'.")
     logit_bound = SELECT_BOUND == "logits"
+    if SELECT_INTERIOR not in (True, False, "auto"):
+        raise ValueError(f"SELECT_INTERIOR={SELECT_INTERIOR!r}: use True, False or 'auto'.")
+    interior = GP >= SELECT_INTERIOR_MIN_GROUP if SELECT_INTERIOR == "auto" else SELECT_INTERIOR
     scratch = torch.empty((B, T, H, max(cap, lanes)), dtype=torch.int64, device=q.device)
     grid = (cdiv(T, BT), B * H)
     _select_kernel[grid](
@@ -542,7 +548,7 @@ def select_blocks(
         ROW=scratch.shape[3],
         BOUND_MARGIN=BOUND_MARGIN_ULPS,
         LOGIT_BOUND=logit_bound,
-        INTERIOR=SELECT_INTERIOR,
+        INTERIOR=interior,
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
         num_warps=SELECT_WARPS,

@@ -1,0 +1,82 @@
+"""One decode step's update of `SSACache`'s block means in a single launch (the PyTorch path takes ~12 ops).
+
+After a decode step appended one key per row, row b holds n_b = TK - start[b] keys of its document. When n_b is a
+positive multiple of the block size, that key completed block n_b / BS - 1, whose mean is written to
+means[b, n_b / BS - 1]; other rows are left alone. One program per (row, KV head).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import next_pow2
+
+__all__ = ["append_block_means"]
+
+
+@triton.jit(do_not_specialize=["TK", "CAP"])
+def _append_block_means_kernel(
+    k,  # [B, TK, H, D], any strides
+    means,  # [B, CAP, H, D] float32, contiguous (in-out)
+    start,  # [B] int64: first key of each row's document
+    TK,
+    CAP,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,  # BS rounded up to a power of two
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    first_key = tl.load(start + b)
+    n = TK - first_key  # the row's keys, the new one included
+    if (n > 0) & (n % BS == 0):
+        target = n // BS
+        first = first_key + (target - 1) * BS
+        r = tl.arange(0, BSP)
+        d = tl.arange(0, BD)
+        t = (first + r).to(tl.int64)
+        ptr = k + b.to(tl.int64) * stride_kb + t[:, None] * stride_kt + h * stride_kh + d[None, :]
+        block = tl.load(ptr, mask=(r[:, None] < BS) & (d[None, :] < D), other=0.0).to(tl.float32)  # [BSP, BD]
+        mean = tl.sum(block, axis=0) / BS
+        out = means + ((b.to(tl.int64) * CAP + target - 1) * H + h) * D + d
+        tl.store(out, mean, mask=d < D)
+
+
+def append_block_means(means: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, block_size: int) -> None:
+    """In place: means [B, CAP, H, D] float32 gets the block each row's newest key completed (rows whose newest key
+    completed none keep theirs). keys [B, TK, H, D] (any strides), start [B] int64 each row's document start."""
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r}: need a positive int.")
+    B, TK, H, D = keys.shape
+    if means.shape[0] != B or means.shape[2:] != (H, D) or means.dtype != torch.float32 or not means.is_contiguous():
+        raise ValueError(
+            f"means {tuple(means.shape)} {means.dtype}: need a contiguous float32 [B={B}, CAP, H={H}, D={D}] tensor."
+        )
+    if TK // block_size > means.shape[1]:
+        raise ValueError(f"means hold {means.shape[1]} blocks, the keys complete {TK // block_size}: grow them first.")
+    if start.shape != (B,) or start.dtype != torch.int64:
+        raise ValueError(f"start {tuple(start.shape)} {start.dtype}: need a [B={B}] int64 tensor.")
+    if keys.stride(3) != 1:
+        keys = keys.contiguous()
+    _append_block_means_kernel[(B, H)](
+        keys,
+        means,
+        start,
+        TK,
+        means.shape[1],
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        H=H,
+        D=D,
+        BD=next_pow2(D),
+        BS=block_size,
+        BSP=next_pow2(block_size),
+    )
