@@ -164,12 +164,9 @@ SWEEP = {
         # (attention-h200-two-pass.md) every two-pass variant (since removed) lost to it: 17.5-29.2 ms against 10.8;
         # on 2026-12-02 (attention-h200-logits-bound.md) "logits" lost (14.6-28.8 ms against 10.8).
         # SELECT_INTERIOR (unmasked interior chunks): on 2026-12-03 (attention-h200-interior.md) True won at G = 16
-        # (3.32 against 4.02 ms) and lost at G = 4 (12.47 against 6.73), hence "auto" (on for padded groups >= 8)
-        [
-            (64, 4, 32, 64, "lanes", "auto"),
-            (64, 4, 32, 64, "lanes", True),
-            (64, 4, 32, 64, "lanes", False),
-        ],
+        # (3.32 against 4.02 ms) and lost at G = 4 (12.47 against 6.73); compiled, it changed some selections at
+        # G = 2-8 (select-groups-h200.json); "auto" keeps it to padded groups >= 16, where it is exact
+        [(64, 4, 32, 64, "lanes", "auto"), (64, 4, 32, 64, "lanes", False)],
     ),
     # swept on 2026-11-29 (attention-h200.md of that run): (64, 4, 3) and (64, 4, 1) won; pass --sweep-all to redo
     "fwd": ("FWD_KEYS", "FWD_WARPS", "FWD_STAGES", [(64, 8, 3), (32, 4, 3), (64, 4, 3), (128, 8, 2), (32, 8, 1)]),

@@ -41,8 +41,8 @@ def _steps(case, device, use_kernel: bool) -> dict:
     worst_path, worst_keys, complete = 0.0, 0.0, 0
     for TK in range(t0 + 1, t0 + steps + 1):
         keys = cache_keys[:, :, :TK].transpose(1, 2)  # [B, TK, H, D], not contiguous
-        ref = SSACache._append(
-            type(state)(state.means.clone(), state.start.clone(), state.key_len), keys.cpu(), BS
+        ref = SSACache._append(  # the PyTorch path, on the CPU
+            type(state)(state.means.to("cpu", copy=True), state.start.cpu(), state.key_len), keys.cpu(), BS
         ).means.to(device)
         if use_kernel:
             append_block_means(state.means, state.start, keys, BS)

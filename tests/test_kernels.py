@@ -180,7 +180,8 @@ def run_case(c, device) -> dict:
         for n, x in (c["select"] or {}).items():
             setattr(triton_select, n, x)
         got = ops.select_blocks(q, k, backend="triton", **sel)
-        if device == "cuda" or (c["select"] or {}).get("SELECT_BLOCKS") == 16:  # interior chunks on and off
+        narrow = (c["select"] or {}).get("SELECT_BLOCKS") == 16  # interpreted cases with narrow chunks
+        if narrow or (device == "cuda" and c["G"] >= triton_select.SELECT_INTERIOR_MIN_GROUP):  # on and off
             triton_select.SELECT_INTERIOR = True
             got = ops.select_blocks(q, k, backend="triton", **sel)
             triton_select.SELECT_INTERIOR = False

@@ -40,9 +40,10 @@ SELECT_BOUND = "lanes"  # "logits": the bound's candidates picked in pass 1 by s
 BOUND_MARGIN_ULPS = 1024  # "logits": the bound is lowered by this many float32 steps (its keys are computed apart)
 SELECT_WARPS = 4
 # Chunks that hold only candidates of every token of the tile run without masks: True, False, or "auto" (on when
-# the padded group has at least SELECT_INTERIOR_MIN_GROUP rows, where the H200 measured it faster; README.md).
+# the padded group has at least SELECT_INTERIOR_MIN_GROUP rows: there, on the H200, it is faster and selects exactly
+# what the masked code does; at G = 2-8 compiled it did not always, README.md).
 SELECT_INTERIOR = "auto"
-SELECT_INTERIOR_MIN_GROUP = 8
+SELECT_INTERIOR_MIN_GROUP = 16
 MEANS_SLOTS = 32
 
 
