@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -66,6 +67,15 @@ def launch(kind: str, gpus: int, a: argparse.Namespace, out: Path) -> dict:
     return row
 
 
+def _identity(data: str) -> dict:
+    """{path, bytes, sha256} of a local data file (a hub name: just the name), so that a one-GPU run made apart
+    from the multi-GPU ones can be checked to have trained on the same text."""
+    path = Path(data)
+    if not path.is_file():
+        return {"name": data}
+    return {"path": data, "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder or Hub id")
@@ -89,6 +99,7 @@ def main() -> None:
         if torch.cuda.is_available()
         else "cpu",
         "setup": f"{a.config}, {a.global_batch} x {a.seq} tokens per optimizer step, {a.steps} steps",
+        "data": _identity(a.data),  # runs of separate invocations compare only on the same file
         "runs": [],
     }
     out = Path(a.out)
