@@ -72,8 +72,9 @@ class SSACache(DynamicCache):
         if TK // block_size > state.means.shape[1]:
             state.means = torch.cat([state.means, torch.zeros_like(state.means)], 1)
         state.key_len = TK
-        if keys.is_cuda and _append_kernel() is not None:
-            _append_kernel()(state.means, state.start, keys, block_size)
+        kernel = _append_kernel() if keys.is_cuda else None
+        if kernel is not None:
+            kernel(state.means, state.start, keys, block_size)
             return state
         n = TK - state.start
         grown = (n > 0) & (n % block_size == 0)

@@ -175,15 +175,16 @@ def run_case(c, device) -> dict:
     # selection: equal to the reference except between near-tied blocks
     from ssa_adapt.ops.triton import select as triton_select
 
-    saved = {n: getattr(triton_select, n) for n in c["select"] or {}}
+    saved = {n: getattr(triton_select, n) for n in [*(c["select"] or {}), "SELECT_INTERIOR"]}
     try:
         for n, x in (c["select"] or {}).items():
             setattr(triton_select, n, x)
-        got = ops.select_blocks(q, k, backend="triton", **sel)
         narrow = (c["select"] or {}).get("SELECT_BLOCKS") == 16  # interpreted cases with narrow chunks
-        if narrow or (device == "cuda" and c["G"] >= triton_select.SELECT_INTERIOR_MIN_GROUP):  # on and off
+        compare = narrow or (device == "cuda" and c["G"] >= triton_select.SELECT_INTERIOR_MIN_GROUP)
+        if compare:  # interior chunks on (the result checked below) and off: the same selection
             triton_select.SELECT_INTERIOR = True
-            got = ops.select_blocks(q, k, backend="triton", **sel)
+        got = ops.select_blocks(q, k, backend="triton", **sel)
+        if compare:
             triton_select.SELECT_INTERIOR = False
             res["select_masked_equal"] = float(torch.equal(got, ops.select_blocks(q, k, backend="triton", **sel)))
     finally:
