@@ -192,3 +192,17 @@ def test_html_to_text_skips_navigation_and_keeps_pre():
 def test_strip_pod_without_pod2text():
     pod = "=head1 NAME\n\nperlfoo - B<bold> and C<< $x->y >>\n\n=over 4\n\n=item * one\n\n=back\n\n=cut\n"
     assert text._strip_pod(pod) == "NAME\n\nperlfoo - bold and $x->y\n\n* one"
+
+
+def test_local_smollm2_gguf_is_checked_before_use(tmp_path, monkeypatch):
+    """$SSA_ADAPT_SMOLLM2_GGUF (machines without PyPI): a file that is not the pinned GGUF is refused by name and
+    sha256, nothing is downloaded, and no half-built model folder is left behind."""
+    monkeypatch.setenv("SSA_ADAPT_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.write_bytes(b"GGUF not really")
+    monkeypatch.setenv("SSA_ADAPT_SMOLLM2_GGUF", str(fake))
+    monkeypatch.setattr(_fetch, "_run", lambda *a, **k: pytest.fail("a local GGUF must not download anything"))
+    with pytest.raises(assets.AssetUnavailable, match="sha256 b179c952") as err:
+        assets.smollm2_path()
+    assert str(fake) in str(err.value)
+    assert not (tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct").exists()
