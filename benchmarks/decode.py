@@ -22,7 +22,9 @@ with `--model FOLDER` the real model for the rows of its shape (SmolLM2: all 30 
 with only its config.json: that architecture with random weights, the same speed),
 converted with SSAConfig(16, 16, sink 1), greedy decoding of `--new-tokens` tokens after a random prompt of the
 context length, sparse and full mode; decode tokens/s = B * (N - 1) / (t(N tokens) - t(1 token)), so the prefill
-cancels. Every row carries command, device and date; the file is rewritten after every row.
+cancels. `static_generate` rows (`--generate-impls`): the same decoding with a static cache, each step replayed
+from one CUDA graph; tokens/s = B * (N - 3) / (t(N) - t(3)) (the graph is captured at step 2). Every row carries
+command, device and date; the file is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -217,10 +219,13 @@ def profile_layer(B, TK, HQ, H, D, steps=20) -> list[dict]:
     return rows
 
 
-def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens, model_path=None, cprofile=False):
+def bench_generate(
+    rec: Recorder, B, TK, HQ, H, D, layers, new_tokens, model_path=None, cprofile=False, impls=("generate",)
+):
     """`model_path`: a real model of this (HQ, H, D) shape (all its layers) instead of the random `layers`-layer one
     (a folder with config.json alone: that architecture with random weights). cprofile: print the host profile of
-    one sparse and one full call instead of timing."""
+    one sparse and one full call instead of timing. impls: "generate" (eager, an SSACache) and / or
+    "static_generate" (a static cache, each step replayed from a CUDA graph)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import ssa_adapt
@@ -272,24 +277,34 @@ def bench_generate(rec: Recorder, B, TK, HQ, H, D, layers, new_tokens, model_pat
             print(f"cProfile generate {mode} B={B} TK={TK} ({HQ}, {H}, {D}), {new_tokens} tokens:")
             pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         return
-    for mode in ("sparse", "full"):
-        meta = dict(kind="generate", mode=mode, model=name, HQ=HQ, H=H, D=D, context=TK, batch=B, layers=layers)
-        try:
-            ssa_adapt.set_inference(model, mode)
-            run(2)  # compile / warm up
-            t1 = min(run(1) for _ in range(2))
-            tn = min(run(new_tokens) for _ in range(2))
-            rec.add(
-                impl="generate",
-                new_tokens=new_tokens,
-                seconds_1=t1,
-                seconds_n=tn,
-                decode_tokens_per_s=B * (new_tokens - 1) / max(tn - t1, 1e-9),
-                **meta,
-            )
-        except Exception as e:
-            rec.add(impl="generate", note=f"{type(e).__name__}: {str(e)[:160]}", **meta)
-        torch.cuda.empty_cache()
+
+    def run_static(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = ssa_adapt.static_generate(model, prompt, mask, max_new_tokens=n)
+        torch.cuda.synchronize()
+        assert out.shape[1] == TK + n
+        return time.perf_counter() - t0
+
+    for impl in impls:
+        for mode in ("sparse", "full"):
+            meta = dict(kind="generate", mode=mode, model=name, HQ=HQ, H=H, D=D, context=TK, batch=B, layers=layers)
+            try:
+                ssa_adapt.set_inference(model, mode)
+                if impl == "generate":
+                    run(2)  # compile / warm up
+                    t1 = min(run(1) for _ in range(2))
+                    tn = min(run(new_tokens) for _ in range(2))
+                    rate = B * (new_tokens - 1) / max(tn - t1, 1e-9)
+                else:  # static_generate: steps 2.. replay the graph captured at step 2; t(3) holds the capture
+                    run_static(4)
+                    t1 = min(run_static(3) for _ in range(2))
+                    tn = min(run_static(new_tokens) for _ in range(2))
+                    rate = B * (new_tokens - 3) / max(tn - t1, 1e-9)
+                rec.add(impl=impl, new_tokens=new_tokens, seconds_1=t1, seconds_n=tn, decode_tokens_per_s=rate, **meta)
+            except Exception as e:
+                rec.add(impl=impl, note=f"{type(e).__name__}: {str(e)[:160]}", **meta)
+            torch.cuda.empty_cache()
 
 
 def random_model(max_positions, HQ, H, D, layers):
@@ -332,6 +347,9 @@ def main():
         "--model", default=None, help="a real model folder (e.g. SmolLM2) for the generate rows of its shape"
     )
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument(
+        "--generate-impls", nargs="+", default=["generate", "static_generate"], choices=["generate", "static_generate"]
+    )
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new size after this")
@@ -374,7 +392,19 @@ def main():
         jobs += [(bench_layer, (B, TK, *shape)) for shape in shapes for TK in args.contexts for B in args.batch]
     if not args.skip_generate:
         jobs += [
-            (bench_generate, (B, TK, *shape, args.layers, args.new_tokens, model_for(args.model, shape)))
+            (
+                bench_generate,
+                (
+                    B,
+                    TK,
+                    *shape,
+                    args.layers,
+                    args.new_tokens,
+                    model_for(args.model, shape),
+                    False,
+                    tuple(args.generate_impls),
+                ),
+            )  # fmt: skip
             for shape in shapes
             for TK in args.contexts
             for B in args.batch

@@ -14,6 +14,7 @@ from .patching.convert import (
     unload,
 )
 from .patching.registry import ARCHITECTURES
+from .static_decoding import static_generate
 
 __version__ = "0.1.0"
 
@@ -44,4 +45,5 @@ __all__ = [
     "record_attention_sparsity",
     "get_controller",
     "is_converted",
+    "static_generate",
 ]

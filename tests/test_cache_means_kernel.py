@@ -116,8 +116,8 @@ def test_cache_means_kernel_compiles_for_sm90():
     from ssa_adapt.ops.triton import cache_means
 
     fn = cache_means._append_block_means_kernel
-    consts = dict(H=8, D=64, BD=64, BS=16, BSP=16)
-    types = dict(k="*bf16", means="*fp32", start="*i64", TK="i32", CAP="i32")
+    consts = dict(H=8, D=64, BD=64, BS=16, BSP=16, HAS_LEN=True)  # HAS_LEN: static caches' device key count
+    types = dict(k="*bf16", means="*fp32", start="*i64", key_len="*i64", TK="i32", CAP="i32")
     types.update(stride_kb="i64", stride_kt="i64", stride_kh="i64")
     sig = {n: "constexpr" if n in consts else types[n] for n in inspect.signature(fn.fn).parameters}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))

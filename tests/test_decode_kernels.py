@@ -427,7 +427,7 @@ def test_decode_kernels_compile_for_sm90(G):
                 d._decode_attend_kernel,
                 dict(ptr, q="*bf16", k="*bf16", v="*bf16", block_indices="*i32", o="*bf16", part_o="*fp32",
                      part_ml="*fp32", scale_log2="fp32"),
-                dict(common, GR=16, S=16, NBK=2, ONE_SPLIT=one, DOT_PREC="tf32"),
+                dict(common, GR=16, S=16, NBK=2, ONE_SPLIT=one, HAS_POS=not one, DOT_PREC="tf32"),
                 d.ATTEND_WARPS,
             )
         )  # fmt: skip

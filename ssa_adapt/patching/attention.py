@@ -28,6 +28,7 @@ from ..ops import (
     select_blocks,
     sparse_attention,
 )
+from ..static_decoding import StaticSSACache
 
 __all__ = ["SSAController", "SSALayerState", "ssa_attention_forward", "ATTN_IMPLEMENTATION"]
 
@@ -179,8 +180,18 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
         return full_attention(q, k, v, scale=scaling, doc_start=doc_start, sliding_window=sliding_window), None
 
     ctrl = state.controller
-    doc_start = ctrl.doc_start(query, key, attention_mask, kwargs)
     cfg = ctrl.config
+    cache = module.__dict__.get("_ssa_cache")
+    if isinstance(cache, StaticSSACache):  # static_generate's decode steps (positions live on the device)
+        if module.training:
+            raise ValueError("StaticSSACache decodes in eval mode only: call model.eval().")
+        selection = dict(block_size=cfg.block_size, block_count=cfg.block_count, sink_blocks=cfg.sink_blocks,
+                         local_blocks=cfg.local_blocks, scale=scaling)  # fmt: skip
+        out = cache.attend(state.layer_idx, q, k, v, mode=cfg.inference_mode, scale=scaling, selection=selection)
+        if getattr(module, "ssa_gate", None) is not None:
+            out = out * _gate_values(module, 1, out.dtype)[:, :, 0]
+        return out, None
+    doc_start = ctrl.doc_start(query, key, attention_mask, kwargs)
     selection = dict(
         block_size=cfg.block_size,
         block_count=cfg.block_count,

@@ -21,6 +21,7 @@ def _append_block_means_kernel(
     k,  # [B, TK, H, D], any strides
     means,  # [B, CAP, H, D] float32, contiguous (in-out)
     start,  # [B] int64: first key of each row's document
+    key_len,  # [1] int64 or None: the key count, read on the device (static caches), else TK
     TK,
     CAP,
     stride_kb,
@@ -31,11 +32,15 @@ def _append_block_means_kernel(
     BD: tl.constexpr,
     BS: tl.constexpr,
     BSP: tl.constexpr,  # BS rounded up to a power of two
+    HAS_LEN: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     first_key = tl.load(start + b)
-    n = TK - first_key  # the row's keys, the new one included
+    if HAS_LEN:
+        n = tl.load(key_len) - first_key
+    else:
+        n = TK - first_key  # the row's keys, the new one included
     if (n > 0) & (n % BS == 0):
         target = n // BS
         first = first_key + (target - 1) * BS
@@ -49,9 +54,17 @@ def _append_block_means_kernel(
         tl.store(out, mean, mask=d < D)
 
 
-def append_block_means(means: torch.Tensor, start: torch.Tensor, keys: torch.Tensor, block_size: int) -> None:
+def append_block_means(
+    means: torch.Tensor,
+    start: torch.Tensor,
+    keys: torch.Tensor,
+    block_size: int,
+    key_len: torch.Tensor | None = None,
+) -> None:
     """In place: means [B, CAP, H, D] float32 gets the block each row's newest key completed (rows whose newest key
-    completed none keep theirs). keys [B, TK, H, D] (any strides), start [B] int64 each row's document start."""
+    completed none keep theirs). keys [B, TK, H, D] (any strides), start [B] int64 each row's document start.
+    key_len [1] int64 (static caches, whose key buffer is longer than the keys written): the key count, read on
+    the device, so that a CUDA graph can replay the update as the cache grows; default TK."""
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r}: need a positive int.")
     B, TK, H, D = keys.shape
@@ -59,6 +72,8 @@ def append_block_means(means: torch.Tensor, start: torch.Tensor, keys: torch.Ten
         raise ValueError(
             f"means {tuple(means.shape)} {means.dtype}: need a contiguous float32 [B={B}, CAP, H={H}, D={D}] tensor."
         )
+    if key_len is not None and (key_len.shape != (1,) or key_len.dtype != torch.int64):
+        raise ValueError(f"key_len {tuple(key_len.shape)} {key_len.dtype}: need a [1] int64 tensor.")
     if TK // block_size > means.shape[1]:
         raise ValueError(f"means hold {means.shape[1]} blocks, the keys complete {TK // block_size}: grow them first.")
     if start.shape != (B,) or start.dtype != torch.int64:
@@ -69,6 +84,7 @@ def append_block_means(means: torch.Tensor, start: torch.Tensor, keys: torch.Ten
         keys,
         means,
         start,
+        key_len,
         TK,
         means.shape[1],
         keys.stride(0),
@@ -79,4 +95,5 @@ def append_block_means(means: torch.Tensor, start: torch.Tensor, keys: torch.Ten
         BD=next_pow2(D),
         BS=block_size,
         BSP=next_pow2(block_size),
+        HAS_LEN=key_len is not None,
     )

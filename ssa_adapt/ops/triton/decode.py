@@ -672,6 +672,7 @@ def _decode_attend_kernel(
     v,  # [B, TK, H, D] (strided)
     block_indices,  # [B, T, H, S] int32, contiguous
     doc_start,  # [B, T] int64 or None
+    q_pos,  # [B, T] int64 or None: each query's position inside its document (else from TK)
     o,  # [B, T, HQ, D] out (ONE_SPLIT)
     part_o,  # [B * T * H, NSPLIT, G, D] float32 out: un-normalised outputs per split
     part_ml,  # [B * T * H, NSPLIT, 2, G] float32 out: max (log2 domain), normaliser
@@ -698,6 +699,7 @@ def _decode_attend_kernel(
     S: tl.constexpr,
     NBK: tl.constexpr,  # blocks side by side per step
     HAS_DOCS: tl.constexpr,
+    HAS_POS: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -715,11 +717,14 @@ def _decode_attend_kernel(
     m_d = o_d < D
     p_q = q + i_b * stride_qb + i_t * stride_qt + (i_h * G + o_g)[:, None] * stride_qh + o_d[None, :]
     b_q = tl.load(p_q, mask=m_g[:, None] & m_d[None, :], other=0.0)
-    p_t = (i_t + TK - T).to(tl.int32)  # the query's key index
     if HAS_DOCS:
         ds = tl.load(doc_start + i_bt).to(tl.int32)
     else:
         ds = 0
+    if HAS_POS:  # static caches: the key buffer is longer than the keys written so far
+        p_t = ds + tl.load(q_pos + i_bt).to(tl.int32)  # the query's key index
+    else:
+        p_t = (i_t + TK - T).to(tl.int32)
     p_k = k + i_b * stride_kb + i_h * stride_kh
     p_v = v + i_b * stride_vb + i_h * stride_vh
     p_i = block_indices + i_bth * S
@@ -1023,6 +1028,7 @@ def decode_attend(
     scale: float | None = None,
     doc_start: torch.Tensor | None = None,
     num_splits: int | None = None,
+    q_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention for few queries per row, split over the selected blocks (inference only: no
     autograd; `attend_blocks` in `attend.py` is the differentiable version).
@@ -1031,6 +1037,8 @@ def decode_attend(
     int32 (relative to each query's document start, -1 unused), doc_start [B, T] or None -> o [B, T, HQ, D].
     Query t (key index TK - T + t) attends to keys doc_start[b, t] + j * BS + i (i < BS, key <= query) of each
     selected block j. num_splits: programs per (query, KV head) (default: fill the GPU; 1 skips the combine).
+    q_pos [B, T] int64 (static caches, whose key buffer is longer than the keys written): query t sits at key
+    doc_start[b, t] + q_pos[b, t] instead, read on the device (a CUDA graph can replay the call as keys grow).
     """
     B, T, TK, HQ, H, D = check_qkv(q, k, v)
     check_block_size(block_size)
@@ -1041,6 +1049,10 @@ def decode_attend(
     scale = D**-0.5 if scale is None else scale
     ds = check_doc_start(doc_start, B, T, q.device)
     idx = block_indices.to(device=q.device, dtype=torch.int32).contiguous()
+    if q_pos is not None:
+        if q_pos.shape != (B, T):
+            raise ValueError(f"q_pos must be [B, T] = {(B, T)}; got {tuple(q_pos.shape)}.")
+        q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     S = idx.shape[3]
     G = HQ // H
@@ -1065,6 +1077,7 @@ def decode_attend(
         v,
         idx,
         ds,
+        q_pos,
         out,
         part_o,
         part_ml,
@@ -1091,6 +1104,7 @@ def decode_attend(
         S=S,
         NBK=nbk,
         HAS_DOCS=ds is not None,
+        HAS_POS=q_pos is not None,
         ONE_SPLIT=one,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=ATTEND_WARPS,

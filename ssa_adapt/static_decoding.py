@@ -1,0 +1,263 @@
+"""Decoding with a static KV cache, replayed from one CUDA graph per step: `static_generate`.
+
+An eager `generate()` step runs the model's Python and every kernel launch again for each new token; for a small
+model that host time (~1 ms per layer) hides what sparse attention saves on the GPU. Here the prompt is prefilled
+as usual (an `SSACache`, the prefill kernels), its keys, values and block means are copied into buffers sized for
+the whole generation (`StaticSSACache`), and one decode step of the whole model is captured in a CUDA graph:
+
+- the cache writes each new key at a position held in a device tensor and hands the attention the whole buffer;
+- the sparse stream reads the query's position on the device (`decode_select` / `decode_attend` with `q_pos`,
+  the block-mean update with a device key count), so the same launches serve every step;
+- the full stream is split-KV attention over every block of the row (the decode attention kernel, all blocks
+  selected; on the CPU SDPA over the buffer with a mask of the row's written keys).
+
+Rows are left-padded prompts (attention_mask zeros first), as `generate()` takes them. Without CUDA (or with
+`cuda_graph=False`) the same static cache runs eagerly: on the CPU through the PyTorch reference (what the tests
+compare with `generate()`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .cache import SSACache
+from .ops import _triton_ops, sparse_attention
+
+__all__ = ["StaticSSACache", "static_generate"]
+
+
+class StaticSSACache(DynamicCache):
+    """A DynamicCache whose layers hold fixed-size buffers: keys / values [B, H, L, D], block means
+    [B, L // BS + 1, H, D] float32 (relative to each row's start). `index` [1] int64 is the buffer position the next
+    key goes to (the same for every row: prompts are left-padded), `start` [B] int64 each row's first real key.
+    Built from a prefilled cache by `from_prefill`; takes one token per row per forward pass."""
+
+    @classmethod
+    def from_prefill(
+        cls, cache: DynamicCache, length: int, start: torch.Tensor, block_size: int, sparse_layers
+    ) -> StaticSSACache:
+        """Turn the prefilled `cache` (its keys [B, H, P, D] per layer) into a static one of `length` positions,
+        in place; block means are computed for the layers in `sparse_layers`."""
+        prompt = cache.layers[0].keys.shape[2]
+        if length <= prompt:
+            raise ValueError(f"static cache length {length} must exceed the prompt's {prompt} tokens.")
+        cache.__class__ = cls
+        cache._ssa_means = {}
+        cache.block_size = block_size
+        cache.start = start.to(torch.int64)
+        cache.means = {}
+        for i, layer in enumerate(cache.layers):
+            keys, values = layer.keys, layer.values
+            B, H, _, D = keys.shape
+            layer.keys = keys.new_zeros(B, H, length, D)
+            layer.values = values.new_zeros(B, H, length, D)
+            layer.keys[:, :, :prompt] = keys
+            layer.values[:, :, :prompt] = values
+            if i in sparse_layers:
+                means = keys.new_zeros(B, length // block_size + 1, H, D, dtype=torch.float32)
+                found = SSACache._recompute(keys.transpose(1, 2), cache.start, block_size).means
+                n = min(found.shape[1], means.shape[1])
+                means[:, :n] = found[:, :n]
+                cache.means[i] = means
+        cache.length = length
+        cache._all_blocks = None
+        cache.index = torch.full((1,), prompt, dtype=torch.int64, device=start.device)
+        cache.begin_step()
+        return cache
+
+    def begin_step(self) -> None:
+        """Per-step tensors every layer reads, derived on the device from `index` (captured with the step)."""
+        pos = self.index  # the new key's buffer position
+        self.key_len = pos + 1
+        self.q_pos = (pos - self.start)[:, None]  # [B, 1] the query's position inside its row
+        keys = torch.arange(self.length, device=pos.device)
+        self.key_mask = ((keys[None, :] >= self.start[:, None]) & (keys[None, :] <= pos))[:, None, None]  # [B,1,1,L]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key_states / value_states [B, H, 1, D] go to position `index`; -> the whole buffers [B, H, L, D]."""
+        if key_states.shape[2] != 1:
+            raise ValueError(
+                f"StaticSSACache takes one token per row per step, got {key_states.shape[2]}; prefill with an "
+                "SSACache and build the static cache with StaticSSACache.from_prefill."
+            )
+        layer = self.layers[layer_idx]
+        layer.keys.index_copy_(2, self.index, key_states)
+        layer.values.index_copy_(2, self.index, value_states)
+        return layer.keys, layer.values
+
+    def attend(self, layer_idx: int, q, k, v, *, mode: str, scale, selection: dict) -> torch.Tensor:
+        """One decode step of layer `layer_idx`: q [B, 1, HQ, D], k, v [B, L, H, D] (the buffers, transposed views)
+        -> o [B, 1, HQ, D]; mode "full" (SDPA over the written keys) or "sparse" (SSA's selection)."""
+        bs = self.block_size
+        kernels = q.is_cuda and _triton_ops() is not None
+        if mode == "full":
+            if not kernels:
+                return _masked_decode_attention(q, k, v, self.key_mask, scale)
+            from .ops.triton.decode import decode_attend
+
+            # every block of the row: split-KV attention over the written keys (the query's position masks the
+            # rest); SDPA with a mask over the whole buffer does not split the keys and is ~20x slower at 128k
+            B, H = q.shape[0], k.shape[2]
+            if self._all_blocks is None or self._all_blocks.shape[2] != H:
+                n = self.length // bs + 1
+                self._all_blocks = torch.arange(n, dtype=torch.int32, device=q.device).expand(B, 1, H, n).contiguous()
+            return decode_attend(q, k, v, self._all_blocks, block_size=bs, scale=scale,
+                                 doc_start=self.start[:, None], q_pos=self.q_pos)  # fmt: skip
+        means = self.means[layer_idx]
+        if kernels:
+            from .ops.triton.cache_means import append_block_means
+            from .ops.triton.decode import decode_attend, decode_select
+
+            append_block_means(means, self.start, k, bs, key_len=self.key_len)
+            sel = {n: selection[n] for n in ("block_size", "block_count", "sink_blocks", "local_blocks", "scale")}
+            indices = decode_select(q, means, self.q_pos, **sel)
+            return decode_attend(q, k, v, indices, block_size=bs, scale=scale, doc_start=self.start[:, None],
+                                 q_pos=self.q_pos)  # fmt: skip
+        # eager path (CPU reference): the written keys, known on the host
+        n = int(self.key_len)
+        grown = (n - self.start) % bs == 0
+        slot = ((n - self.start) // bs - 1).clamp(min=0)
+        first = (self.start + slot * bs).clamp(max=max(n - bs, 0))
+        index = first[:, None] + torch.arange(bs, device=k.device)[None]
+        block = k.gather(1, index[:, :, None, None].expand(-1, -1, *k.shape[2:])).float().mean(1)
+        rows = torch.arange(k.shape[0], device=k.device)
+        means[rows, slot] = torch.where(grown[:, None, None], block, means[rows, slot])
+        sel = dict(selection, doc_start=self.start[:, None], backend="reference")
+        return sparse_attention(q, k[:, :n], v[:, :n], block_means=means[:, : n // bs], **sel)
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("StaticSSACache does not take beam search: use generate() with an SSACache.")
+
+
+def _masked_decode_attention(q, k, v, key_mask, scale) -> torch.Tensor:
+    """q [B, 1, HQ, D] against k, v [B, L, H, D] where key_mask [B, 1, 1, L] -> [B, 1, HQ, D]: the G query heads of
+    each KV head are G query rows of one SDPA call (no copy of K / V for GQA)."""
+    B, _, HQ, D = q.shape
+    H = k.shape[2]
+    qg = q.reshape(B, H, HQ // H, D)
+    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask, scale=scale)
+    return out.reshape(B, 1, HQ, D)
+
+
+def _cache_keyword(model) -> str:
+    """The forward keyword of the KV cache: `cache` in newer transformers 5.x, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, generator) -> torch.Tensor:
+    """logits [B, V] -> next tokens [B]: argmax, or a draw from softmax(logits / temperature) over the top_k."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def static_generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    cuda_graph: bool | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Greedy or sampled decoding of a converted model with a static cache -> token ids [B, P + max_new_tokens].
+
+    input_ids [B, P], attention_mask [B, P] (left padding: zeros before each row's prompt; None: no padding).
+    The model decodes in its inference mode (`set_inference`): sparse or full. cuda_graph: replay each step from a
+    CUDA graph (default: on CUDA). Rows that produced `eos_token_id` continue with `pad_token_id` (default: eos);
+    decoding stops early once every row has. Beam search and other `generate()` options: use `generate()`.
+    """
+    from .patching.convert import _require_controller
+
+    ctrl = _require_controller(model)
+    if model.training:
+        raise ValueError("static_generate decodes in eval mode: call model.eval() first.")
+    cfg = ctrl.config
+    if cfg.train_mode == "nsa":
+        raise ValueError("static_generate does not take NSA models (train_mode='nsa'): use generate().")
+    n_layers = model.config.num_hidden_layers
+    if sorted(ctrl.layers) != list(range(n_layers)):
+        missing = sorted(set(range(n_layers)) - set(ctrl.layers))
+        raise ValueError(
+            f"static_generate needs every attention layer converted; layers {missing} keep ordinary (e.g. "
+            "sliding-window) attention. Use generate() for this model."
+        )
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, P] with P >= 1; got {tuple(input_ids.shape)}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: need at least 1.")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature={temperature}: need > 0 when sampling.")
+    B, P = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}."
+        )
+    mask = attention_mask.to(torch.long)
+    if bool((mask[:, 1:] < mask[:, :-1]).any()) or not bool(mask[:, -1].all()):
+        raise ValueError("static_generate takes left padding only (zeros before each prompt, ones to the end).")
+    start = (mask == 0).sum(1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+
+    cache = SSACache()
+    name = _cache_keyword(model)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **{name: cache}
+    ).logits[:, -1]  # fmt: skip
+    cache = StaticSSACache.from_prefill(cache, P + max_new_tokens, start, cfg.block_size, set(ctrl.layers))
+    ids = torch.empty(B, 1, dtype=torch.long, device=device)
+    tokens = [input_ids]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def step() -> torch.Tensor:
+        cache.begin_step()
+        out = model(input_ids=ids, position_ids=cache.q_pos, use_cache=True, **{name: cache}).logits[:, -1]
+        cache.index.add_(1)
+        return out
+
+    graph = static_logits = None
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    if use_graph and device.type != "cuda":
+        raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device.")
+    for i in range(max_new_tokens):
+        nxt = _sample(logits, do_sample, temperature, top_k, generator)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            done |= nxt == eos_token_id
+        tokens.append(nxt[:, None])
+        if i == max_new_tokens - 1 or (eos_token_id is not None and i % 8 == 7 and bool(done.all())):
+            break
+        ids.copy_(nxt[:, None])
+        if graph is not None:
+            graph.replay()
+            logits = static_logits
+        elif use_graph and i >= 1:  # one eager step first: the kernels compile and the allocator warms up
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_logits = step()
+            graph.replay()
+            logits = static_logits
+        else:
+            logits = step()
+    out = torch.cat(tokens, 1)
+    if out.shape[1] < P + max_new_tokens:  # stopped early: every row ended
+        out = F.pad(out, (0, P + max_new_tokens - out.shape[1]), value=pad)
+    return out
