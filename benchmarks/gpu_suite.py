@@ -33,7 +33,8 @@ def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
     bench = lambda name: str(REPO / "benchmarks" / name)  # noqa: E731
     jobs = {
         "tests": [[py, "-m", "pytest", "-q", "-s", "-m", "gpu", str(REPO / "tests/test_kernels.py"),
-                   str(REPO / "tests/test_decode_kernels.py")]],
+                   str(REPO / "tests/test_decode_kernels.py"), str(REPO / "tests/test_cache_means_kernel.py"),
+                   str(REPO / "tests/test_static_decoding.py")]],
         "attention": [[py, bench("attention.py"), "--sweep", "--T", "32768", "65536", "8192", "16384", "131072",
                        "--out", str(out / "attention-h200.json"), "--md", str(out / "attention-h200.md"),
                        "--budget-s", str(a.attention_budget_s)]],
