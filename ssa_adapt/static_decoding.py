@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .cache import SSACache
+from .cache import SSACache, _LayerMeans
 from .ops import _triton_ops, sparse_attention
 
 __all__ = ["StaticSSACache", "static_generate"]
@@ -44,7 +44,6 @@ class StaticSSACache(DynamicCache):
         if length <= prompt:
             raise ValueError(f"static cache length {length} must exceed the prompt's {prompt} tokens.")
         cache.__class__ = cls
-        cache._ssa_means = {}
         cache.block_size = block_size
         cache.start = start.to(torch.int64)
         cache.means = {}
@@ -115,15 +114,9 @@ class StaticSSACache(DynamicCache):
             indices = decode_select(q, means, self.q_pos, **sel)
             return decode_attend(q, k, v, indices, block_size=bs, scale=scale, doc_start=self.start[:, None],
                                  q_pos=self.q_pos)  # fmt: skip
-        # eager path (CPU reference): the written keys, known on the host
+        # eager path (CPU reference): the written keys, known on the host; SSACache's own update of the means
         n = int(self.key_len)
-        grown = (n - self.start) % bs == 0
-        slot = ((n - self.start) // bs - 1).clamp(min=0)
-        first = (self.start + slot * bs).clamp(max=max(n - bs, 0))
-        index = first[:, None] + torch.arange(bs, device=k.device)[None]
-        block = k.gather(1, index[:, :, None, None].expand(-1, -1, *k.shape[2:])).float().mean(1)
-        rows = torch.arange(k.shape[0], device=k.device)
-        means[rows, slot] = torch.where(grown[:, None, None], block, means[rows, slot])
+        SSACache._append(_LayerMeans(means, self.start, n - 1), k[:, :n], bs)  # in place: means holds every block
         sel = dict(selection, doc_start=self.start[:, None], backend="reference")
         return sparse_attention(q, k[:, :n], v[:, :n], block_means=means[:, : n // bs], **sel)
 
