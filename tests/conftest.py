@@ -5,9 +5,7 @@ import pytest
 
 @pytest.fixture
 def poisoned():
-    """Fresh kernel outputs are filled with NaN / a huge sentinel for the test, so unwritten elements fail."""
-    from ssa_adapt.ops.triton import utils
+    """Kernel options whose fresh outputs are filled with NaN / a huge sentinel, so unwritten elements fail."""
+    from ssa_adapt.ops.triton.options import KernelOptions
 
-    utils.POISON = True
-    yield
-    utils.POISON = False
+    return KernelOptions(poison=True)

@@ -11,7 +11,6 @@ import functools
 import torch
 
 __all__ = [
-    "POISON",
     "cdiv",
     "next_pow2",
     "new_empty",
@@ -25,13 +24,10 @@ __all__ = [
 ]
 
 
-# Tests set this: fresh outputs are filled with NaN (integers: a huge sentinel) so that unwritten elements fail.
-POISON = False
-
-
-def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, or a poisoned tensor while POISON is set."""
-    if not POISON:
+def new_empty(shape, dtype: torch.dtype, device: torch.device, poison: bool = False) -> torch.Tensor:
+    """torch.empty, or (poison, `KernelOptions.poison`: tests) a tensor filled with NaN (integers: a huge sentinel)
+    so that elements a kernel leaves unwritten fail."""
+    if not poison:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.full(shape, float("nan") if dtype.is_floating_point else 2**30 - 7, dtype=dtype, device=device)
 
