@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,15 +101,27 @@ class SSAConfig:
         _check_choice("train_mode", self.train_mode, TRAIN_MODES)
         _check_choice("align_loss", self.align_loss, ALIGN_LOSSES)
         _check_choice("backend", self.backend, BACKENDS)
-        if not 0.0 <= float(self.full_prob) <= 1.0:
+        if not isinstance(self.gate, bool):
+            raise ValueError(
+                f"SSAConfig.gate={self.gate!r}: must be True or False (a bool, not {type(self.gate).__name__})."
+            )
+        _check_number("full_prob", self.full_prob, "a probability in [0, 1] (0.5 is the paper's choice)")
+        if not 0.0 <= self.full_prob <= 1.0:
             raise ValueError(
                 f"SSAConfig.full_prob={self.full_prob!r}: must lie in [0, 1] (0.5 is the paper's choice)."
             )
-        if float(self.align_weight) < 0:
+        _check_number("align_weight", self.align_weight, "a finite number >= 0 (10 is the paper's choice)")
+        if self.align_weight < 0:
             raise ValueError(f"SSAConfig.align_weight={self.align_weight!r}: must be >= 0 (10 is the paper's choice).")
         if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple, range)):
+                raise ValueError(
+                    f"SSAConfig.layers={self.layers!r}: give a list of layer indices (layers=[{self.layers!r}] for "
+                    "one layer), or None for all layers."
+                )
             layers = list(self.layers)
-            if not layers or any(not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) != len(layers):
+            bad = not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)
+            if bad or len(set(layers)) != len(layers):
                 raise ValueError(
                     f"SSAConfig.layers={self.layers!r}: give distinct non-negative layer indices, or None for all layers."
                 )
@@ -137,3 +151,9 @@ class SSAConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"SSAConfig.{name}={value!r}: must be one of {list(choices)}.")
+
+
+def _check_number(name: str, value: Any, what: str) -> None:
+    """A real, finite number (bools and strings are refused: '0.5' would fail later, inside training)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"SSAConfig.{name}={value!r}: must be {what}, given as a number.")

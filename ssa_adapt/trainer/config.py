@@ -16,7 +16,7 @@ __all__ = ["SSATrainingConfig", "SSA_FIELDS"]
 # Every field of SSAConfig is also a field of SSATrainingConfig, under the same name, unset (None) by default.
 SSA_FIELDS = tuple(f.name for f in dataclasses.fields(SSAConfig))
 # Fields whose value can be checked on its own (no constraint ties them to another field).
-_SELF_CONTAINED = ("inference_mode", "train_mode", "full_prob", "align_weight", "align_loss", "backend")
+_SELF_CONTAINED = ("inference_mode", "train_mode", "gate", "full_prob", "align_weight", "align_loss", "backend")
 
 
 def _ssa_field(source: dataclasses.Field) -> Any:
