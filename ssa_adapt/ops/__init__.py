@@ -47,9 +47,19 @@ def _triton_ops():
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Map 'auto' to the backend that runs for tensor x: 'triton' for CUDA tensors when the kernels exist,
-    'reference' otherwise. An explicit 'triton' without kernels raises with the fix."""
+    'reference' otherwise. An explicit 'triton' or 'fla' on a non-CUDA tensor warns and runs the reference; one
+    without its package raises with the fix."""
     if backend == "auto":
         return "triton" if x.is_cuda and _triton_ops() is not None else "reference"
+    if backend in ("triton", "fla") and not x.is_cuda:  # e.g. a checkpoint saved on a GPU machine, run on the CPU
+        import warnings
+
+        warnings.warn(
+            f"backend={backend!r} runs on CUDA tensors only; these are on {x.device.type}: using the PyTorch "
+            "reference. set_inference(model, backend='auto') picks the backend by device.",
+            stacklevel=3,
+        )
+        return "reference"
     if backend == "triton" and _triton_ops() is None:
         raise RuntimeError(
             "backend='triton' needs the `triton` package and ssa_adapt's kernels: pip install 'ssa_adapt[kernels]'."
