@@ -13,6 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import cached_file
 
 from .config import SSAConfig
+from .local_paths import require_local_path
 from .patching.convert import CONFIG_KEY, convert
 
 __all__ = ["AutoSSAModelForCausalLM"]
@@ -31,34 +32,75 @@ def _ignore_ssa_weights_on_load(model_cls: type):
         model_cls._keys_to_ignore_on_load_unexpected = previous
 
 
-def _load_ssa_weights(model: torch.nn.Module, path: str, hub_kwargs: dict[str, Any]) -> None:
-    """Copy the `ssa_*` tensors of a safetensors checkpoint (single file or sharded) into the converted model."""
-    wanted = {name: p for name, p in model.named_parameters() if ".ssa_" in name}
-    if not wanted:
-        return
+def _stored_ssa_tensors(path: str, hub_kwargs: dict[str, Any]) -> dict[str, str] | None:
+    """{name: safetensors file} of the checkpoint's `ssa_*` tensors (single file or sharded); None when the
+    checkpoint has no safetensors weights."""
     index = cached_file(
         path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs
     )
     if index is not None:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
-        files = {weight_map[name] for name in wanted if name in weight_map}
-    else:
-        files = {"model.safetensors"}
-    found = set()
-    for filename in sorted(files):
+        return {name: file for name, file in weight_map.items() if ".ssa_" in name}
+    local = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if local is None:
+        return None
+    with safe_open(local, framework="pt") as f:
+        return {name: "model.safetensors" for name in f.keys() if ".ssa_" in name}
+
+
+def _listed(names) -> str:
+    names = sorted(names)
+    return f"{names[:3]}{' ...' if len(names) > 3 else ''} ({len(names)} tensors)"
+
+
+def _load_ssa_weights(
+    model: torch.nn.Module, path: str, hub_kwargs: dict[str, Any], config: SSAConfig, saved: dict | None
+) -> None:
+    """Copy the checkpoint's `ssa_*` tensors (the gates) into the converted model; refuse when the checkpoint's
+    gate weights and the SSAConfig it is loaded with disagree (a dropped or fresh gate changes the outputs)."""
+    wanted = {name: p for name, p in model.named_parameters() if ".ssa_" in name}
+    stored = _stored_ssa_tensors(path, hub_kwargs)
+    if stored is None:  # no safetensors: nothing to compare with (transformers loaded the other weights)
+        if wanted and saved is not None:
+            raise ValueError(f"{path!r} has no model.safetensors; the SSA gate weights load from safetensors only.")
+        return
+    source = "the ssa_config passed" if saved is None or config.to_dict() != saved else "its config.json's ssa_config"
+    if stored and not wanted:
+        raise ValueError(
+            f"{path!r} holds trained SSA gate weights {_listed(stored)}, but {source} has gate=False "
+            f"(train_mode={config.train_mode!r}): loading would drop them and change the model's outputs. Load it "
+            "with gate=True (leave ssa_config unset to use the checkpoint's own), or fix its config.json."
+        )
+    if wanted and saved is not None and not stored:
+        raise ValueError(
+            f"{source.capitalize()} of {path!r} asks for SSA gates (gate=True or train_mode='nsa'), but the "
+            "checkpoint holds no ssa_gate weights: fresh gates would change the model's outputs. Load it with "
+            "gate=False, or convert the plain model with gate=True to train new gates."
+        )
+    if saved is None and not stored:
+        return  # a plain checkpoint converted on load with new gates
+    missing, unexpected = set(wanted) - set(stored), set(stored) - set(wanted)
+    if missing or unexpected:
+        raise ValueError(
+            f"The SSA gate weights of {path!r} do not match the converted layers ({source}, layers="
+            f"{config.layers!r}): missing {_listed(missing)}, unexpected {_listed(unexpected)}. Load it with the "
+            "ssa_config it was saved with."
+        )
+    for filename in sorted(set(stored.values())):
         local = cached_file(path, filename, **hub_kwargs)
         with safe_open(local, framework="pt") as f:
             for name in f.keys():
                 if name in wanted:
+                    tensor = f.get_tensor(name)
+                    if tensor.shape != wanted[name].shape:
+                        raise ValueError(
+                            f"{path!r}: {name} is {tuple(tensor.shape)} but {source} (gate={config.gate}, "
+                            f"train_mode={config.train_mode!r}) builds {tuple(wanted[name].shape)}; load it with the "
+                            "ssa_config it was saved with."
+                        )
                     with torch.no_grad():
-                        wanted[name].copy_(f.get_tensor(name))
-                    found.add(name)
-    missing = sorted(set(wanted) - found)
-    if missing:
-        raise ValueError(
-            f"The checkpoint at {path!r} lacks the SSA gate weights {missing[:4]}{'...' if len(missing) > 4 else ''}."
-        )
+                        wanted[name].copy_(tensor)
 
 
 class AutoSSAModelForCausalLM:
@@ -77,6 +119,7 @@ class AutoSSAModelForCausalLM:
         cls, pretrained_model_name_or_path: str, *, ssa_config: SSAConfig | dict | None = None, **kwargs: Any
     ) -> torch.nn.Module:
         path = str(pretrained_model_name_or_path)
+        require_local_path(path, "model")
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, **hub_kwargs)
         saved = getattr(config, CONFIG_KEY, None)
@@ -95,6 +138,5 @@ class AutoSSAModelForCausalLM:
         with _ignore_ssa_weights_on_load(model_cls):
             model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
         convert(model, ssa_config)
-        if saved is not None and ssa_config.gate:
-            _load_ssa_weights(model, path, hub_kwargs)
+        _load_ssa_weights(model, path, hub_kwargs, ssa_config, saved)
         return model

@@ -27,6 +27,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..config import SSAConfig
+from ..local_paths import require_local_path
 from ..modeling import AutoSSAModelForCausalLM
 from ..patching.convert import CONFIG_KEY, convert, get_controller, set_inference
 from .perplexity import apply_rope_scaling
@@ -93,6 +94,8 @@ class SSALM(HFLM):
             raise ValueError(
                 "The ssa model needs pretrained=PATH (a converted or plain checkpoint) or a loaded model."
             )
+        if isinstance(pretrained, str):  # before HFLM reads its config (a missing folder would read as a Hub id)
+            require_local_path(pretrained, "model")
         if isinstance(pretrained, transformers.PreTrainedModel):
             self._prepare_loaded(pretrained)
         super().__init__(pretrained=pretrained, **kwargs)

@@ -16,6 +16,7 @@ from transformers import AutoConfig, PreTrainedModel, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from ..config import SSAConfig
+from ..local_paths import require_local_path
 from ..modeling import AutoSSAModelForCausalLM
 from ..patching.convert import (
     CONFIG_KEY,
@@ -53,6 +54,7 @@ def _load_model(name: str, args: SSATrainingConfig) -> PreTrainedModel:
             raise ValueError(f"model_init_kwargs dtype={dtype!r}: use 'auto', 'bfloat16', 'float16' or 'float32'.")
         kwargs["dtype"] = getattr(torch, dtype)
     hub = {k: kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir") if k in kwargs}
+    require_local_path(name, "model")
     saved = getattr(AutoConfig.from_pretrained(name, **hub), CONFIG_KEY, None)
     base = SSAConfig.from_dict(saved) if saved is not None else None
     ssa_config = args.to_ssa_config(base)
