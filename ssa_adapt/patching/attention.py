@@ -13,7 +13,9 @@ q, k, v (bias, q_norm / k_norm, RoPE, KV cache) and calls `ssa_attention_forward
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import StaticCache
 
 from ..cache import as_ssa_cache
 from ..config import SSAConfig
@@ -49,7 +51,7 @@ class SSAController:
         self.align_losses: dict[int, torch.Tensor] = {}
         self.sparsity: dict[int, torch.Tensor] | None = None  # filled while recording statistics
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._doc_start: tuple | None = None  # (key, doc_start) computed once per forward pass for all layers
+        self._doc_start: tuple | None = None  # (key, (doc_start, key_mask)) once per forward pass for all layers
         self._indices: dict[int, tuple] = {}  # layer -> (query probe, block indices) of this forward pass
 
     def begin_forward(self) -> None:
@@ -73,8 +75,8 @@ class SSAController:
         self._indices[layer_idx] = (probe, indices)
         return indices
 
-    def doc_start(self, query, key, attention_mask, kwargs) -> torch.Tensor | None:
-        """_doc_start for this forward pass, computed by the first layer and reused by the others."""
+    def padding(self, query, key, attention_mask, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`_padding` for this forward pass, computed by the first layer and reused by the others."""
         position_ids, cu_seqlens = kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")
         cache_key = (query.shape[0], query.shape[2], key.shape[2], position_ids, attention_mask, cu_seqlens)
         cached = self._doc_start
@@ -83,7 +85,7 @@ class SSAController:
             or cached[0][:3] != cache_key[:3]
             or any(a is not b for a, b in zip(cached[0][3:], cache_key[3:]))
         ):
-            self._doc_start = (cache_key, _doc_start(query, key, attention_mask, kwargs))
+            self._doc_start = (cache_key, _padding(query, key, attention_mask, kwargs))
         return self._doc_start[1]
 
     def training_stream(self) -> str:
@@ -104,13 +106,33 @@ class SSALayerState:
         self.layer_idx = layer_idx
 
 
-def _doc_start(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -> torch.Tensor | None:
+def _padding(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -> tuple:
+    """(doc_start [B, T] or None, key_mask [B, TK] bool or None) of query [B, HQ, T, D], key [B, H, TK, D].
+
+    Left padding (a row's zeros all before its first real token), packing and caches become `doc_start`;
+    `key_mask` is the 2D padding mask itself when a real query could see a padding key otherwise (zeros between
+    real tokens, or right padding followed by cached decoding), which only the full stream honours (see
+    `_masked_full_attention`); doc_start is then None."""
     B, T, TK = query.shape[0], query.shape[2], key.shape[2]
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"SSA attention takes a 2D padding mask [B, TK] (or none); got a {attention_mask.dim()}D mask. "
             "Pass document boundaries through position_ids (packing) or attention_mask (padding) instead of a custom 4D mask."
         )
+    if attention_mask is not None:
+        mask = attention_mask[:, -TK:].to(torch.bool)
+        ends = mask[:, :-1] & ~mask[:, 1:]  # [B, TK - 1] a real token followed by padding
+        if bool(ends.any()):
+            starts = ~mask[:, :-1] & mask[:, 1:]
+            holes = bool((starts & ends.int().cummax(-1).values.bool()).any())
+            # Right padding without cached keys is left alone: causality hides the trailing padding from every
+            # real query (the padding positions' own outputs are unspecified, as with flash attention).
+            if holes or T != TK:
+                return None, mask  # as transformers' SDPA: the mask alone (position_ids then only place RoPE)
+    return _doc_start(B, T, TK, attention_mask, kwargs), None
+
+
+def _doc_start(B: int, T: int, TK: int, attention_mask, kwargs) -> torch.Tensor | None:
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is not None and B == 1 and T == TK:
         return doc_start_from_cu_seqlens(cu_seqlens, T)
@@ -176,12 +198,20 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
     """ssa_attention_forward's body on q [B, T, HQ, D], k, v [B, TK, H, D] of one dtype."""
     state: SSALayerState | None = getattr(module, "ssa_state", None)
     if state is None:  # a layer left unconverted (sliding window, or not in config.layers)
-        doc_start = _doc_start(query, key, attention_mask, kwargs)
+        doc_start, key_mask = _padding(query, key, attention_mask, kwargs)
+        if key_mask is not None:
+            return _masked_full_attention(q, k, v, scaling, key_mask, sliding_window), None
         return full_attention(q, k, v, scale=scaling, doc_start=doc_start, sliding_window=sliding_window), None
 
     ctrl = state.controller
     cfg = ctrl.config
     cache = module.__dict__.get("_ssa_cache")
+    if isinstance(cache, StaticCache):
+        raise ValueError(
+            "transformers' StaticCache (generate(cache_implementation='static')) does not work with SSA attention "
+            "yet: it hands the attention the whole zero-filled buffer. Use generate() with the default dynamic "
+            "cache, or ssa_adapt.static_generate(model, ...) for static-cache decoding (CUDA graphs on GPUs)."
+        )
     if isinstance(cache, StaticSSACache):  # static_generate's decode steps (positions live on the device)
         if module.training:
             raise ValueError("StaticSSACache decodes in eval mode only: call model.eval().")
@@ -191,7 +221,9 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
         if getattr(module, "ssa_gate", None) is not None:
             out = out * _gate_values(module, 1, out.dtype)[:, :, 0]
         return out, None
-    doc_start = ctrl.doc_start(query, key, attention_mask, kwargs)
+    doc_start, key_mask = ctrl.padding(query, key, attention_mask, kwargs)
+    if key_mask is not None:
+        _require_left_padding(module, cfg, key_mask, recording=ctrl.sparsity is not None)
     selection = dict(
         block_size=cfg.block_size,
         block_count=cfg.block_count,
@@ -215,6 +247,8 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
         return out * gamma
 
     def full():
+        if key_mask is not None:
+            return gated(_masked_full_attention(q, k, v, scaling, key_mask))
         return gated(full_attention(q, k, v, scale=scaling, doc_start=doc_start, backend=cfg.backend))
 
     indices = None
@@ -264,3 +298,42 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
             mass = attention_sparsity(q, k, indices, block_size=cfg.block_size, scale=scaling, doc_start=doc_start)
             ctrl.sparsity[state.layer_idx] = mass.mean()
     return out, None
+
+
+def _require_left_padding(module: nn.Module, cfg: SSAConfig, key_mask: torch.Tensor, recording: bool) -> None:
+    """Refuse a padding mask with holes (see `_padding`) where the sparse stream or its selection runs: they know
+    document starts only (see ops/documents.py), not padding keys between real ones."""
+    mode = cfg.train_mode if module.training else cfg.inference_mode
+    if mode == "full" and not recording:
+        return
+    rows = torch.nonzero((key_mask[:, :-1] & ~key_mask[:, 1:]).any(-1)).flatten().tolist()
+    raise ValueError(
+        f"attention_mask rows {rows[:8]} have padding after a real token that later tokens would attend to (zeros "
+        f"between real tokens, or right padding followed by cached decoding); SSA's sparse stream "
+        f"({'train_mode' if module.training else 'inference_mode'}={mode!r}{', recording AttnSparsity' * recording}) "
+        "supports left padding, and right padding without a KV cache. Pad on the left "
+        "(tokenizer.padding_side='left'), pack documents with position_ids (packing / padding_free), or use the "
+        "full stream (set_inference(model, 'full')), which honours any padding mask."
+    )
+
+
+def _masked_full_attention(q, k, v, scale, key_mask, sliding_window=None) -> torch.Tensor:
+    """Causal attention of q [B, T, HQ, D] over the keys k, v [B, TK, H, D] that key_mask [B, TK] keeps (and that
+    lie in the query's window) -> [B, T, HQ, D]: SDPA with a boolean mask, like transformers' own SDPA path. A
+    query with no key left (a padding position before any real token) attends to itself."""
+    T, TK, device = q.shape[1], k.shape[1], q.device
+    q_pos = torch.arange(TK - T, TK, device=device)[:, None]  # [T, 1] the queries' key positions
+    k_pos = torch.arange(TK, device=device)[None, :]  # [1, TK]
+    allowed = (k_pos <= q_pos)[None] & key_mask[:, None, :]  # [B, T, TK]
+    if sliding_window is not None:
+        allowed &= (k_pos > q_pos - sliding_window)[None]
+    allowed |= (~allowed.any(-1, keepdim=True)) & (k_pos == q_pos)[None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=allowed[:, None],
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
