@@ -16,13 +16,10 @@ Hub models: `--config recipes/configs/llama-3.2-1b.yaml` or `qwen3-0.6b.yaml`. E
 the baselines with `--train_mode full` (Full-Full) or `--train_mode sparse` (Sparse-Sparse); LoRA with
 `--use_peft --lora_r 16 --lora_target_modules q_proj k_proj v_proj o_proj`; data with `--dataset_name` a local
 .txt/.jsonl/.parquet file or folder, `asset:debian-docs`, or a Hub dataset (`--dataset_streaming` for large ones).
-Resume with `--resume_from_checkpoint last` (the newest checkpoint in output_dir, if any) or a checkpoint folder:
-the step count, optimizer, schedule and stream draws continue where they stopped.
+Resume with `--resume_from_checkpoint last` (the newest complete checkpoint in output_dir, if any) or a checkpoint
+folder: the step count, optimizer, schedule and stream draws continue where they stopped.
 """
 
-import os
-
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ssa_adapt.trainer import SSATrainer, SSATrainingConfig, load_text_dataset, resolve_model_name
@@ -52,11 +49,7 @@ def main(script_args: ScriptArguments, training_args: SSATrainingConfig, model_a
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":
-        out = training_args.output_dir
-        resume = get_last_checkpoint(out) if os.path.isdir(out) else None
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # "last": the newest complete one
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved to {training_args.output_dir}")
     if hasattr(trainer, "end"):  # transformers >= 5.18: close the trackers and the process group

@@ -26,6 +26,7 @@ from ..patching.convert import (
     record_attention_sparsity,
     set_stream,
 )
+from .checkpoints import check_resumable, last_checkpoint
 from .config import SSATrainingConfig
 
 __all__ = ["SSATrainer", "draw_stream"]
@@ -105,6 +106,7 @@ class SSATrainer(SFTTrainer):
 
     Each training micro-batch continues with the stream `draw_stream(seed, step, micro_step, full_prob)`, fixed
     with `ssa_adapt.set_stream` before the forward. Evaluation uses the model's `inference_mode` stream.
+    `train(resume_from_checkpoint="last")` resumes from the newest complete checkpoint of `output_dir`.
     """
 
     _tag_names = ["trl", "sft", "ssa"]
@@ -125,6 +127,19 @@ class SSATrainer(SFTTrainer):
             model = _prepare_model(model, args)
         self._draw_at = (-1, -1)  # (optimizer step, micro-batch index) of the last draw
         super().__init__(model, args, *a, **kw)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, resuming only from a checkpoint that holds everything resuming restores (see
+        `check_resumable`). `resume_from_checkpoint="last"` (or True) picks the newest complete checkpoint of
+        `output_dir`, skipping incomplete ones; with none, "last" starts anew and True raises."""
+        if resume_from_checkpoint in ("last", True):
+            found = last_checkpoint(self.args.output_dir)
+            if found is None and resume_from_checkpoint is True:
+                raise ValueError(f"No complete checkpoint in output_dir={self.args.output_dir!r} to resume from.")
+            resume_from_checkpoint = found
+        if isinstance(resume_from_checkpoint, str):
+            check_resumable(resume_from_checkpoint, deepspeed=self.is_deepspeed_enabled)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _next_micro_step(self) -> tuple[int, int]:
         step, micro = self._draw_at
