@@ -24,7 +24,13 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 import ssa_adapt  # noqa: E402
 from ssa_adapt import AutoSSAModelForCausalLM, SSAConfig  # noqa: E402
 from ssa_adapt.patching import attention as attention_module  # noqa: E402
-from ssa_adapt.trainer import SSATrainer, SSATrainingConfig, draw_stream, load_text_dataset  # noqa: E402
+from ssa_adapt.trainer import (  # noqa: E402
+    SSATrainer,
+    SSATrainingConfig,
+    draw_stream,
+    last_checkpoint,
+    load_text_dataset,
+)
 from ssa_adapt.trainer import trainer as trainer_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,9 +338,82 @@ def test_continue_pt_script_checkpoints_and_resumes(tmp_path):
     checkpoint = out / "checkpoint-3"
     model = AutoSSAModelForCausalLM.from_pretrained(checkpoint)
     assert ssa_adapt.get_controller(model).config == SSAConfig(**SSA)
+    (out / "checkpoint-4").mkdir()  # a save killed midway: "last" skips it
+    (out / "checkpoint-4" / "config.json").write_text('{"architectures": ["Lla')
     _launch(tmp_path, "--max_steps", "5", "--resume_from_checkpoint", "last")
     state = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["global_step"] == 5
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5]
     assert all(h["align_loss"] > 0 for h in state["log_history"] if "loss" in h)
     assert ssa_adapt.is_converted(AutoSSAModelForCausalLM.from_pretrained(out))
+
+
+def test_resume_refuses_a_checkpoint_without_optimizer_state(tmp_path):
+    first = ssa_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, save_only_model=True)
+    first.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert not (checkpoint / "optimizer.pt").exists()
+    resumed = ssa_trainer(tmp_path, max_steps=4)
+    with pytest.raises(ValueError, match=r"lacks optimizer.pt .*, scheduler.pt .*--model_name_or_path .*checkpoint-2"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 0
+    (checkpoint / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match=r"lacks trainer_state.json \(the step count"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_last_checkpoint_skips_one_killed_while_saving(tmp_path):
+    first = ssa_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    first.train()
+    out = tmp_path / "out"
+    partial = out / "checkpoint-3"
+    partial.mkdir()
+    (partial / "config.json").write_text('{"archi')  # SIGKILL while writing the first file
+    (out / "checkpoint-10").mkdir()
+    (out / "checkpoint-10" / "trainer_state.json").write_text('{"best_metric": nu')
+    with pytest.warns(
+        UserWarning, match=r"Skipping incomplete checkpoints .*checkpoint-10.*checkpoint-3.*checkpoint-2"
+    ):
+        assert last_checkpoint(str(out)) == str(out / "checkpoint-2")
+    resumed = ssa_trainer(tmp_path, max_steps=3)
+    with pytest.warns(UserWarning, match="Skipping incomplete checkpoints"):
+        resumed.train(resume_from_checkpoint="last")
+    assert resumed.state.global_step == 3
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3]
+    assert last_checkpoint(str(tmp_path / "nowhere")) is None
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.txt", "", r"'.*empty.txt' is empty \(0 bytes\)"),
+        ("empty.jsonl", "", r"'.*empty.jsonl' is empty \(0 bytes\)"),
+        ("blank.txt", "\n \n", r"'.*blank.txt': every one of its 1 examples has an empty 'text'"),
+        ("blanks.jsonl", '{"text": ""}\n{"text": " "}\n', r"every one of its 2 examples has an empty 'text'"),
+        (
+            "other.jsonl",
+            '{"content": "abc"}\n',
+            r"has no field 'text'; its fields are \['content'\].*dataset_text_field",
+        ),
+    ],
+)
+def test_empty_training_data_is_refused_with_the_file_name(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_text_dataset(str(path))
+
+
+def test_missing_local_data_file_fails_before_any_hub_lookup(tmp_path, monkeypatch):
+    hub = []
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda path, **kw: hub.append(path) or datasets.Dataset.from_dict({"text": ["x"]})
+    )
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for name in ("data/corpus.jsonl", "corpus.txt", "data/docs", "./docs", str(tmp_path / "nope")):
+        with pytest.raises(FileNotFoundError, match=f"The dataset '{name}' looks like a local path"):
+            load_text_dataset(name)
+    assert hub == []
+    load_text_dataset("org/corpus")  # a Hub id goes to the Hub
+    assert hub == ["org/corpus"]

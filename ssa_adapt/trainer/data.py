@@ -18,6 +18,8 @@ import glob
 import os
 from pathlib import Path
 
+from ..local_paths import require_local_path
+
 __all__ = ["load_text_dataset", "resolve_model_name", "resolve_data_files"]
 
 ASSET_PREFIX = "asset:"
@@ -69,7 +71,8 @@ def resolve_data_files(name: str) -> tuple[str, list[str]] | None:
         files = [str(path)]
     elif glob.has_magic(name):
         files = sorted(p for p in glob.glob(os.path.expanduser(name), recursive=True) if os.path.isfile(p))
-    else:
+    else:  # a Hub id, unless it looks like a path (a mistyped file name fails here, not after a Hub lookup)
+        require_local_path(name, "dataset", tuple(_BUILDERS) + _COMPRESSION)
         return None
     builders = {_builder(f) for f in files}
     if not files or None in builders:
@@ -92,10 +95,36 @@ def load_text_dataset(
 
     local = resolve_data_files(name)
     if local is None:
-        return load_dataset(name, name=config, split=split, streaming=streaming)
+        dataset = load_dataset(name, name=config, split=split, streaming=streaming)
+        _check_text(dataset, repr(name), text_field)
+        return dataset
     builder, files = local
+    where = f"{name!r} ({len(files)} files)" if len(files) > 1 else repr(files[0])
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise ValueError(f"{where} is empty (0 bytes): give a file with text to train on.")
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     dataset = load_dataset(builder, data_files={"train": files}, split=split, streaming=streaming, **kwargs)
     if builder == "text" and text_field != "text":
         dataset = dataset.rename_column("text", text_field)
+    _check_text(dataset, where, text_field)
     return dataset
+
+
+def _check_text(dataset, where: str, text_field: str) -> None:
+    """Refuse a split with no example, without the column `text_field`, or whose texts are all blank (it would
+    train on nothing). A streaming split is checked on its first example only."""
+    first = next(iter(dataset), None) if not hasattr(dataset, "__len__") else (dataset[0] if len(dataset) else None)
+    if first is None:
+        raise ValueError(f"{where} holds no examples (the split is empty): give a dataset with text to train on.")
+    if text_field not in first:
+        raise ValueError(
+            f"{where} has no field {text_field!r}; its fields are {sorted(first)}. Name the text field with "
+            f"--dataset_text_field (SSATrainingConfig.dataset_text_field)."
+        )
+    if hasattr(dataset, "__len__"):
+        column = dataset.select_columns([text_field])
+        blank = all(not str(t or "").strip() for batch in column.iter(batch_size=1024) for t in batch[text_field])
+        if blank:
+            raise ValueError(
+                f"{where}: every one of its {len(dataset)} examples has an empty {text_field!r}; nothing to train on."
+            )
