@@ -12,6 +12,7 @@ one forward+backward (forward only for the selection, which has no backward), in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -27,8 +28,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssa_adapt import ops  # noqa: E402
-from ssa_adapt.ops.triton import attend as triton_attend  # noqa: E402
-from ssa_adapt.ops.triton import select as triton_select  # noqa: E402
+from ssa_adapt.ops import triton as triton_ops  # noqa: E402
+from ssa_adapt.ops.triton.options import AttendOptions, KernelOptions, SelectOptions  # noqa: E402
 
 SHAPES = [(32, 2, 64), (32, 8, 64), (9, 3, 64), (14, 2, 64), (16, 8, 128)]  # SSA-1B, Llama-3.2-1B, SmolLM2, ...
 TS = [8192, 16384, 32768, 65536, 131072]
@@ -108,24 +109,28 @@ def measure(impl, fwd, fwd_bwd, rows, meta, note=""):
     return row
 
 
-def run_shape(T, HQ, H, D, impls, rows):
+def run_shape(T, HQ, H, D, impls, rows, options=None):
     g = torch.Generator(device="cuda").manual_seed(T + HQ)
     q = torch.randn(1, T, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     k = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     v = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     do = torch.randn(1, T, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
     meta = dict(T=T, HQ=HQ, H=H, D=D)
+
+    def select(q, k):
+        return triton_ops.select_blocks(q, k, options=options, **SEL)
+
     with torch.no_grad():
-        idx = ops.select_blocks(q, k, backend="triton", **SEL)
+        idx = select(q, k)
 
     def fb(f):
         return lambda: torch.autograd.grad(f(q, k, v), (q, k, v), do)
 
     def attend(q, k, v):
-        return ops.attend_blocks(q, k, v, idx, block_size=16, backend="triton")
+        return triton_ops.attend_blocks(q, k, v, idx, block_size=16, options=options)
 
-    def stream(q, k, v):
-        return ops.sparse_attention(q, k, v, backend="triton", **SEL)
+    def stream(q, k, v):  # what ops.sparse_attention runs on CUDA
+        return triton_ops.attend_blocks(q, k, v, select(q, k), block_size=16, options=options)
 
     for name, backend in [("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)]:
         if name in impls:
@@ -137,7 +142,7 @@ def run_shape(T, HQ, H, D, impls, rows):
                 f, note = sdpa(backend, expand=True), "K/V repeated to HQ heads (backend lacks enable_gqa)"
             measure(name, lambda f=f: f(q, k, v), fb(f), rows, meta, note)
     if "ssa_select" in impls:
-        measure("ssa_select", lambda: ops.select_blocks(q, k, backend="triton", **SEL), None, rows, meta)
+        measure("ssa_select", lambda: select(q, k), None, rows, meta)
     if "ssa_attend" in impls:
         measure("ssa_attend", lambda: attend(q, k, v), fb(attend), rows, meta, "given indices")
     if "ssa_sparse_stream" in impls:
@@ -152,67 +157,72 @@ def run_shape(T, HQ, H, D, impls, rows):
         measure("fla_nsa", lambda: fla(q, k, v), fb(fla), rows, meta, f"given indices; vs ours {err:.1e}")
 
 
+# Kernel variants (`KernelOptions` fields) timed at 32k on the two target shapes by --sweep (--sweep-all adds the
+# attention's). Earlier sweeps on the H200: (rows, warps, lanes, blocks) = (64, 4, 32, 64) won among the three-pass
+# selections (2026-11-29); the removed two-pass selection lost (2026-11-30: 17.5-29.2 ms against 10.8 summed), and
+# so did the removed "logits" bound (2026-12-02: 14.6-28.8 against 10.8); unmasked interior chunks won at G = 16 and
+# lost at G = 4 (2026-12-03), hence interior="auto". The attention's (64, 4, 3) forward and (64, 4, 1) dk/dv won on
+# 2026-11-29. The kernel README keeps the figures.
 SWEEP = {
-    "select": (
-        "SELECT_ROWS",
-        "SELECT_WARPS",
-        "SELECT_LANES",
-        "SELECT_BLOCKS",
-        "SELECT_BOUND",
-        "SELECT_INTERIOR",
-        # swept on 2026-11-29 (attention-h200.md): (64, 4, 32, 64) won among the three-pass variants; on 2026-11-30
-        # (attention-h200-two-pass.md) every two-pass variant (since removed) lost to it: 17.5-29.2 ms against 10.8;
-        # on 2026-12-02 (attention-h200-logits-bound.md) "logits" lost (14.6-28.8 ms against 10.8).
-        # SELECT_INTERIOR (unmasked interior chunks): on 2026-12-03 (attention-h200-interior.md) True won at G = 16
-        # (3.32 against 4.02 ms) and lost at G = 4 (12.47 against 6.73); compiled, it changed some selections at
-        # G = 2-8 (select-groups-h200.json); "auto" keeps it to padded groups >= 16, where it is exact
-        [(64, 4, 32, 64, "lanes", "auto"), (64, 4, 32, 64, "lanes", False)],
-    ),
-    # swept on 2026-11-29 (attention-h200.md of that run): (64, 4, 3) and (64, 4, 1) won; pass --sweep-all to redo
-    "fwd": ("FWD_KEYS", "FWD_WARPS", "FWD_STAGES", [(64, 8, 3), (32, 4, 3), (64, 4, 3), (128, 8, 2), (32, 8, 1)]),
-    "dkv": ("DKV_ROWS", "DKV_WARPS", "DKV_STAGES", [(64, 8, 1), (64, 8, 3), (128, 8, 1), (64, 4, 1)]),
+    "select": [
+        SelectOptions(),
+        SelectOptions(interior=False),
+        SelectOptions(rows=128),
+        SelectOptions(rows=128, warps=8),
+        SelectOptions(lanes=64),
+        SelectOptions(blocks=128),
+    ],
+    "fwd": [
+        AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)
+        for k, w, s in [(64, 4, 3), (64, 8, 3), (32, 4, 3), (128, 8, 2)]
+    ],
+    "dkv": [
+        AttendOptions(dkv_rows=r, dkv_warps=w, dkv_stages=s)
+        for r, w, s in [(64, 4, 1), (64, 8, 1), (64, 8, 3), (128, 8, 1)]
+    ],
 }
 
 
-def sweep(rows, T=32768, parts=("select",)):
-    """Kernel variants at 32k on the two target shapes (selection tile rows and warps; keys, warps and stages of
-    the forward / dq kernels; rows, warps and stages of the dk/dv kernel). The variant with the lowest summed time
-    over both shapes is kept for the rest of the run; the kernel modules carry the winners as defaults."""
+def sweep(rows, T=32768, parts=("select",)) -> KernelOptions:
+    """Kernel variants at 32k on the two target shapes (selection tiles, warps, lanes, chunks; keys, warps and
+    stages of the forward / dq kernels; rows, warps and stages of the dk/dv kernel) -> the options with the lowest
+    summed time over both shapes, used for the rest of the run (the defaults in options.py are the past winners)."""
     data = [_inputs(T, HQ, H, D) for HQ, H, D in [(32, 2, 64), (32, 8, 64)]]
-    for part, spec in SWEEP.items():
-        if part not in parts:
-            continue
-        names, variants = spec[:-1], spec[-1]
-        mod = triton_select if part == "select" else triton_attend
+    best_options = KernelOptions()
+    for part in parts:
         best = None
-        for var in variants:
-            for n, x in zip(names, var):
-                setattr(mod, n, x)
+        for var in SWEEP[part]:
+            field = "select" if part == "select" else "attend"
+            if part == "dkv":  # keep the forward's winner
+                var = dataclasses.replace(
+                    best_options.attend, **{n: getattr(var, n) for n in ("dkv_rows", "dkv_warps", "dkv_stages")}
+                )
+            opts = dataclasses.replace(best_options, **{field: var})
             total = 0.0
             for q, k, v, do, idx in data:
                 if part == "select":
-                    ms = timed(lambda q=q, k=k: ops.select_blocks(q, k, backend="triton", **SEL))
-                elif part == "fwd":
-                    with torch.no_grad():
-                        ms = timed(lambda q=q, k=k, v=v, idx=idx: ops.attend_blocks(q, k, v, idx, backend="triton"))
-                    o = ops.attend_blocks(q, k, v, idx, backend="triton")
-                    ms += timed(
-                        lambda o=o, q=q, k=k, v=v, do=do: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
-                    )
+                    ms = timed(lambda q=q, k=k, opts=opts: triton_ops.select_blocks(q, k, options=opts, **SEL))
                 else:
-                    o = ops.attend_blocks(q, k, v, idx, backend="triton")
+                    o = triton_ops.attend_blocks(q, k, v, idx, options=opts)
                     ms = timed(
                         lambda o=o, q=q, k=k, v=v, do=do: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
                     )
-                rows.append(dict(part=part, variant=dict(zip(names, var)), HQ=q.shape[2], H=k.shape[2], T=T, ms=ms))
+                    if part == "fwd":
+                        with torch.no_grad():
+                            ms += timed(
+                                lambda q=q, k=k, v=v, idx=idx, opts=opts: triton_ops.attend_blocks(
+                                    q, k, v, idx, options=opts
+                                )
+                            )
+                rows.append(dict(part=part, variant=dataclasses.asdict(var), HQ=q.shape[2], H=k.shape[2], T=T, ms=ms))
                 total += ms
-            print(f"sweep {part} {dict(zip(names, var))}: {total:.3f} ms (both shapes)", flush=True)
+            print(f"sweep {part} {var}: {total:.3f} ms (both shapes)", flush=True)
             if best is None or total < best[0]:
-                best = (total, var)
-        for n, x in zip(names, best[1]):
-            setattr(mod, n, x)
-        print(f"sweep {part}: keeping {dict(zip(names, best[1]))}", flush=True)
+                best = (total, opts)
+        best_options = best[1]
+        print(f"sweep {part}: keeping {best_options}", flush=True)
     torch.cuda.empty_cache()
+    return best_options
 
 
 def profile_stream(T, HQ, H, D, reps=10) -> dict:
@@ -254,13 +264,8 @@ def _inputs(T, HQ, H, D):
     return q, k, v, torch.randn_like(q), idx
 
 
-def kernel_config() -> dict:
-    return {
-        n: getattr(m, n)
-        for m in (triton_select, triton_attend)
-        for n in dir(m)
-        if n.isupper() and not n.startswith("_")
-    }
+def kernel_config(options: KernelOptions) -> dict:
+    return dataclasses.asdict(options)
 
 
 def markdown(rows, meta) -> str:
@@ -350,23 +355,23 @@ def main():
         except ImportError:
             args.impls.remove("fla_nsa")
             print("fla-core not installed: fla_nsa skipped", flush=True)
-    rows, sweep_rows = [], []
+    rows, sweep_rows, options = [], [], KernelOptions()
     if args.sweep:
         try:
-            sweep(sweep_rows, parts=("select", "fwd", "dkv") if args.sweep_all else ("select",))
+            options = sweep(sweep_rows, parts=("select", "fwd", "dkv") if args.sweep_all else ("select",))
         except Exception as e:  # keep the defaults and go on to the table
-            print(f"sweep failed ({type(e).__name__}: {e}); using the module defaults", flush=True)
+            print(f"sweep failed ({type(e).__name__}: {e}); using the default options", flush=True)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
     for T in args.T:
         for HQ, H, D in shapes:
             if time.time() - t0 > args.budget_s:
                 print(f"budget reached: T={T} {HQ}/{H}/{D} not run", flush=True)
                 continue
-            run_shape(T, HQ, H, D, args.impls, rows)
+            run_shape(T, HQ, H, D, args.impls, rows, options)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(rows, indent=1))
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    md = markdown(rows, meta) + f"\nKernel configuration: `{json.dumps(kernel_config())}`\n"
+    md = markdown(rows, meta) + f"\nKernel options: `{json.dumps(kernel_config(options))}`\n"
     if sweep_rows:
         md += "\n## Kernel variants at 32k (sum over both target shapes picks the winner)\n\n"
         md += "\n".join(f"- {json.dumps(r)}" for r in sweep_rows) + "\n"

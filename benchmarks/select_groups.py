@@ -1,4 +1,5 @@
-"""Selection alone at one length for many group sizes, with the unmasked interior chunks on, off and "auto".
+"""Selection alone at one length for many group sizes, with pass 1's unmasked interior chunks on, off and "auto"
+(`SelectOptions.interior`).
 
     python benchmarks/select_groups.py --out benchmarks/results/select-groups-h200.json
 
@@ -21,6 +22,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssa_adapt.ops.triton import select  # noqa: E402
+from ssa_adapt.ops.triton.options import KernelOptions, SelectOptions  # noqa: E402
 
 SHAPES = [(32, 32, 64), (32, 16, 64), (32, 8, 64), (9, 3, 64), (14, 2, 64), (32, 4, 64), (32, 2, 64), (16, 8, 128)]
 
@@ -33,33 +35,31 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("select_groups.py needs a CUDA device (the kernels run compiled).")
     result = {
-        "benchmark": f"selection alone at T={a.T}, SELECT_INTERIOR True / False / 'auto'",
+        "benchmark": f"selection alone at T={a.T}, SelectOptions.interior True / False / 'auto'",
         "command": "python " + " ".join(sys.argv),
         "device": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
         "rows": [],
     }
-    saved = select.SELECT_INTERIOR
-    try:
-        for HQ, H, D in SHAPES:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q = torch.randn(1, a.T, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-            k = torch.randn(1, a.T, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-            row, chosen = {"HQ": HQ, "H": H, "D": D, "G": HQ // H}, {}
-            for mode in (True, False, "auto"):
-                select.SELECT_INTERIOR = mode
+    for HQ, H, D in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, a.T, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(1, a.T, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        row, chosen = {"HQ": HQ, "H": H, "D": D, "G": HQ // H}, {}
+        for mode in (True, False, "auto"):
+            options = KernelOptions(select=SelectOptions(interior=mode))
 
-                def run(q=q, k=k):
-                    return select.select_blocks(q, k, block_size=16, block_count=16, sink_blocks=1, local_blocks=1)
+            def run(q=q, k=k, options=options):
+                return select.select_blocks(
+                    q, k, block_size=16, block_count=16, sink_blocks=1, local_blocks=1, options=options
+                )
 
-                chosen[mode] = run()
-                row[str(mode)] = triton.testing.do_bench(run, warmup=50, rep=300)
-            row["equal"] = bool(torch.equal(chosen[True], chosen[False]))
-            print(json.dumps(row), flush=True)
-            result["rows"].append(row)
-    finally:
-        select.SELECT_INTERIOR = saved
+            chosen[mode] = run()
+            row[str(mode)] = triton.testing.do_bench(run, warmup=50, rep=300)
+        row["equal"] = bool(torch.equal(chosen[True], chosen[False]))
+        print(json.dumps(row), flush=True)
+        result["rows"].append(row)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
 

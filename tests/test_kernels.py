@@ -10,6 +10,7 @@ float32 (tight tolerance). GPU (`-m gpu`): the same checks compiled, in bfloat16
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 import zlib
@@ -23,6 +24,7 @@ pytest.importorskip("triton")
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import doc_start_from_cu_seqlens, doc_start_from_position_ids  # noqa: E402
 from ssa_adapt.ops import reference as R  # noqa: E402
+from ssa_adapt.ops.triton.options import KernelOptions, SelectOptions  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3}
@@ -30,7 +32,7 @@ TIE = 1e-3  # selection may differ from the reference only between blocks whose 
 
 
 def _case(B, T, H, G, D, dtype="float16", TK=None, S=4, sink=1, local=1, docs=None, rows=None, select=None):
-    """`select`: selection-kernel constants for this case (e.g. SELECT_CAP=1 sends every tile to the fallback)."""
+    """`select`: `SelectOptions` fields for this case (e.g. cap=1 sends every tile to the exact fallback)."""
     return dict(
         B=B, T=T, TK=TK or T, H=H, G=G, D=D, dtype=dtype, S=S, sink=sink, local=local, docs=docs, rows=rows,
         select=select,
@@ -40,7 +42,7 @@ def _case(B, T, H, G, D, dtype="float16", TK=None, S=4, sink=1, local=1, docs=No
 def case_id(c) -> str:
     tk = f"-TK{c['TK']}" if c["TK"] != c["T"] else ""
     docs = f"-{c['docs']}" if c["docs"] else ""
-    sel = "".join(f"-{n[7:].lower()}{x}" for n, x in (c["select"] or {}).items())
+    sel = "".join(f"-{n}{x}" for n, x in (c["select"] or {}).items())
     return f"B{c['B']}-T{c['T']}{tk}-H{c['H']}-G{c['G']}-D{c['D']}-S{c['S']}-{c['dtype']}{docs}{sel}"
 
 
@@ -57,17 +59,13 @@ CPU_CASES = [
     # many blocks per token: the lower bound prunes (64 lanes, then 8 lanes with several blocks each), and the
     # exact fallback when more keys pass the bound than the scratch row holds
     _case(1, 700, 1, 2, 64, S=4),
-    _case(1, 640, 1, 3, 64, "float32", S=6, sink=2, local=2, docs="varlen", select=dict(SELECT_LANES=8)),
-    _case(2, 300, 1, 4, 64, "float32", S=5, docs="leftpad", select=dict(SELECT_CAP=1)),
-    # the bound's candidates picked in pass 1 by summed logits (no pass 2): many blocks, documents, prefill, 8
-    # lanes, and CAP 2 for the fallback
-    _case(1, 700, 1, 4, 64, S=5, docs="varlen", select=dict(SELECT_BOUND="logits")),
-    _case(1, 640, 2, 3, 64, "float32", S=6, sink=2, local=2, select=dict(SELECT_BOUND="logits", SELECT_LANES=8)),
-    # narrow chunks: most of them interior (every block a candidate of every token of the tile, no masks); the
-    # selection with every chunk masked must be bitwise the same
-    _case(1, 900, 1, 16, 64, S=5, docs="varlen", select=dict(SELECT_LANES=8, SELECT_BLOCKS=16)),
-    _case(1, 1000, 2, 4, 64, S=6, sink=2, local=2, select=dict(SELECT_LANES=8, SELECT_BLOCKS=16)),
-    _case(1, 300, 2, 2, 64, TK=830, docs="prefill", select=dict(SELECT_BOUND="logits", SELECT_CAP=2)),
+    _case(1, 640, 1, 3, 64, "float32", S=6, sink=2, local=2, docs="varlen", select=dict(lanes=8)),
+    _case(2, 300, 1, 4, 64, "float32", S=5, docs="leftpad", select=dict(cap=1)),
+    _case(1, 300, 2, 2, 64, TK=830, docs="prefill", select=dict(cap=2)),
+    # narrow chunks: most of pass 1's chunks interior (every block complete for every token of the tile, no
+    # masks); the selection with every chunk masked must be bitwise the same
+    _case(1, 900, 1, 16, 64, S=5, docs="varlen", select=dict(lanes=8, blocks=16)),
+    _case(1, 1000, 2, 4, 64, S=6, sink=2, local=2, select=dict(lanes=8, blocks=16)),
 ]
 
 # compiled on the GPU: the benchmark's five head shapes (so compiles are shared) at odd T, documents, TK > T, and
@@ -164,7 +162,9 @@ def rel_rms(x, ref) -> float:
 
 
 def run_case(c, device) -> dict:
-    """All checks of one case -> {name: value}. Kernels through the dispatcher with backend='triton'."""
+    """All checks of one case -> {name: value}: the Triton host functions with poisoned fresh outputs."""
+    from ssa_adapt.ops import triton as triton_ops
+
     q, k, v, ds = make_inputs(c, device)
     S, BS, T = c["S"], 16, c["T"]
     scale = c["D"] ** -0.5
@@ -173,23 +173,16 @@ def run_case(c, device) -> dict:
     res = {}
 
     # selection: equal to the reference except between near-tied blocks
-    from ssa_adapt.ops.triton import select as triton_select
-
-    saved = {n: getattr(triton_select, n) for n in [*(c["select"] or {}), "SELECT_INTERIOR"]}
-    try:
-        for n, x in (c["select"] or {}).items():
-            setattr(triton_select, n, x)
-        narrow = (c["select"] or {}).get("SELECT_BLOCKS") == 16  # interpreted cases with narrow chunks
-        compare = narrow or (device == "cuda" and c["G"] >= triton_select.SELECT_INTERIOR_MIN_GROUP)
-        if compare:  # interior chunks on (the result checked below) and off: the same selection
-            triton_select.SELECT_INTERIOR = True
-        got = ops.select_blocks(q, k, backend="triton", **sel)
-        if compare:
-            triton_select.SELECT_INTERIOR = False
-            res["select_masked_equal"] = float(torch.equal(got, ops.select_blocks(q, k, backend="triton", **sel)))
-    finally:
-        for n, x in saved.items():
-            setattr(triton_select, n, x)
+    select_opts = SelectOptions(**(c["select"] or {}))
+    narrow = select_opts.blocks == 16  # interpreted cases with narrow chunks
+    compare = narrow or (device == "cuda" and c["G"] >= select_opts.interior_min_group)
+    if compare:  # interior chunks on (the result checked below) and off: the same selection
+        select_opts = dataclasses.replace(select_opts, interior=True)
+    options = KernelOptions(select=select_opts, poison=True)
+    got = triton_ops.select_blocks(q, k, options=options, **sel)
+    if compare:
+        masked = KernelOptions(select=dataclasses.replace(select_opts, interior=False), poison=True)
+        res["select_masked_equal"] = float(torch.equal(got, triton_ops.select_blocks(q, k, options=masked, **sel)))
     res["select_written"] = float(bool(((got >= -1) & (got < 2**20)).all()))
     if rows == T:
         ref = R.select_blocks(q, k, **sel)
@@ -205,7 +198,7 @@ def run_case(c, device) -> dict:
     # attention on the reference's indices (the kernel's for long sequences), float64 reference
     idx = ref if rows == T else got
     qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-    o = ops.attend_blocks(qs, ks, vs, idx, block_size=BS, doc_start=ds, backend="triton")
+    o = triton_ops.attend_blocks(qs, ks, vs, idx, block_size=BS, doc_start=ds, options=options)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(device, o.dtype)
     if rows != T:
         do[:, :-rows] = 0  # only the last rows reach dk / dv, so the reference on those rows is exact
@@ -311,7 +304,6 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: the k
 
 
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
-@pytest.mark.usefixtures("poisoned")
 @pytest.mark.gpu
 @needs_cuda
 def test_kernels_gpu(case):
@@ -366,11 +358,10 @@ def test_fla_backend_gpu():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
-@pytest.mark.parametrize("bound", ["lanes", "logits"])
-@pytest.mark.parametrize("G", [4, 16])
-def test_select_kernel_compiles_for_sm90(G, bound):
-    """The interpreter accepts code the compiler rejects: the selection kernel, both bounds, compiled ahead of time
-    for sm_90 with the module's constants (down to a cubin through ptxas; no GPU needed)."""
+@pytest.mark.parametrize("G", [3, 4, 16])
+def test_select_kernel_compiles_for_sm90(G):
+    """The interpreter accepts code the compiler rejects: the selection kernel compiled ahead of time for sm_90 with
+    the default options (down to a cubin through ptxas; no GPU needed)."""
     import inspect
 
     import triton
@@ -382,19 +373,21 @@ def test_select_kernel_compiles_for_sm90(G, bound):
         pytest.skip("this triton has no GPUTarget for ahead-of-time compilation")
     from ssa_adapt.ops.triton import select as sel
 
+    opt = SelectOptions()
     GP = max(1, triton.next_power_of_2(G))
-    lanes = max(sel.SELECT_LANES, 16)
+    lanes = max(opt.lanes, 16)
     consts = dict(
-        H=2, G=G, GP=GP, D=64, BD=64, BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, sel.SELECT_ROWS // GP),
-        BN=max(sel.SELECT_BLOCKS, lanes), LANES=lanes, CAP=sel.SELECT_CAP, ROW=max(sel.SELECT_CAP, lanes),
-        BOUND_MARGIN=sel.BOUND_MARGIN_ULPS, LOGIT_BOUND=bound == "logits", INTERIOR=True, HAS_DOCS=True,
+        H=2, G=G, GP=GP, D=64, BD=64, BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, opt.rows // GP),
+        BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes), INTERIOR=True, HAS_DOCS=True,
         DOT_PREC="tf32",
     )  # fmt: skip
-    types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*i64", out="*i32", scale_log2="fp32")
+    types = dict(
+        q="*bf16", kbar="*fp16", doc_start="*i64", scratch_f="*fp32", scratch_j="*i32", out="*i32", scale_log2="fp32"
+    )
     names = inspect.signature(sel._select_kernel.fn).parameters
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     src = ASTSource(fn=sel._select_kernel, signature=sig, constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=sel.SELECT_WARPS))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=opt.warps))
     assert compiled.asm["cubin"]
 
 

@@ -15,20 +15,10 @@ import triton.language as tl
 
 from ..reference import check_qkv
 from . import utils
+from .options import DEFAULT_OPTIONS, KernelOptions
 from .utils import cdiv, check_block_size, check_doc_start, dot_precision, group_pad, next_pow2, num_programs
 
 __all__ = ["attend_blocks", "attend_fwd", "attend_bwd"]
-
-# Keys per step of the query-centric kernels (whole blocks), query rows per step of the dk/dv kernel, query rows
-# per dk/dv work item (long block lists are split so that the sink block does not run alone at the end).
-# Warps and pipeline stages: chosen on the H200 by `benchmarks/attention.py --sweep` (README.md).
-FWD_KEYS = 64
-FWD_WARPS = 4
-FWD_STAGES = 3
-DKV_ROWS = 64
-DKV_ITEM_ROWS = 2048
-DKV_WARPS = 4
-DKV_STAGES = 1
 
 
 @triton.jit(do_not_specialize=["T", "TK"])
@@ -329,11 +319,13 @@ def _geometry(q, k, block_indices, block_size):
     return B, T, TK, HQ, H, D, G, S, max(16, next_pow2(D))
 
 
-def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start):
+def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start, options: KernelOptions | None = None):
     """-> o [B, T, HQ, D] (q's dtype), lse [B, T, HQ] float32 (log2 domain)."""
+    options = options or DEFAULT_OPTIONS
+    opt = options.attend
     B, T, TK, HQ, H, D, G, S, BD = _geometry(q, k, block_indices, block_size)
-    o = utils.new_empty(q.shape, q.dtype, q.device)
-    lse = utils.new_empty((B, T, HQ), torch.float32, q.device)
+    o = utils.new_empty(q.shape, q.dtype, q.device, options.poison)
+    lse = utils.new_empty((B, T, HQ), torch.float32, q.device, options.poison)
     if o.numel() == 0:
         return o, lse
     _attend_fwd_kernel[(T, B * H)](
@@ -354,24 +346,26 @@ def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start):
         BD=BD,
         BS=block_size,
         S=S,
-        NB=max(1, FWD_KEYS // block_size),
+        NB=max(1, opt.fwd_keys // block_size),
         HAS_DOCS=doc_start is not None,
         DOT_PREC=dot_precision(q.dtype),
-        num_warps=FWD_WARPS,
-        num_stages=FWD_STAGES,
+        num_warps=opt.fwd_warps,
+        num_stages=opt.fwd_stages,
     )
     return o, lse
 
 
-def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start):
+def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start, options: KernelOptions | None = None):
     """-> dq, dk, dv in the dtypes of q, k, v."""
+    options = options or DEFAULT_OPTIONS
+    opt = options.attend
     B, T, TK, HQ, H, D, G, S, BD = _geometry(q, k, block_indices, block_size)
     dev = q.device
     has_docs = doc_start is not None
     prec = dot_precision(q.dtype)
     scale_log2 = scale * math.log2(math.e)
-    dq = utils.new_empty(q.shape, q.dtype, dev)
-    delta = utils.new_empty((B, T, HQ), torch.float32, dev)
+    dq = utils.new_empty(q.shape, q.dtype, dev, options.poison)
+    delta = utils.new_empty((B, T, HQ), torch.float32, dev, options.poison)
     _attend_bwd_dq_kernel[(T, B * H)](
         q,
         k,
@@ -394,11 +388,11 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start)
         BD=BD,
         BS=block_size,
         S=S,
-        NB=max(1, FWD_KEYS // block_size),
+        NB=max(1, opt.fwd_keys // block_size),
         HAS_DOCS=has_docs,
         DOT_PREC=prec,
-        num_warps=FWD_WARPS,
-        num_stages=FWD_STAGES,
+        num_warps=opt.fwd_warps,
+        num_stages=opt.fwd_stages,
     )
 
     # reverse index: for every key block (b, h, first key), the tokens that selected it
@@ -448,8 +442,8 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start)
 
     # work items: up to C tokens of one key block; searchsorted maps item -> block without a host sync
     GP = group_pad(G)
-    BQ = max(1, DKV_ROWS // GP)
-    C = max(BQ, (DKV_ITEM_ROWS // GP) // BQ * BQ)
+    BQ = max(1, opt.dkv_rows // GP)
+    C = max(BQ, (opt.dkv_item_rows // GP) // BQ * BQ)
     items = (counts + (C - 1)) // C
     wend = torch.cumsum(items, 0, dtype=torch.int32)
     blocks_bound = B * H * (cdiv(TK, block_size) + (T + 1 if has_docs else 0))
@@ -487,26 +481,28 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start)
         C=C,
         BQ=BQ,
         DOT_PREC=prec,
-        num_warps=DKV_WARPS,
-        num_stages=DKV_STAGES,
+        num_warps=opt.dkv_warps,
+        num_stages=opt.dkv_stages,
     )
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
 class AttendBlocksFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size, scale, doc_start):
-        o, lse = attend_fwd(q, k, v, block_indices, block_size, scale, doc_start)
+    def forward(ctx, q, k, v, block_indices, block_size, scale, doc_start, options):
+        o, lse = attend_fwd(q, k, v, block_indices, block_size, scale, doc_start, options)
         ctx.save_for_backward(q, k, v, o, lse, block_indices, doc_start)
-        ctx.block_size, ctx.scale = block_size, scale
+        ctx.block_size, ctx.scale, ctx.options = block_size, scale, options
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse, block_indices, doc_start = ctx.saved_tensors
-        dq, dk, dv = attend_bwd(q, k, v, o, lse, do.contiguous(), block_indices, ctx.block_size, ctx.scale, doc_start)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = attend_bwd(
+            q, k, v, o, lse, do.contiguous(), block_indices, ctx.block_size, ctx.scale, doc_start, ctx.options
+        )
+        return dq, dk, dv, None, None, None, None, None
 
 
 def attend_blocks(
@@ -518,12 +514,14 @@ def attend_blocks(
     block_size: int = 16,
     scale: float | None = None,
     doc_start: torch.Tensor | None = None,
+    options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention over the selected blocks; differentiable in q, k, v.
 
     q [B, T, HQ, D], k, v [B, TK, H, D] (TK >= T), block_indices [B, T, H, S] int32 -> o [B, T, HQ, D].
     Query t (key index t + TK - T) attends to keys doc_start[b, t] + j * BS + i (i < BS, key <= query) for each
     selected block j. The dk/dv reduction order depends on atomics, so dk/dv are reproducible to fp32 rounding.
+    options: kernel tunables (`KernelOptions.attend`, `.poison`); None for the defaults.
     """
     B, T, TK, HQ, H, D = check_qkv(q, k, v)
     check_block_size(block_size)
@@ -534,4 +532,6 @@ def attend_blocks(
     scale = D**-0.5 if scale is None else scale
     ds = check_doc_start(doc_start, B, T, q.device)
     idx = block_indices.to(device=q.device, dtype=torch.int32).contiguous()
-    return AttendBlocksFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), idx, block_size, scale, ds)
+    return AttendBlocksFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), idx, block_size, scale, ds, options
+    )
