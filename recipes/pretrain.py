@@ -19,12 +19,10 @@ continuation of a trained model (32k, RoPE llama3 scaling x4 from 8192, lr 1e-5)
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers.trainer_utils import get_last_checkpoint
 from trl import TrlParser
 
 from ssa_adapt import AutoSSAModelForCausalLM
@@ -99,10 +97,7 @@ def main(script_args: PretrainArguments, training_args: SSATrainingConfig, callb
         data_collator=stack_batch,
         callbacks=callbacks,
     )
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # "last": the newest complete one
     trainer.save_model(training_args.output_dir)
     return trainer
 
