@@ -75,10 +75,21 @@ def _masks(length=40):
     return {"left": left, "right": right, "holes": holes}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_padding_masks_against_sdpa(arch):
-    plain = tiny_model(arch, 3)
-    model = ssa_adapt.convert(tiny_model(arch, 3), SMALL)
+SLIDING = dict(  # layers 1 and 3 keep ordinary (windowed) attention
+    layers=4,
+    use_sliding_window=True,
+    sliding_window=8,
+    max_window_layers=2,
+    layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+)
+
+
+@pytest.mark.parametrize(
+    "arch, extra", [("llama", {}), ("qwen3", {}), ("qwen3", SLIDING)], ids=["llama", "qwen3", "sliding"]
+)
+def test_padding_masks_against_sdpa(arch, extra):
+    plain = tiny_model(arch, 3, **extra)
+    model = ssa_adapt.convert(tiny_model(arch, 3, **extra), SMALL)
     ids = token_batch(2, 40)
     for kind, mask in _masks().items():
         real = mask.bool()
