@@ -25,11 +25,16 @@ context length, sparse and full mode; decode tokens/s = B * (N - 1) / (t(N token
 cancels. `static_generate` rows (`--generate-impls`): the same decoding with a static cache, each step replayed
 from one CUDA graph; tokens/s = B * (N - 3) / (t(N) - t(3)) (the graph is captured at step 2). Every row carries
 command, device and date; the file is rewritten after every row.
+
+`--sweep` first times SWEEP_VARIANTS (`DecodeOptions` changes to SWEEP_BASE, passed as `KernelOptions`) at 128k
+(`kind: sweep` rows, each with its options as a dict) and runs the layer rows and profiles with the fastest; the
+rows' `decode_options` records the options they ran with (`generate` runs the defaults: the model passes none).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -47,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops.triton import decode as triton_decode  # noqa: E402
+from ssa_adapt.ops.triton.options import DEFAULT_OPTIONS, DecodeOptions, KernelOptions  # noqa: E402
 
 SHAPES = [(9, 3, 64), (32, 8, 64)]  # SmolLM2-135M, Llama-3.2-1B
 CONTEXTS = [8192, 32768, 131072]
@@ -107,19 +113,22 @@ def sdpa(backend=None):
     return f
 
 
-def bench_layer(rec: Recorder, B, TK, HQ, H, D):
+def bench_layer(rec: Recorder, B, TK, HQ, H, D, options: KernelOptions = DEFAULT_OPTIONS):
     meta = dict(kind="layer", HQ=HQ, H=H, D=D, context=TK, batch=B)
     q, k, v, means = layer_inputs(B, TK, HQ, H, D)
+    sparse = partial(ops.sparse_attention, block_means=means, backend="triton", kernel_options=options, **SEL)
     with torch.no_grad():
-        idx = triton_decode.decode_select(q, means, key_len=TK, **SEL)
+        idx = triton_decode.decode_select(q, means, key_len=TK, options=options, **SEL)
     impls = {
         "sdpa": sdpa(),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-        "ssa_select": lambda q, k, v: triton_decode.decode_select(q, means, key_len=TK, **SEL),
-        "ssa_attend": lambda q, k, v: triton_decode.decode_attend(q, k, v, idx, block_size=SEL["block_size"]),
-        "ssa_sparse": lambda q, k, v: ops.sparse_attention(q, k, v, block_means=means, backend="triton", **SEL),
+        "ssa_select": lambda q, k, v: triton_decode.decode_select(q, means, key_len=TK, options=options, **SEL),
+        "ssa_attend": lambda q, k, v: triton_decode.decode_attend(
+            q, k, v, idx, block_size=SEL["block_size"], options=options
+        ),
+        "ssa_sparse": sparse,
     }
     times = {}
     for name, fn in impls.items():
@@ -133,7 +142,7 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D):
             except Exception as e:  # a backend that refuses the shape: say why and go on
                 rec.add(impl=label, ms=None, note=f"{type(e).__name__}: {str(e)[:160]}", **meta)
     with torch.no_grad():  # the sparse step as measured is the reference's (sanity, not a test)
-        o = ops.sparse_attention(q, k, v, block_means=means, backend="triton", **SEL)
+        o = sparse(q, k, v)
         o_ref = ops.reference.attend_blocks(q, k, v, idx, block_size=SEL["block_size"])
         err = ((o.float() - o_ref.float()).norm() / o_ref.float().norm()).item()
     for suffix in ("", "_graph"):
@@ -155,60 +164,60 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D):
             )
 
 
-# Decode-kernel settings tried by --sweep at 128k (module attributes of ssa_adapt/ops/triton/decode.py). Swept on
-# 2026-11-30 (decode-h200-sweep.json): PROGRAMS_PER_SM 8 beat 2, the split finishing lost; on 2026-12-02
-# (decode-h200-sweep-tf32x3.json): tf32x3 scoring and FINISH_BLOCKS 1024 won (223.8 us summed); later that day
+# Decode-kernel options tried by --sweep at 128k (`DecodeOptions` fields). Swept on 2026-11-30
+# (decode-h200-sweep.json): programs_per_sm 8 beat 2, the split finishing lost; on 2026-12-02
+# (decode-h200-sweep-tf32x3.json): tf32x3 scoring and finish_blocks 1024 won (223.8 us summed); later that day
 # (decode-h200-chunks.json) the chunked finishing of 1024 blocks tied one program per row (222.9 / 223.6), winning
 # at batch 1, and narrower chunks (512, 256) lost; then (decode-h200-chunks-auto.json) chunks of 2048 with a
-# 32-wide ranking won (190.3 us summed; row 223.8). This round: 4096-block chunks.
-SWEEP_BASE = dict(PROGRAMS_PER_SM=8, FINISH="auto", SCORE_PRECISION="tf32x3", SCORE_BLOCKS=64, FINISH_BLOCKS=1024,
-                  FINISH_WARPS=8, CHUNK_BLOCKS=2048, CHUNK_SMALL=32, CHUNK_PROGRAMS_PER_SM=2)  # fmt: skip
+# 32-wide ranking won (190.3 us summed; row 223.8). This round: 4096-block chunks. (The split finishing was removed
+# after it lost everywhere: README.md section 6.)
+SWEEP_BASE = DecodeOptions(programs_per_sm=8, finish="auto", score_precision="tf32x3", score_blocks=64,
+                           finish_blocks=1024, finish_warps=8, chunk_blocks=2048, chunk_small=32,
+                           chunk_programs_per_sm=2)  # fmt: skip
 SWEEP_VARIANTS = [
     {},
-    dict(CHUNK_BLOCKS=4096),
-    dict(CHUNK_BLOCKS=4096, FINISH_WARPS=16),
-    dict(FINISH="row"),
+    dict(chunk_blocks=4096),
+    dict(chunk_blocks=4096, finish_warps=16),
+    dict(finish="row"),
 ]
 
 
-def sweep_settings(args, variants=SWEEP_VARIANTS) -> list[dict]:
-    """Time the whole sparse step (CUDA graph) for each variant (SWEEP_BASE updated by it) over the shapes and
-    batches at 128k; keep the variant with the lowest total for the rest of the run (printed, and in every row's
-    meta). Returns every (variant, shape, batch) time, so that a per-shape choice can be read off later."""
+def sweep_settings(args, variants=SWEEP_VARIANTS) -> tuple[list[dict], KernelOptions]:
+    """Time the whole sparse step (CUDA graph) for each variant (SWEEP_BASE with its changes) over the shapes and
+    batches at 128k -> (every (variant, shape, batch) time, so that a per-shape choice can be read off later; the
+    options of the variant with the lowest total, which the layer rows and profiles of the run then use)."""
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
     totals, rows = [], []
     for change in variants:
-        setting = dict(SWEEP_BASE, **change)
-        for name, value in setting.items():
-            setattr(triton_decode, name, value)
+        options = KernelOptions(decode=dataclasses.replace(SWEEP_BASE, **change))
         total = 0.0
         for HQ, H, D in shapes:
             for B in args.batch:
                 q, k, v, means = layer_inputs(B, 131072, HQ, H, D)
                 with torch.no_grad():
-                    step = partial(ops.sparse_attention, q, k, v, block_means=means, backend="triton", **SEL)
+                    step = partial(ops.sparse_attention, q, k, v, block_means=means, backend="triton",
+                                   kernel_options=options, **SEL)  # fmt: skip
                     ms = timed(graphed(step))
-                    sel_ms = timed(graphed(partial(triton_decode.decode_select, q, means, key_len=131072, **SEL)))
+                    select = partial(triton_decode.decode_select, q, means, key_len=131072, options=options, **SEL)
+                    sel_ms = timed(graphed(select))
                 total += ms
-                rows.append(dict(kind="sweep", variant=change, HQ=HQ, H=H, D=D, batch=B, context=131072, ms=ms,
-                                 select_ms=sel_ms))  # fmt: skip
+                rows.append(dict(kind="sweep", variant=change, options=dataclasses.asdict(options.decode), HQ=HQ,
+                                 H=H, D=D, batch=B, context=131072, ms=ms, select_ms=sel_ms))  # fmt: skip
                 print(f"sweep ({HQ}, {H}, {D}) B={B} {change}: step {ms * 1e3:.1f} us, select {sel_ms * 1e3:.1f} us")
-        totals.append((total, setting))
+        totals.append((total, options))
         print(f"sweep {change}: {total * 1e3:.1f} us summed", flush=True)
     best = min(totals, key=lambda t: t[0])[1]
-    for name, value in best.items():
-        setattr(triton_decode, name, value)
-    print(f"sweep: keeping {best}", flush=True)
+    print(f"sweep: keeping {dataclasses.asdict(best.decode)}", flush=True)
     torch.cuda.empty_cache()
-    return rows
+    return rows, best
 
 
-def profile_layer(B, TK, HQ, H, D, steps=20) -> list[dict]:
+def profile_layer(B, TK, HQ, H, D, steps=20, options: KernelOptions = DEFAULT_OPTIONS) -> list[dict]:
     """GPU time per kernel of the sparse decode step (selection + attention from block means), torch.profiler."""
     from profiling import kernel_times
 
     q, k, v, means = layer_inputs(B, TK, HQ, H, D)
-    step = lambda: ops.sparse_attention(q, k, v, block_means=means, backend="triton", **SEL)  # noqa: E731
+    step = partial(ops.sparse_attention, q, k, v, block_means=means, backend="triton", kernel_options=options, **SEL)
     with torch.no_grad():
         step()
         torch.cuda.synchronize()
@@ -361,10 +370,10 @@ def main():
         "--sweep", action="store_true", help="first pick the decode kernel settings at 128k (SWEEP_VARIANTS)"
     )
     args = p.parse_args()
-    sweep_rows = sweep_settings(args) if args.sweep else []
+    sweep_rows, options = sweep_settings(args) if args.sweep else ([], DEFAULT_OPTIONS)
     if args.profile:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-        out = {f"B{B}-TK{TK}-{HQ},{H},{D}": profile_layer(B, TK, HQ, H, D) for HQ, H, D in shapes
+        out = {f"B{B}-TK{TK}-{HQ},{H},{D}": profile_layer(B, TK, HQ, H, D, options=options) for HQ, H, D in shapes
                for TK in args.contexts for B in args.batch}  # fmt: skip
         Path(args.out).write_text(json.dumps(out, indent=1))
         return
@@ -381,7 +390,7 @@ def main():
         torch=torch.__version__,
         triton=triton.__version__,
         python=platform.python_version(),
-        decode_settings={name: getattr(triton_decode, name) for name in SWEEP_BASE},
+        decode_options=dataclasses.asdict(options.decode),  # the layer rows'; generate runs the defaults
     )
     rec = Recorder(Path(args.out), meta)
     for row in sweep_rows:
@@ -389,7 +398,9 @@ def main():
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
     jobs = []
     if not args.skip_layer:
-        jobs += [(bench_layer, (B, TK, *shape)) for shape in shapes for TK in args.contexts for B in args.batch]
+        jobs += [
+            (bench_layer, (B, TK, *shape, options)) for shape in shapes for TK in args.contexts for B in args.batch
+        ]
     if not args.skip_generate:
         jobs += [
             (

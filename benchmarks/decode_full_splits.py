@@ -11,6 +11,7 @@ TK 8k / 32k / 128k, batch 1 and 8; ms (median of do_bench) and each variant's re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -25,6 +26,7 @@ from decode import graphed  # noqa: E402
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops.triton.decode import decode_attend  # noqa: E402
+from ssa_adapt.ops.triton.options import DEFAULT_OPTIONS  # noqa: E402
 
 
 def bench(HQ: int, H: int, D: int, TK: int, B: int) -> dict:
@@ -64,6 +66,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "decode_options": dataclasses.asdict(DEFAULT_OPTIONS.decode),  # decode_attend's (the defaults)
         "rows": [],
     }
     for HQ, H, D in [(9, 3, 64), (32, 8, 64)]:

@@ -53,3 +53,14 @@ def write_interpreted(out: str, ids: list[str], run_one: Callable[[str], dict]) 
         except Exception:  # reported by the test of this case
             results[i] = {"error": traceback.format_exc()[-3000:]}
         Path(out).write_text(json.dumps(results, indent=1))
+
+
+def __getattr__(name: str):
+    """`POISONED`: `KernelOptions(poison=True)`, the options the interpreted cases pass so that unwritten outputs
+    fail (`from interpreted import POISONED` in the child; built on first use, so importing this module needs no
+    triton)."""
+    if name == "POISONED":
+        from ssa_adapt.ops.triton.options import KernelOptions
+
+        return KernelOptions(poison=True)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ poisoned fresh outputs. GPU (`-m gpu`): compiled, bfloat16, an attention-output-
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -38,14 +39,16 @@ def _inputs(shape, dtype, device, seed=0):
     return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
 
 
-def compare(shape, dtype: str, kind: str, needs: str, device: str) -> dict:
-    """Triton loss and gradients against the reference's on the same inputs -> relative errors."""
+def compare(shape, dtype: str, kind: str, needs: str, device: str, options=None) -> dict:
+    """Triton loss and gradients against the reference's on the same inputs -> relative errors. options: the
+    kernel's `KernelOptions` (interpreted: poisoned)."""
     from ssa_adapt.ops.triton import alignment_loss as triton_alignment_loss
 
     a, b = _inputs(shape, getattr(torch, dtype), device)
     out = {}
     grads = {}
-    for name, fn in [("triton", triton_alignment_loss), ("reference", R.alignment_loss)]:
+    triton_fn = partial(triton_alignment_loss, options=options)
+    for name, fn in [("triton", triton_fn), ("reference", R.alignment_loss)]:
         x = a.clone().requires_grad_("a" in needs)
         y = b.clone().requires_grad_("b" in needs)
         loss = fn(x, y, kind)
@@ -144,7 +147,9 @@ def test_alignment_kernels_compile_for_sm90(smooth):
 
 
 def _main(out: str, ids: list[str]) -> None:
-    write_interpreted(out, ids, lambda i: compare(*CASES[i], "cpu"))
+    from interpreted import POISONED
+
+    write_interpreted(out, ids, lambda i: compare(*CASES[i], "cpu", POISONED))
 
 
 if __name__ == "__main__":

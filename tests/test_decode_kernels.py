@@ -9,6 +9,7 @@ compiled, bfloat16, up to 128k keys.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import zlib
 
@@ -50,7 +51,7 @@ CPU_CASES = [
     _case(2, 3, 3, 1, 517, "float32", S=8, sink=1, local=3, starts=[5, 200], splits=(3,)),
     _case(3, 1, 2, 3, 70, S=16, starts=[0, 30, 60]),
     _case(2, 1, 1, 1, 250, "float32", S=5, starts=[0, 9], ties=True),
-    # one peaked head per group (its statistics differ from the flat heads'), five splits of 64 blocks: the split
+    # one peaked head per group (its statistics differ from the flat heads'), five splits of 64 blocks: the chunked
     # finishing's importances are checked against float64 (a split left out of the statistics' merge fails that;
     # the selection itself barely moves on random data)
     _case(1, 1, 2, 3, 5003, "float32", S=6, splits=(5,), sharp=True),
@@ -174,8 +175,9 @@ def rel_rms(x, ref) -> float:
 
 
 @torch.no_grad()
-def run_case(c, device) -> dict:
-    """All checks of one case -> {name: value}."""
+def run_case(c, device, options) -> dict:
+    """All checks of one case -> {name: value}. options: the `KernelOptions` every call starts from (the tests:
+    poisoned); the variants replace some of its decode options."""
     from ssa_adapt.ops.triton import decode, decode_attend, decode_select
 
     q, k, v, ds, means = make_inputs(c, device)
@@ -187,76 +189,69 @@ def run_case(c, device) -> dict:
     ref = R.select_blocks(q, k, doc_start=ds, block_means=means, **sel)
     imp = importance(q, means, q_pos, scale)
     res = {"select_written": 1.0, "select_gap": 0.0, "select_rows_differ": 0}
+
+    def decoding(**change):
+        return dataclasses.replace(options, decode=dataclasses.replace(options.decode, **change))
+
     variants = [("dispatch", None)] + [("splits", s) for s in c["splits"]] + [("q_pos", None)]
     # the finishing pass over chunks of blocks (the default): many chunks of 8 (their candidates merged by
     # bisection), a few of 64 (merged by pairwise ranks, or by bisection), a 2-key scratch per chunk (fewer
-    # than any budget of 3 or more: each chunk's exact bisection), and survivors ranked FINISH_CAP wide
+    # than any budget of 3 or more: each chunk's exact bisection), and survivors ranked finish_cap wide
     variants += [
-        ("chunks-8", dict(FINISH="chunks", CHUNK_BLOCKS=8)),
-        ("chunks-64", dict(FINISH="chunks", CHUNK_BLOCKS=64)),
-        ("chunks-64-merge-bisection", dict(FINISH="chunks", CHUNK_BLOCKS=64, CHUNK_PAIRS=2)),
-        ("chunks-exact", dict(FINISH="chunks", CHUNK_BLOCKS=8, FINISH_CAP=2)),
-        ("chunks-wide-rank", dict(FINISH="chunks", CHUNK_BLOCKS=64, CHUNK_SMALL=2)),
+        ("chunks-8", decoding(finish="chunks", chunk_blocks=8)),
+        ("chunks-64", decoding(finish="chunks", chunk_blocks=64)),
+        ("chunks-64-merge-bisection", decoding(finish="chunks", chunk_blocks=64, chunk_pairs=2)),
+        ("chunks-exact", decoding(finish="chunks", chunk_blocks=8, finish_cap=2)),
+        ("chunks-wide-rank", decoding(finish="chunks", chunk_blocks=64, chunk_small=2)),
     ]
     # one program per row: its exact fallback (bisection) alone, and its fast path with 8 lanes (several blocks
     # per lane, lanes whose third key is chosen, so also the switch to the fallback)
     variants += [
-        ("row", dict(FINISH="row")),
-        ("bisection", dict(FINISH="row", FINISH_FAST=False)),
-        ("lanes", dict(FINISH="row", FINISH_BLOCKS=8)),
+        ("row", decoding(finish="row")),
+        ("bisection", decoding(finish="row", finish_fast=False)),
+        ("lanes", decoding(finish="row", finish_blocks=8)),
     ]
     # the finishing kernels read the splits' statistics a chunk at a time: 5 splits in chunks of 2 (a partial one);
-    # the scratch buffers are kept, so the keys the finishing wrote can be checked: each carries its block's
-    # importance (chunks: the chunks' candidates; split: every candidate's key)
-    chunks = lambda nsplit, G: 2  # noqa: E731
+    # the chunked finishing's scratch buffers are kept (a spy on decode._workspace), so the candidates' keys it
+    # wrote can be checked: each carries its block's importance
+    variants += [
+        ("row-stats-chunks", decoding(stats_chunk=2, finish="row")),
+        ("chunks-stats-chunks", decoding(stats_chunk=2, finish="chunks", chunk_blocks=64)),
+    ]
+    splits_of = {n: 5 for n in ("row-stats-chunks", "chunks-stats-chunks")}
+    if device == "cuda":  # the other product precision of the scoring kernel (the interpreter computes both exactly)
+        other = "ieee" if options.decode.score_precision != "ieee" else "tf32x3"
+        variants += [("precision", decoding(score_precision=other))]
     kept = []
 
-    def keep(device, *words, ws=decode._workspace):
+    def keep(device, poison, *words, ws=decode._workspace):
         """decode._workspace that keeps its buffers, every word -1 (NaN as float32): keys never written read -1"""
-        bufs = ws(device, *words)
+        bufs = ws(device, poison, *words)
         for b in bufs:
             b.view(torch.int32).fill_(-1)
         kept.extend(bufs)
         return bufs
 
-    variants += [
-        ("row-stats-chunks", dict(_stats_chunk=chunks, FINISH="row")),
-        ("chunks-stats-chunks", dict(_stats_chunk=chunks, FINISH="chunks", CHUNK_BLOCKS=64, _workspace=keep)),
-        ("split-stats-chunks", dict(_stats_chunk=chunks, FINISH="split", _workspace=keep)),
-    ]
-    splits_of = {n: 5 for n in ("row-stats-chunks", "chunks-stats-chunks", "split-stats-chunks")}
-    if device == "cuda":  # the other product precision of the scoring kernel (the interpreter computes both exactly)
-        other = "ieee" if decode.SCORE_PRECISION != "ieee" else "tf32x3"
-        variants += [("precision", dict(SCORE_PRECISION=other))]
-    # the finishing pass split over the blocks: bound from the splits' lane groups, survivors ranked; with a
-    # 2-key scratch (fewer than any budget of 3 or more) and 2 groups per split, also its exact bisection branch
-    variants += [
-        ("split", dict(FINISH="split")),
-        ("split-exact", dict(FINISH="split", FINISH_CAP=2, KEYS_GROUPS=2)),
-    ]
-    units, nb = B * T * c["H"], means.shape[1]
+    units = B * T * c["H"]
     for how, arg in variants:
         if how == "dispatch":
-            got = dispatched = ops.select_blocks(q, k, doc_start=ds, block_means=means, backend="triton", **sel)
+            got = dispatched = ops.select_blocks(
+                q, k, doc_start=ds, block_means=means, backend="triton", kernel_options=options, **sel
+            )
         elif how == "q_pos":
-            got = decode_select(q, means, q_pos, **sel)
+            got = decode_select(q, means, q_pos, options=options, **sel)
         elif how == "splits":
-            got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=arg, **sel)
-        else:
-            saved = {n: getattr(decode, n) for n in arg}
+            got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=arg, options=options, **sel)
+        elif how == "chunks-stats-chunks":  # scratch buffers: logits, stats, candidates, survivors
+            workspace, decode._workspace = decode._workspace, keep
             try:
-                for n, x in arg.items():
-                    setattr(decode, n, x)
-                got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=splits_of.get(how), **sel)
-                if how == "split-stats-chunks":  # scratch buffers: logits, stats, keys + group maxima, survivors
-                    keys = kept[-2][: 2 * units * nb].view(torch.int64).view(units, nb)
-                    res["importance_err"] = max(res.get("importance_err", 0.0), keys_error(keys, imp, units))
-                if how == "chunks-stats-chunks":  # scratch buffers: logits, stats, candidates, survivors
-                    keys = kept[-2].view(torch.int64).view(units, -1)
-                    res["importance_err"] = max(res.get("importance_err", 0.0), keys_error(keys, imp, units))
+                got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=splits_of[how], options=arg, **sel)
             finally:
-                for n, x in saved.items():
-                    setattr(decode, n, x)
+                decode._workspace = workspace
+            keys = kept[-2].view(torch.int64).view(units, -1)
+            res["importance_err"] = max(res.get("importance_err", 0.0), keys_error(keys, imp, units))
+        else:
+            got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=splits_of.get(how), options=arg, **sel)
         written = float(bool(((got >= -1) & (got < 2**20)).all()))
         differ, gap = selection_gap(got.cpu(), ref.cpu(), imp.cpu())
         res["select_written"] = min(res["select_written"], written)
@@ -274,10 +269,10 @@ def run_case(c, device) -> dict:
     o_ref = R.attend_blocks(q.double(), k.double(), v.double(), ref, block_size=BS, doc_start=ds)
     res["o"] = 0.0
     for splits in c["splits"] + (1,):
-        o = decode_attend(q, k, v, ref, block_size=BS, doc_start=ds, num_splits=splits)
+        o = decode_attend(q, k, v, ref, block_size=BS, doc_start=ds, num_splits=splits, options=options)
         res["o"] = max(res["o"], rel_rms(o, o_ref))
     # the whole sparse stream through the dispatcher, against the reference attention on the kernel's indices
-    o = ops.sparse_attention(q, k, v, doc_start=ds, block_means=means, backend="triton", **sel)
+    o = ops.sparse_attention(q, k, v, doc_start=ds, block_means=means, backend="triton", kernel_options=options, **sel)
     o_ref = R.attend_blocks(q.double(), k.double(), v.double(), dispatched, block_size=BS, doc_start=ds)
     res["o_dispatch"] = rel_rms(o, o_ref)
     return res
@@ -324,17 +319,28 @@ def test_cached_decoding_interpreted(interpreted):
 
 
 def run_e2e() -> dict:
+    """The model's kernel calls go through spies on the kernel module that count the decode calls and hand every
+    kernel the poisoned options (the model's forward passes none)."""
+    from interpreted import POISONED
+
     from ssa_adapt.ops import triton as triton_ops
 
     calls = []
-    select, attend = triton_ops.decode_select, triton_ops.decode_attend
+    names = ("decode_select", "decode_attend", "select_blocks", "attend_blocks")
+    kernels = {n: getattr(triton_ops, n) for n in names}
+
+    def spy(name):
+        return lambda *a, **kw: calls.append(name) or kernels[name](*a, **dict(kw, options=POISONED))
+
     try:
-        triton_ops.decode_select = lambda *a, **kw: calls.append("s") or select(*a, **kw)
-        triton_ops.decode_attend = lambda *a, **kw: calls.append("a") or attend(*a, **kw)
+        for n in names:
+            setattr(triton_ops, n, spy(n))
         logits, reference = teacher_forced("cpu", prompt=70, total=78, backend="triton")
     finally:
-        triton_ops.decode_select, triton_ops.decode_attend = select, attend
-    return {"logits": rel_rms(logits, reference), "decode_calls": len(calls), "expected_calls": 2 * 2 * 8}
+        for n, fn in kernels.items():
+            setattr(triton_ops, n, fn)
+    decode_calls = sum(n.startswith("decode_") for n in calls)
+    return {"logits": rel_rms(logits, reference), "decode_calls": decode_calls, "expected_calls": 2 * 2 * 8}
 
 
 def test_cpu_dispatch_stays_on_the_reference(monkeypatch):
@@ -353,6 +359,17 @@ def test_cpu_dispatch_stays_on_the_reference(monkeypatch):
     assert torch.equal(out, R.attend_blocks(q, k, v, R.select_blocks(q, k, block_means=means, **sel), doc_start=ds))
 
 
+def test_decode_options_are_checked():
+    """Bad decode options fail when built, not inside a kernel launch; the removed split finishing is refused."""
+    from ssa_adapt.ops.triton.options import DecodeOptions
+
+    for bad in (dict(finish="split"), dict(chunk_blocks=100), dict(finish_cap=0), dict(score_precision="tf32"),
+                dict(stats_chunk=3), dict(finish_fast=1)):  # fmt: skip
+        with pytest.raises(ValueError, match="DecodeOptions"):
+            DecodeOptions(**bad)
+    assert DecodeOptions(stats_chunk=2, chunk_blocks=8, finish_cap=2).stats_chunk == 2
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
 @pytest.mark.parametrize("G", [3, 16])
 def test_decode_kernels_compile_for_sm90(G):
@@ -368,6 +385,9 @@ def test_decode_kernels_compile_for_sm90(G):
     except ImportError:
         pytest.skip("this triton has no GPUTarget for ahead-of-time compilation")
     from ssa_adapt.ops.triton import decode as d
+    from ssa_adapt.ops.triton.options import DEFAULT_OPTIONS
+
+    o = DEFAULT_OPTIONS.decode
 
     def compile_(fn, types, consts, num_warps):
         names = inspect.signature(fn.fn).parameters
@@ -382,17 +402,17 @@ def test_decode_kernels_compile_for_sm90(G):
             (
                 d._decode_score_kernel,
                 dict(ptr, q="*bf16", kbar="*fp32", logits="*fp32", stats="*fp32", scale_log2="fp32"),
-                dict(common, GP=16, BN=d.SCORE_BLOCKS, PRECISION=precision, HAS_POS=False),
-                d.SCORE_WARPS,
+                dict(common, GP=16, BN=o.score_blocks, PRECISION=precision, HAS_POS=False),
+                o.score_warps,
             )
             for precision in ("tf32x3", "ieee")
         ],
         (
             d._decode_finish_kernel,
             dict(ptr, logits="*fp32", stats="*fp32", imp="*i32", comp="*i64", out="*i32"),
-            dict(H=3, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, NSP=64, BS=16, S=16, SP=16, FP=2, SINK=1, LOCAL=1, BN=d.FINISH_BLOCKS, LG=d.FINISH_GROUPS,
-                 CAP=d.FINISH_CAP, FAST=True, HAS_POS=False, HAS_DOCS=True),
-            d.FINISH_WARPS,
+            dict(H=3, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, NSP=64, BS=16, S=16, SP=16, FP=2, SINK=1, LOCAL=1, BN=o.finish_blocks, LG=o.finish_groups,
+                 CAP=o.finish_cap, FAST=True, HAS_POS=False, HAS_DOCS=True),
+            o.finish_warps,
         ),
     ]  # fmt: skip
     kernels += [
@@ -400,27 +420,12 @@ def test_decode_kernels_compile_for_sm90(G):
             d._decode_finish_chunks_kernel,
             dict(ptr, logits="*fp32", stats="*fp32", comp="*i64", cand="*i64", count="*i32", out="*i32"),
             dict(H=3, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, NSP=64, BS=16, S=16, SP=16, FP=2, SINK=1,
-                 LOCAL=1, BN=d.CHUNK_BLOCKS, LG=d.FINISH_GROUPS, CAP=d.FINISH_CAP, SMALL=32, NV=nv, PAIRS=nv <= 256,
-                 HAS_POS=False, HAS_DOCS=True),
-            d.FINISH_WARPS,
+                 LOCAL=1, BN=o.chunk_blocks, LG=o.finish_groups, CAP=o.finish_cap, SMALL=o.chunk_small, NV=nv,
+                 PAIRS=nv <= o.chunk_pairs, HAS_POS=False, HAS_DOCS=True),
+            o.finish_warps,
         )
         for nv in (128, 512)
     ]  # fmt: skip
-    split = dict(H=3, BS=16, SINK=1, LOCAL=1, HAS_POS=False, HAS_DOCS=True)
-    kernels += [
-        (
-            d._decode_keys_kernel,
-            dict(ptr, logits="*fp32", stats="*fp32", keys="*i64", gmax="*i64"),
-            dict(split, G=G, GP=max(2, triton.next_power_of_2(G)), GS=16, NSP=64, BN=d.KEYS_BLOCKS, LG=d.KEYS_GROUPS),
-            d.SCORE_WARPS,
-        ),
-        (
-            d._decode_pick_kernel,
-            dict(ptr, keys="*i64", gmax="*i64", comp="*i64", out="*i32"),
-            dict(split, S=16, SP=16, FP=2, BN=d.PICK_BLOCKS, LG=d.KEYS_GROUPS, NV=512, CAP=d.FINISH_CAP),
-            d.FINISH_WARPS,
-        ),
-    ]
     for one in (True, False):
         kernels.append(
             (
@@ -428,7 +433,7 @@ def test_decode_kernels_compile_for_sm90(G):
                 dict(ptr, q="*bf16", k="*bf16", v="*bf16", block_indices="*i32", o="*bf16", part_o="*fp32",
                      part_ml="*fp32", scale_log2="fp32"),
                 dict(common, GR=16, S=16, NBK=2, ONE_SPLIT=one, HAS_POS=not one, DOT_PREC="tf32"),
-                d.ATTEND_WARPS,
+                o.attend_warps,
             )
         )  # fmt: skip
     kernels.append(
@@ -447,11 +452,10 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: the d
 
 
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
-@pytest.mark.usefixtures("poisoned")
 @pytest.mark.gpu
 @needs_cuda
-def test_decode_kernels_gpu(case):
-    check(run_case(case, "cuda"), case)
+def test_decode_kernels_gpu(case, poisoned):
+    check(run_case(case, "cuda", poisoned), case)
 
 
 @pytest.mark.gpu
@@ -576,8 +580,10 @@ def test_smollm2_cached_decoding_equals_no_cache_forward_gpu(dtype):
 
 
 def _main(out: str, ids: list[str]) -> None:
+    from interpreted import POISONED
+
     cases = {case_id(c): c for c in CPU_CASES}
-    write_interpreted(out, ids, lambda i: run_e2e() if i == E2E else run_case(cases[i], "cpu"))
+    write_interpreted(out, ids, lambda i: run_e2e() if i == E2E else run_case(cases[i], "cpu", POISONED))
 
 
 if __name__ == "__main__":

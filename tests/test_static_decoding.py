@@ -109,7 +109,9 @@ KERNEL_CASES = {  # (B, HQ, H, D, block size, row starts, written keys, buffer l
 
 def run_kernel_case(name: str) -> dict:
     """decode_attend with q_pos over a longer buffer, and append_block_means with a device key count, against the
-    same calls on the buffer cut to the written keys (where TK says where the query is)."""
+    same calls on the buffer cut to the written keys (where TK says where the query is); poisoned outputs."""
+    from interpreted import POISONED
+
     from ssa_adapt.ops.triton.cache_means import append_block_means
     from ssa_adapt.ops.triton.decode import decode_attend
 
@@ -125,7 +127,7 @@ def run_kernel_case(name: str) -> dict:
     cur = (n - 1 - start) // BS  # the query's own (partial or just completed) block
     idx = torch.cat([idx, cur.view(B, 1, 1, 1).expand(B, 1, H, 1)], -1).int()
     q_pos = (n - 1 - start)[:, None]
-    cut = dict(doc_start=start[:, None], block_size=BS)
+    cut = dict(doc_start=start[:, None], block_size=BS, options=POISONED)
     want = decode_attend(q, buf_k[:, :, :n].transpose(1, 2), buf_v[:, :, :n].transpose(1, 2), idx, **cut)
     got = decode_attend(q, buf_k.transpose(1, 2), buf_v.transpose(1, 2), idx, q_pos=q_pos, **cut)
     means_cut = torch.zeros(B, L // BS + 1, H, D)

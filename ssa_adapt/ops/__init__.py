@@ -83,11 +83,13 @@ def select_blocks(
     doc_start=None,
     backend="auto",
     block_means=None,
+    kernel_options=None,
 ) -> torch.Tensor:
     """Block selection (no gradient): q [B, T, HQ, D], k [B, TK, H, D] -> [B, T, H, block_count] int32.
 
     block_means [B, NB, H, D]: the complete-block key means of an `SSACache` (decode steps); the selection then
-    scores them instead of re-reading the keys: the decode kernels on CUDA for T <= 4, the reference elsewhere."""
+    scores them instead of re-reading the keys: the decode kernels on CUDA for T <= 4, the reference elsewhere.
+    kernel_options: `ssa_adapt.ops.triton.options.KernelOptions` for the Triton kernels (None: their defaults)."""
     kwargs = dict(
         block_size=block_size,
         block_count=block_count,
@@ -100,20 +102,23 @@ def select_blocks(
         if q.shape[1] <= _DECODE_T and resolve_backend("auto" if backend == "fla" else backend, q) == "triton":
             check_qkv(q, k)
             kwargs.pop("doc_start")
-            return _triton_ops().decode_select(q, block_means, key_len=k.shape[1], doc_start=doc_start, **kwargs)
+            return _triton_ops().decode_select(
+                q, block_means, key_len=k.shape[1], doc_start=doc_start, options=kernel_options, **kwargs
+            )
         return reference.select_blocks(q, k, block_means=block_means, **kwargs)
     resolved = resolve_backend(backend, q)
     if resolved == "fla":  # fla-core has no SSA selection: ours (kernels on CUDA, the reference elsewhere)
         resolved = resolve_backend("auto", q)
     if resolved == "triton":
-        return _triton_ops().select_blocks(q, k, **kwargs)
+        return _triton_ops().select_blocks(q, k, options=kernel_options, **kwargs)
     return reference.select_blocks(q, k, **kwargs)
 
 
 def attend_blocks(
-    q, k, v, block_indices, *, block_size=16, scale=None, doc_start=None, backend="auto"
+    q, k, v, block_indices, *, block_size=16, scale=None, doc_start=None, backend="auto", kernel_options=None
 ) -> torch.Tensor:
-    """Attention over the selected blocks, differentiable in q, k, v -> o [B, T, HQ, D]."""
+    """Attention over the selected blocks, differentiable in q, k, v -> o [B, T, HQ, D]. kernel_options:
+    `KernelOptions` for the Triton kernels (None: their defaults)."""
     kwargs = dict(block_size=block_size, scale=scale, doc_start=doc_start)
     resolved = resolve_backend(backend, q)
     if resolved == "fla":  # fla-core's NSA kernel, where its constraints hold (G a power of two >= 16)
@@ -124,8 +129,9 @@ def attend_blocks(
         if q.shape[1] <= _DECODE_T and not (
             torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         ):
-            return _triton_ops().decode_attend(q, k, v, block_indices, **kwargs)  # decode steps, no autograd
-        return _triton_ops().attend_blocks(q, k, v, block_indices, **kwargs)
+            # decode steps, no autograd
+            return _triton_ops().decode_attend(q, k, v, block_indices, options=kernel_options, **kwargs)
+        return _triton_ops().attend_blocks(q, k, v, block_indices, options=kernel_options, **kwargs)
     return reference.attend_blocks(q, k, v, block_indices, **kwargs)
 
 
@@ -143,8 +149,10 @@ def sparse_attention(
     backend="auto",
     return_indices=False,
     block_means=None,
+    kernel_options=None,
 ):
-    """The sparse stream: selection then attention. -> o [B, T, HQ, D] (and block_indices if asked)."""
+    """The sparse stream: selection then attention. -> o [B, T, HQ, D] (and block_indices if asked).
+    kernel_options: `KernelOptions` for the Triton kernels of both (None: their defaults)."""
     indices = select_blocks(
         q,
         k,
@@ -156,20 +164,32 @@ def sparse_attention(
         doc_start=doc_start,
         backend=backend,
         block_means=block_means,
+        kernel_options=kernel_options,
     )
-    out = attend_blocks(q, k, v, indices, block_size=block_size, scale=scale, doc_start=doc_start, backend=backend)
+    out = attend_blocks(
+        q,
+        k,
+        v,
+        indices,
+        block_size=block_size,
+        scale=scale,
+        doc_start=doc_start,
+        backend=backend,
+        kernel_options=kernel_options,
+    )
     return (out, indices) if return_indices else out
 
 
 def alignment_loss(
-    o_full: torch.Tensor, o_sparse: torch.Tensor, kind: str = "smooth_l1", backend: str = "auto"
+    o_full: torch.Tensor, o_sparse: torch.Tensor, kind: str = "smooth_l1", backend: str = "auto", kernel_options=None
 ) -> torch.Tensor:
     """SSA's bidirectional alignment d(o_full, sg(o_sparse)) + d(sg(o_full), o_sparse), mean over all elements
     (`kind` "smooth_l1", beta 1, or "l2") -> float32 scalar; o_full, o_sparse: any equal shape ([B, T, HQ, D] in
-    the attention layers). One Triton pass each way on CUDA, the PyTorch reference elsewhere (same values)."""
+    the attention layers). One Triton pass each way on CUDA, the PyTorch reference elsewhere (same values).
+    kernel_options: `KernelOptions` for the Triton kernel (None: its defaults)."""
     if resolve_backend("auto" if backend == "fla" else backend, o_full) == "triton":
         reference.check_alignment(o_full, o_sparse, kind)
-        return _triton_ops().alignment_loss(o_full, o_sparse, kind)
+        return _triton_ops().alignment_loss(o_full, o_sparse, kind, options=kernel_options)
     return reference.alignment_loss(o_full, o_sparse, kind)
 
 

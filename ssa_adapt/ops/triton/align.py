@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import DEFAULT_OPTIONS, KernelOptions
 from .utils import cdiv, new_empty
 
 __all__ = ["alignment_loss"]
@@ -77,10 +78,10 @@ def _align_bwd_kernel(
 
 class _AlignmentFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, kind: str, beta: float, poison: bool) -> torch.Tensor:
         a_flat, b_flat = a.contiguous().view(-1), b.contiguous().view(-1)
         n = a_flat.numel()
-        partial = new_empty((max(cdiv(n, ALIGN_BLOCK), 1),), torch.float32, a.device)
+        partial = new_empty((max(cdiv(n, ALIGN_BLOCK), 1),), torch.float32, a.device, poison)
         if n == 0:
             partial.zero_()
         else:
@@ -89,7 +90,7 @@ class _AlignmentFunction(torch.autograd.Function):
                 num_warps=ALIGN_WARPS,
             )  # fmt: skip
         ctx.save_for_backward(a_flat, b_flat)
-        ctx.kind, ctx.beta, ctx.shape = kind, float(beta), a.shape
+        ctx.kind, ctx.beta, ctx.shape, ctx.poison = kind, float(beta), a.shape, poison
         return partial.sum() * (2.0 / max(n, 1))
 
     @staticmethod
@@ -97,8 +98,8 @@ class _AlignmentFunction(torch.autograd.Function):
         a_flat, b_flat = ctx.saved_tensors
         n = a_flat.numel()
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ga = new_empty((n,), a_flat.dtype, a_flat.device) if need_a else None
-        gb = new_empty((n,), b_flat.dtype, b_flat.device) if need_b else None
+        ga = new_empty((n,), a_flat.dtype, a_flat.device, ctx.poison) if need_a else None
+        gb = new_empty((n,), b_flat.dtype, b_flat.device, ctx.poison) if need_b else None
         if n and (need_a or need_b):
             _align_bwd_kernel[(cdiv(n, ALIGN_BLOCK),)](
                 a_flat, b_flat, grad.float().contiguous(), ga if need_a else a_flat, gb if need_b else b_flat, n,
@@ -107,12 +108,20 @@ class _AlignmentFunction(torch.autograd.Function):
             )  # fmt: skip
         ga = ga.view(ctx.shape) if need_a else None
         gb = gb.view(ctx.shape) if need_b else None
-        return ga, gb, None, None
+        return ga, gb, None, None, None
 
 
-def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor, kind: str = "smooth_l1", beta: float = 1.0):
+def alignment_loss(
+    o_full: torch.Tensor,
+    o_sparse: torch.Tensor,
+    kind: str = "smooth_l1",
+    beta: float = 1.0,
+    options: KernelOptions | None = None,
+):
     """d(o_full, sg(o_sparse)) + d(sg(o_full), o_sparse), mean over all elements -> float32 scalar. Inputs of one
-    shape and dtype on a CUDA device (or the CPU under TRITON_INTERPRET=1); checked by the dispatcher."""
+    shape and dtype on a CUDA device (or the CPU under TRITON_INTERPRET=1); checked by the dispatcher. options:
+    `KernelOptions` (None: the defaults); only `options.poison` applies here."""
     if o_full.dtype != o_sparse.dtype:
         o_sparse = o_sparse.to(o_full.dtype)
-    return _AlignmentFunction.apply(o_full, o_sparse, kind, beta)
+    poison = (DEFAULT_OPTIONS if options is None else options).poison
+    return _AlignmentFunction.apply(o_full, o_sparse, kind, beta, poison)

@@ -17,9 +17,11 @@ relative to each row's document start) in two launches:
    them (ascending without a sort: `tl.sort` crashes Triton 3.6 on sm_90). Exact unless more than CAP keys
    survive or some lane's third key is chosen (its fourth might then belong too): those rows take an exact
    fallback, a bisection over the float bits of the importance written to a scratch row (31 counting passes).
-   `FINISH = "auto"` (the default) runs `_decode_finish_chunks_kernel` instead while the grid stays small: grid
-   (B * T * H, chunks of CHUNK_BLOCKS blocks), each chunk keeping its own best keys, the row's last chunk to finish
-   (an atomic count, reset after) merging them into the output row; still two launches.
+   `DecodeOptions.finish = "auto"` (the default) runs `_decode_finish_chunks_kernel` instead while the grid stays
+   small: grid (B * T * H, chunks of `chunk_blocks` blocks), each chunk keeping its own best keys, the row's last
+   chunk to finish (an atomic count, reset after) merging them into the output row; still two launches.
+
+The tunables are `options.DecodeOptions` (`KernelOptions.decode`), passed to the host functions as `options`.
 
 `decode_attend` is split-KV attention ("flash-decoding") over the selected blocks: programs over (query, KV head,
 split of the selected blocks) compute the partial softmax statistics and un-normalised outputs of the G heads of
@@ -38,41 +40,12 @@ import triton.language as tl
 
 from ..reference import check_qkv
 from . import utils
+from .options import DEFAULT_OPTIONS, KernelOptions
 from .utils import cdiv, check_block_size, check_doc_start, next_pow2, num_programs
 
 __all__ = ["decode_select", "decode_attend", "MAX_DECODE_T"]
 
 MAX_DECODE_T = 4  # the dispatcher sends calls with at most this many queries per row here
-# Blocks per step of the scoring kernel, blocks per chunk of the finishing kernel's passes, warps of each; keys
-# per step of the attention kernel, its warps; programs per SM the split heuristics aim at.
-SCORE_BLOCKS = 64
-SCORE_WARPS = 4
-# The logits' products: "tf32x3" (three tf32 tensor-core products, hi*hi + hi*lo + lo*hi: ~2^-21 relative error, the
-# products' rounding of float32 itself is 2^-24) or "ieee" (exact float32 FMAs on the CUDA cores; the group is padded
-# to 16 rows, so 16 / G times the useful work). Measured on the H200: README.md section 6.
-SCORE_PRECISION = "tf32x3"
-FINISH_BLOCKS = 1024  # swept on the H200 2026-12-02 (decode-h200-sweep-tf32x3.json): 1024 beat 512 and 2048
-FINISH_WARPS = 8
-FINISH_GROUPS = 64  # lane groups whose maxima bound the threshold from below
-FINISH_CAP = 128  # surviving keys ranked exactly; more (or a lane's third key chosen) takes the bisection path
-FINISH_FAST = True  # False: always the bisection path (tests)
-# The finishing pass: "chunks" (one launch over (row, chunk of CHUNK_BLOCKS blocks); the row's last chunk merges),
-# "row" (one program per row scans every block), "split" (keys + pick kernels; slower on the H200), or "auto":
-# chunks while they make at most CHUNK_PROGRAMS_PER_SM programs per SM, else row. On the H200 at 128k (whole step,
-# CUDA graph, (9, 3, 64) / (32, 8, 64) x batch 1 / 8, decode-h200-chunks-auto.json): row 34.3 / 58.5 / 42.1 / 88.8
-# us, chunks of 2048 26.7 / 47.8 / 33.7 / 82.1; chunks of 1024, 512, 256 lost to 2048 (each program ranks its
-# survivors, and the last one merges NCH * S candidates)
-FINISH = "auto"
-CHUNK_BLOCKS = 2048
-CHUNK_PROGRAMS_PER_SM = 2
-CHUNK_SMALL = 32  # a chunk's survivors up to this many are ranked in a 32 x 32 comparison (else FINISH_CAP wide)
-CHUNK_PAIRS = 256  # merged candidates up to this many are ranked by pairwise comparison, more by bisection
-KEYS_BLOCKS = 64  # blocks per step of the split keys kernel (its lanes)
-KEYS_GROUPS = 16  # lane groups per split whose maxima bound the threshold
-PICK_BLOCKS = 512  # keys per step of the pick kernel
-ATTEND_KEYS = 32
-ATTEND_WARPS = 4
-PROGRAMS_PER_SM = 8  # swept on the H200 (benchmarks/results/decode-h200-sweep.json)
 
 
 # The key length grows by one every decode step: left unspecialised (Triton would otherwise compile each kernel again
@@ -142,7 +115,7 @@ def _decode_score_kernel(
         m_n = o_n < hi
         # [BN, BD]
         b_kb = tl.load(p_kb + o_n[:, None] * stride_kn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        # [GP, BN] in float32 (SCORE_PRECISION: "ieee" exact products on the CUDA cores, "tf32x3" on the tensor cores)
+        # [GP, BN] in float32 (score_precision: "ieee" exact products on the CUDA cores, "tf32x3" on the tensor cores)
         b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=PRECISION) * scale_log2
         tl.store(p_l + o_g[:, None] * NB + o_n[None, :], b_s, mask=m_g[:, None] & m_n[None, :])
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -520,152 +493,6 @@ def _decode_finish_chunks_kernel(
 
 
 @triton.jit(do_not_specialize=_PER_STEP)
-def _decode_keys_kernel(
-    logits,  # [B * T * H, G, NB] float32 (log2 domain)
-    stats,  # [B * T * H, NSPLIT, 2, GS] float32
-    q_pos,
-    doc_start,
-    keys,  # [B * T * H, NB] int64 out: candidate keys, -1 for forced blocks
-    gmax,  # [B * T * H, NSPLIT, LG] int64 out: maxima of the split's lane groups
-    T,
-    TK,
-    NB,
-    NSPLIT,
-    BPS,  # blocks per split (the scoring kernel's)
-    H: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    GS: tl.constexpr,
-    NSP: tl.constexpr,
-    BS: tl.constexpr,
-    SINK: tl.constexpr,
-    LOCAL: tl.constexpr,
-    BN: tl.constexpr,
-    LG: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
-):
-    """Split finishing, step 1, grid (B * T * H, NSPLIT): the keys of the split's blocks, and the maxima of LG
-    groups of its lanes (lane i holds blocks j = lo + i (mod BN)): keys of distinct blocks, for the lower bound."""
-    i_bth = tl.program_id(0).to(tl.int64)
-    i_sp = tl.program_id(1)
-    pos, cur, n_c, c_lo, n_sink, l_lo, n_local, budget = _row_blocks(
-        q_pos, doc_start, i_bth, T, TK, NB, H, BS, 1, SINK, LOCAL, HAS_POS, HAS_DOCS
-    )
-    b_m, b_il = _merged_stats(stats, i_bth, NSPLIT, G, GP, GS, NSP)
-    o_b = tl.arange(0, BN)
-    p_l = logits + i_bth * G * NB
-    lane = tl.full([BN], -1, dtype=tl.int64)
-    lo = i_sp * BPS
-    hi = tl.minimum(lo + BPS, n_c)
-    for s0 in range(lo, hi, BN):
-        o_n = s0 + o_b
-        m_n = o_n < hi
-        key = _block_keys(p_l, o_n, m_n, b_m, b_il, c_lo, NB, G, GP, SINK)
-        tl.store(keys + i_bth * NB + o_n, key, mask=m_n)
-        lane = tl.maximum(lane, key)
-    tl.store(gmax + (i_bth * NSPLIT + i_sp) * LG + tl.arange(0, LG), tl.max(tl.reshape(lane, [LG, BN // LG]), 1))
-
-
-@triton.jit(do_not_specialize=_PER_STEP)
-def _decode_pick_kernel(
-    keys,  # [B * T * H, NB] int64
-    gmax,  # [B * T * H, NSPLIT, LG] int64
-    comp,  # [B * T * H, CAP] int64 scratch: the surviving keys
-    q_pos,
-    doc_start,
-    out,  # [B, T, H, S] int32 out
-    T,
-    TK,
-    NB,
-    NSPLIT,
-    H: tl.constexpr,
-    BS: tl.constexpr,
-    S: tl.constexpr,
-    SP: tl.constexpr,
-    FP: tl.constexpr,
-    SINK: tl.constexpr,
-    LOCAL: tl.constexpr,
-    BN: tl.constexpr,
-    LG: tl.constexpr,
-    NV: tl.constexpr,  # next power of two >= NSPLIT * LG
-    CAP: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
-):
-    """Split finishing, step 2, grid (B * T * H): the budget-th best of all splits' group maxima bounds the
-    threshold from below (found by bisection over the key values); the keys at or above it are compacted and
-    ranked exactly. More than CAP of them: an exact bisection over every key instead (slow, rare)."""
-    i_bth = tl.program_id(0).to(tl.int64)
-    pos, cur, n_c, c_lo, n_sink, l_lo, n_local, budget = _row_blocks(
-        q_pos, doc_start, i_bth, T, TK, NB, H, BS, S, SINK, LOCAL, HAS_POS, HAS_DOCS
-    )
-    p_o = out + i_bth * S
-    p_k = keys + i_bth * NB
-    p_c = comp + i_bth * CAP
-    o_b = tl.arange(0, BN)
-
-    # ---- lower bound: the largest x with at least `budget` group maxima >= x (0 if fewer groups hold candidates)
-    o_v = tl.arange(0, NV)
-    v = tl.load(gmax + i_bth * NSPLIT * LG + o_v, mask=o_v < NSPLIT * LG, other=-1)
-    lo = tl.max(v, 0) * 0
-    hi = tl.max(v, 0)
-    for _ in range(0, 63):
-        mid = lo + (hi - lo + 1) // 2
-        ok = tl.sum((v >= mid).to(tl.int32), 0) >= budget
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    bound = tl.where(tl.sum((v >= 0).to(tl.int32), 0) >= budget, lo, 0)
-    bound = tl.where(budget > 0, tl.maximum(bound, 0), 9223372036854775807)  # keys >= bound are candidates
-
-    # ---- survivors: the candidate keys at or above the bound, compacted
-    n_s = pos * 0
-    top = lo * 0 - 1
-    for s0 in range(0, n_c, BN):
-        o_n = s0 + o_b
-        key = tl.load(p_k + o_n, mask=o_n < n_c, other=-1)
-        keep = key >= bound
-        at = n_s + tl.cumsum(keep.to(tl.int32), 0) - 1
-        tl.store(p_c + at, key, mask=keep & (at < CAP))
-        n_s += tl.sum(keep.to(tl.int32), 0)
-        top = tl.maximum(top, tl.max(key, 0))
-    tl.debug_barrier()  # read back below by other threads of this program
-    if n_s <= CAP:
-        o_c = tl.arange(0, CAP)
-        b_c = tl.load(p_c + o_c, mask=o_c < n_s, other=-1)
-        c_rank = tl.sum((b_c[None, :] > b_c[:, None]).to(tl.int32), 1)
-        _store_ascending(p_o, b_c, (b_c >= 0) & (c_rank < budget), n_sink, n_local, l_lo, S, SP, FP, SINK)
-    else:
-        # ---- exact: tau = the budget-th best key (keys are unique), by bisection between the bound and the best
-        lo = bound
-        hi = top
-        for _ in range(0, 63):
-            mid = lo + (hi - lo + 1) // 2
-            cnt = n_s * 0
-            for s0 in range(0, n_c, BN):
-                o_n = s0 + o_b
-                key = tl.load(p_k + o_n, mask=o_n < n_c, other=-1)
-                cnt += tl.sum(((key >= 0) & (key >= mid)).to(tl.int32), 0)
-            ok = cnt >= budget
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        # ascending output: each kept block goes to the column counting the kept blocks below it
-        n_keep = n_s * 0
-        for s0 in range(0, cur + 1, BN):
-            o_n = s0 + o_b
-            m_n = o_n <= cur
-            key = tl.load(p_k + o_n, mask=m_n & (o_n < n_c), other=-1)
-            forced = m_n & ((o_n < SINK) | (o_n >= c_lo))
-            keep = (forced | ((key >= 0) & (key >= lo))) & m_n
-            k32 = keep.to(tl.int32)
-            col = n_keep + tl.cumsum(k32, 0) - k32
-            tl.store(p_o + col, o_n, mask=keep & (col < S))
-            n_keep += tl.sum(k32, 0)
-        o_s = tl.arange(0, SP)
-        tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
-
-
-@triton.jit(do_not_specialize=_PER_STEP)
 def _decode_attend_kernel(
     q,  # [B, T, HQ, D] (strided)
     k,  # [B, TK, H, D] (strided)
@@ -804,10 +631,10 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _workspace(device: torch.device, *words: int) -> list[torch.Tensor]:
+def _workspace(device: torch.device, poison: bool, *words: int) -> list[torch.Tensor]:
     """Flat float32 scratch buffers of the given sizes, carved from one allocation (16-byte aligned)."""
     sizes = [-(-w // 4) * 4 for w in words]
-    buf = utils.new_empty((max(sum(sizes), 4),), torch.float32, device)
+    buf = utils.new_empty((max(sum(sizes), 4),), torch.float32, device, poison)
     out, start = [], 0
     for w, n in zip(words, sizes):
         out.append(buf[start : start + w])
@@ -828,15 +655,18 @@ def _row_counts(device: torch.device, units: int) -> torch.Tensor:
     return counts
 
 
-def _stats_chunk(nsplit: int, G: int) -> int:
-    """Splits whose statistics the finishing kernels read in one load: all of them, up to 2048 values."""
+def _stats_chunk(nsplit: int, G: int, chunk: int | None) -> int:
+    """Splits whose statistics the finishing kernels read in one load: `chunk` (`DecodeOptions.stats_chunk`), or
+    all of them, up to 2048 values."""
+    if chunk is not None:
+        return max(2, chunk)
     return max(2, min(next_pow2(nsplit), 2048 // max(2, next_pow2(G))))
 
 
-def _splits(units: int, pieces: int, device: torch.device, splits: int | None) -> int:
-    """How many programs share one (query, KV head): enough for PROGRAMS_PER_SM per SM, at most `pieces`."""
+def _splits(units: int, pieces: int, device: torch.device, splits: int | None, per_sm: int) -> int:
+    """How many programs share one (query, KV head): enough for `per_sm` per SM, at most `pieces`."""
     if splits is None:
-        splits = cdiv(num_programs(device, PROGRAMS_PER_SM), max(units, 1))
+        splits = cdiv(num_programs(device, per_sm), max(units, 1))
     return max(1, min(splits, pieces))
 
 
@@ -854,6 +684,7 @@ def decode_select(
     key_len: int | None = None,
     doc_start: torch.Tensor | None = None,
     num_splits: int | None = None,
+    options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """SSA block selection from cached block means, for few queries per row (inference only, no gradient).
 
@@ -865,6 +696,7 @@ def decode_select(
     Equal to `reference.select_blocks(..., block_means=...)` up to importance ties within float32 rounding.
     Without q_pos, positions are `key_len - T + t - doc_start[b, t]` (doc_start None: 0), as for a KV cache of
     `key_len` keys. num_splits: programs per (query, KV head) in the scoring pass (default: fill the GPU).
+    options: `KernelOptions` (None: the defaults); reads `options.decode` and `options.poison`.
     """
     B, T, HQ, D = q.shape
     Bm, NB, H, Dm = block_means.shape
@@ -890,10 +722,12 @@ def decode_select(
             raise ValueError(f"q_pos must be [B, T] = {(B, T)}; got {tuple(q_pos.shape)}.")
         q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
         ds, key_len = None, T
+    options = DEFAULT_OPTIONS if options is None else options
+    opt, poison = options.decode, options.poison
     scale = D**-0.5 if scale is None else scale
     G = HQ // H
     S = block_count
-    out = utils.new_empty((B, T, H, S), torch.int32, q.device)
+    out = utils.new_empty((B, T, H, S), torch.int32, q.device, poison)
     if out.numel() == 0:
         return out
     q = _last_dim_contiguous(q)
@@ -902,29 +736,23 @@ def decode_select(
     GP = max(16, next_pow2(G))
     BD = max(16, next_pow2(D))
     units = B * T * H
-    nsplit = _splits(units, cdiv(max(NB, 1), SCORE_BLOCKS), q.device, num_splits)
-    bps = cdiv(cdiv(max(NB, 1), nsplit), SCORE_BLOCKS) * SCORE_BLOCKS
+    nsplit = _splits(units, cdiv(max(NB, 1), opt.score_blocks), q.device, num_splits, opt.programs_per_sm)
+    bps = cdiv(cdiv(max(NB, 1), nsplit), opt.score_blocks) * opt.score_blocks
     nsplit = cdiv(max(NB, 1), bps)
     nb = max(NB, 1)
-    # one scratch allocation (a decode step is launch-bound): logits [units, G, nb], stats [units, nsplit, 2, GP],
-    # importance bits [units, nb] int32 (split: keys [units, nb] int64 and group maxima [units, nsplit, LG]
-    # int64), surviving keys [units, CAP] int64
-    if FINISH not in ("auto", "chunks", "row", "split"):
-        raise ValueError(f"decode.FINISH={FINISH!r}: use 'auto', 'chunks', 'row' or 'split'.")
-    lg = min(KEYS_GROUPS, KEYS_BLOCKS)
-    nch = cdiv(nb, CHUNK_BLOCKS)
-    finish = FINISH
+    nch = cdiv(nb, opt.chunk_blocks)
+    finish = opt.finish
     if finish == "auto":
-        finish = "chunks" if units * nch <= num_programs(q.device, CHUNK_PROGRAMS_PER_SM) else "row"
+        finish = "chunks" if units * nch <= num_programs(q.device, opt.chunk_programs_per_sm) else "row"
     SP = max(2, next_pow2(S))
-    imp_words = {
-        "chunks": 2 * units * nch * SP,  # the chunks' candidates [units, nch, SP] int64
-        "row": units * nb,  # importance bits [units, nb] int32
-        "split": 2 * units * nb + 2 * units * nsplit * lg,  # keys [units, nb], group maxima [units, nsplit, lg]
-    }[finish]
-    caps = nch if finish == "chunks" else 1
+    chunks = finish == "chunks"
+    # one scratch allocation (a decode step is launch-bound): logits [units, G, nb], stats [units, nsplit, 2, GP],
+    # chunks: the chunks' candidates [units, nch, SP] int64, row: importance bits [units, nb] int32; surviving keys
+    # [units, caps, CAP] int64
+    imp_words = 2 * units * nch * SP if chunks else units * nb
+    caps = nch if chunks else 1
     logits, stats, imp, comp = _workspace(
-        q.device, units * G * nb, units * nsplit * 2 * GP, imp_words, 2 * units * caps * FINISH_CAP
+        q.device, poison, units * G * nb, units * nsplit * 2 * GP, imp_words, 2 * units * caps * opt.finish_cap
     )
     comp = comp.view(torch.int64)
     common = dict(HAS_POS=q_pos is not None, HAS_DOCS=ds is not None)
@@ -953,34 +781,22 @@ def decode_select(
         D=D,
         BD=BD,
         BS=block_size,
-        BN=SCORE_BLOCKS,
-        PRECISION=SCORE_PRECISION,
-        num_warps=SCORE_WARPS,
+        BN=opt.score_blocks,
+        PRECISION=opt.score_precision,
+        num_warps=opt.score_warps,
         **common,
     )
     fp = max(2, next_pow2(sink_blocks + local_blocks))
-    if finish == "chunks":
+    nsp = _stats_chunk(nsplit, G, opt.stats_chunk)
+    if chunks:
         nv = max(2, next_pow2(nch * SP))
         _decode_finish_chunks_kernel[(units, nch)](
             logits, stats, comp, imp.view(torch.int64), _row_counts(q.device, units), q_pos, ds, out,
             T, key_len, NB, nsplit, nch,
-            H=H, G=G, GP=max(2, next_pow2(G)), GS=GP, NSP=_stats_chunk(nsplit, G), BS=block_size, S=S, SP=SP,
-            FP=fp, SINK=sink_blocks, LOCAL=local_blocks, BN=CHUNK_BLOCKS, LG=min(FINISH_GROUPS, CHUNK_BLOCKS),
-            CAP=FINISH_CAP, SMALL=min(CHUNK_SMALL, FINISH_CAP), NV=nv, PAIRS=nv <= CHUNK_PAIRS, num_warps=FINISH_WARPS, **common,
-        )  # fmt: skip
-        return out
-    if finish == "split":
-        keys, gmax = imp[: 2 * units * nb].view(torch.int64), imp[2 * units * nb :].view(torch.int64)
-        split = dict(H=H, BS=block_size, SINK=sink_blocks, LOCAL=local_blocks, **common)
-        _decode_keys_kernel[(units, nsplit)](
-            logits, stats, q_pos, ds, keys, gmax, T, key_len, NB, nsplit, bps,
-            G=G, GP=max(2, next_pow2(G)), GS=GP, NSP=_stats_chunk(nsplit, G), BN=KEYS_BLOCKS, LG=lg,
-            num_warps=SCORE_WARPS, **split,
-        )  # fmt: skip
-        _decode_pick_kernel[(units,)](
-            keys, gmax, comp, q_pos, ds, out, T, key_len, NB, nsplit,
-            S=S, SP=max(2, next_pow2(S)), FP=fp, BN=PICK_BLOCKS, LG=lg,
-            NV=max(2, next_pow2(nsplit * lg)), CAP=FINISH_CAP, num_warps=FINISH_WARPS, **split,
+            H=H, G=G, GP=max(2, next_pow2(G)), GS=GP, NSP=nsp, BS=block_size, S=S, SP=SP, FP=fp, SINK=sink_blocks,
+            LOCAL=local_blocks, BN=opt.chunk_blocks, LG=min(opt.finish_groups, opt.chunk_blocks), CAP=opt.finish_cap,
+            SMALL=min(opt.chunk_small, opt.finish_cap), NV=nv, PAIRS=nv <= opt.chunk_pairs, num_warps=opt.finish_warps,
+            **common,
         )  # fmt: skip
         return out
     imp = imp.view(torch.int32)
@@ -1000,18 +816,18 @@ def decode_select(
         G=G,
         GP=max(2, next_pow2(G)),
         GS=GP,
-        NSP=_stats_chunk(nsplit, G),
+        NSP=nsp,
         BS=block_size,
         S=S,
-        SP=max(2, next_pow2(S)),
+        SP=SP,
         FP=fp,
         SINK=sink_blocks,
         LOCAL=local_blocks,
-        BN=FINISH_BLOCKS,
-        LG=min(FINISH_GROUPS, FINISH_BLOCKS),
-        CAP=FINISH_CAP,
-        FAST=FINISH_FAST,
-        num_warps=FINISH_WARPS,
+        BN=opt.finish_blocks,
+        LG=min(opt.finish_groups, opt.finish_blocks),
+        CAP=opt.finish_cap,
+        FAST=opt.finish_fast,
+        num_warps=opt.finish_warps,
         **common,
     )
     return out
@@ -1029,6 +845,7 @@ def decode_attend(
     doc_start: torch.Tensor | None = None,
     num_splits: int | None = None,
     q_pos: torch.Tensor | None = None,
+    options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention for few queries per row, split over the selected blocks (inference only: no
     autograd; `attend_blocks` in `attend.py` is the differentiable version).
@@ -1039,6 +856,7 @@ def decode_attend(
     selected block j. num_splits: programs per (query, KV head) (default: fill the GPU; 1 skips the combine).
     q_pos [B, T] int64 (static caches, whose key buffer is longer than the keys written): query t sits at key
     doc_start[b, t] + q_pos[b, t] instead, read on the device (a CUDA graph can replay the call as keys grow).
+    options: `KernelOptions` (None: the defaults); reads `options.decode` and `options.poison`.
     """
     B, T, TK, HQ, H, D = check_qkv(q, k, v)
     check_block_size(block_size)
@@ -1056,20 +874,22 @@ def decode_attend(
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     S = idx.shape[3]
     G = HQ // H
-    out = utils.new_empty((B, T, HQ, D), q.dtype, q.device)
+    options = DEFAULT_OPTIONS if options is None else options
+    opt = options.decode
+    out = utils.new_empty((B, T, HQ, D), q.dtype, q.device, options.poison)
     if out.numel() == 0:
         return out
     if S == 0:
         return out.zero_()
-    nbk = max(1, ATTEND_KEYS // block_size)
+    nbk = max(1, opt.attend_keys // block_size)
     units = B * T * H
-    nsplit = _splits(units, cdiv(S, nbk), q.device, num_splits)
+    nsplit = _splits(units, cdiv(S, nbk), q.device, num_splits, opt.programs_per_sm)
     spb = cdiv(cdiv(S, nsplit), nbk) * nbk
     nsplit = cdiv(S, spb)
     one = nsplit == 1
     part_o = part_ml = None
     if not one:  # partial outputs [units, nsplit, G, D] and statistics [units, nsplit, 2, G], one allocation
-        part_o, part_ml = _workspace(q.device, units * nsplit * G * D, units * nsplit * 2 * G)
+        part_o, part_ml = _workspace(q.device, options.poison, units * nsplit * G * D, units * nsplit * 2 * G)
     BD = max(16, next_pow2(D))
     _decode_attend_kernel[(units, nsplit)](
         q,
@@ -1107,7 +927,7 @@ def decode_attend(
         HAS_POS=q_pos is not None,
         ONE_SPLIT=one,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=ATTEND_WARPS,
+        num_warps=opt.attend_warps,
     )
     if not one:
         _decode_combine_kernel[(units,)](part_o, part_ml, out, nsplit, G=G, GP=max(2, next_pow2(G)), D=D, BD=BD)

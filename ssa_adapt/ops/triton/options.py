@@ -69,7 +69,59 @@ class AttendOptions:
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """Decode steps (`decode.py`, T <= 4 queries per row): fields are documented there."""
+    """Decode steps (`decode.py`, T <= 4 queries per row, inference only): the selection's scoring and finishing
+    launches and the split-KV attention. Measured on the H200: README.md section 6 and the files cited below
+    (benchmarks/results/)."""
+
+    # Blocks per step of the scoring kernel, its warps
+    score_blocks: int = 64
+    score_warps: int = 4
+    # The logits' products: "tf32x3" (three tf32 tensor-core products, hi*hi + hi*lo + lo*hi: ~2^-21 relative
+    # error, the products' rounding of float32 itself is 2^-24) or "ieee" (exact float32 FMAs on the CUDA cores; the
+    # group is padded to 16 rows, so 16 / G times the useful work). Measured on the H200: README.md section 6.
+    score_precision: str = "tf32x3"
+    # The finishing pass: "chunks" (one launch over (row, chunk of chunk_blocks blocks); the row's last chunk
+    # merges), "row" (one program per row scans every block), or "auto": chunks while they make at most
+    # chunk_programs_per_sm programs per SM, else row. On the H200 at 128k (whole step, CUDA graph, (9, 3, 64) /
+    # (32, 8, 64) x batch 1 / 8, decode-h200-chunks-auto.json): row 34.3 / 58.5 / 42.1 / 88.8 us, chunks of 2048
+    # 26.7 / 47.8 / 33.7 / 82.1; chunks of 1024, 512, 256 lost to 2048 (each program ranks its survivors, and the
+    # last one merges NCH * S candidates). (A third pass, "split", lost everywhere and was removed: README.md.)
+    finish: str = "auto"
+    chunk_blocks: int = 2048
+    chunk_programs_per_sm: int = 2
+    chunk_small: int = 32  # a chunk's survivors up to this many are ranked in a 32 x 32 comparison (else finish_cap)
+    chunk_pairs: int = 256  # merged candidates up to this many are ranked by pairwise comparison, more by bisection
+    # Blocks per chunk of the row finisher's passes (its lanes): swept on the H200 2026-12-02
+    # (decode-h200-sweep-tf32x3.json), 1024 beat 512 and 2048. Warps of both finishing kernels.
+    finish_blocks: int = 1024
+    finish_warps: int = 8
+    finish_groups: int = 64  # lane groups whose maxima bound the threshold from below
+    finish_cap: int = 128  # surviving keys ranked exactly; more (or a lane's third key chosen) take the bisection path
+    finish_fast: bool = True  # False: always the bisection path (tests)
+    # Splits whose statistics the finishing kernels read in one load (a power of two); None: all of them, up to
+    # 2048 values (a loop over single splits waits for each load in turn). Tests set a small one.
+    stats_chunk: int | None = None
+    # Keys per step of the attention kernel, its warps
+    attend_keys: int = 32
+    attend_warps: int = 4
+    # Programs per SM the split heuristics (scoring and attention) aim at: swept on the H200
+    # (decode-h200-sweep.json), 8 beat 2
+    programs_per_sm: int = 8
+
+    def __post_init__(self):
+        tiles = ("score_blocks", "chunk_blocks", "chunk_small", "finish_blocks", "finish_groups", "finish_cap",
+                 "attend_keys", "score_warps", "finish_warps", "attend_warps")  # fmt: skip
+        tiles += ("stats_chunk",) if self.stats_chunk is not None else ()
+        _check_positive(self, (*tiles, "chunk_programs_per_sm", "chunk_pairs", "programs_per_sm"))
+        for name, value in ((n, getattr(self, n)) for n in tiles):
+            if value & (value - 1):
+                raise ValueError(f"DecodeOptions.{name}={value}: must be a power of two (a Triton tile size).")
+        if self.score_precision not in ("tf32x3", "ieee"):
+            raise ValueError(f"DecodeOptions.score_precision={self.score_precision!r}: use 'tf32x3' or 'ieee'.")
+        if self.finish not in ("auto", "chunks", "row"):
+            raise ValueError(f"DecodeOptions.finish={self.finish!r}: use 'auto', 'chunks' or 'row'.")
+        if not isinstance(self.finish_fast, bool):
+            raise ValueError(f"DecodeOptions.finish_fast={self.finish_fast!r}: must be a bool.")
 
 
 @dataclass(frozen=True)
