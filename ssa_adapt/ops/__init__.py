@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +48,13 @@ def _triton_ops():
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Map 'auto' to the backend that runs for tensor x: 'triton' for CUDA tensors when the kernels exist,
-    'reference' otherwise. An explicit 'triton' or 'fla' on a non-CUDA tensor warns and runs the reference; one
-    without its package raises with the fix."""
+    'reference' otherwise. An explicit 'triton' or 'fla' on a non-CUDA tensor warns and runs the reference (unless
+    Triton's CPU interpreter is on, TRITON_INTERPRET=1, as in the kernel tests); one without its package raises with
+    the fix."""
     if backend == "auto":
         return "triton" if x.is_cuda and _triton_ops() is not None else "reference"
-    if backend in ("triton", "fla") and not x.is_cuda:  # e.g. a checkpoint saved on a GPU machine, run on the CPU
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    if backend in ("triton", "fla") and not x.is_cuda and not interpreted:  # e.g. a checkpoint from a GPU machine
         import warnings
 
         warnings.warn(
