@@ -1,6 +1,8 @@
 """convert / unload / set_inference / streams over tiny random llama, mistral, qwen2, qwen3 models with G in 1..7."""
 
 import copy
+import re
+import warnings
 
 import pytest
 import torch
@@ -100,6 +102,33 @@ def test_set_inference_changes_budget_without_retraining():
     torch.testing.assert_close(wide, full, atol=1e-5, rtol=0)
     assert (narrow - full).abs().max() > 1e-3
     assert model.config.ssa_config["block_count"] == 16
+
+
+def test_set_inference_budget_also_trains_and_says_so():
+    model = ssa_adapt.convert(tiny_model(), SMALL)  # 4 blocks of 4: 64-token inputs go sparse
+    ids = token_batch(length=64)
+    model.train()
+    ssa_adapt.set_stream(model, "sparse")
+
+    def align(expect_warning: str | None = None) -> float:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(ids, labels=ids)
+        messages = [str(w.message) for w in caught if "set_inference" in str(w.message)]
+        assert len(messages) == (expect_warning is not None), messages
+        if expect_warning:
+            assert re.search(expect_warning, messages[0]), messages[0]
+        return ssa_adapt.alignment_loss(model).item()
+
+    assert align() > 1e-4
+    ssa_adapt.set_inference(model, "full", block_count=16)  # 16 x 4 = 64 tokens: both streams see everything
+    assert align(r"block_count=16 \(was 4\).*set_inference\(model, block_count=4\)") < 1e-8
+    assert align() < 1e-8  # warned once
+    ssa_adapt.set_inference(model, "sparse", block_count=4)
+    assert align(r"block_count=4 \(was 16\)") > 1e-4
+    ssa_adapt.set_inference(model, block_count=16)  # changed and set back before training: nothing to say
+    ssa_adapt.set_inference(model, block_count=4)
+    assert align() > 1e-4
 
 
 def test_only_requested_and_full_attention_layers_convert():

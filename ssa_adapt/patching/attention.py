@@ -12,6 +12,8 @@ q, k, v (bias, q_norm / k_norm, RoPE, KV cache) and calls `ssa_attention_forward
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,7 @@ from ..static_decoding import StaticSSACache
 __all__ = ["SSAController", "SSALayerState", "ssa_attention_forward", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "ssa"
+SELECTION_FIELDS = ("block_size", "block_count", "sink_blocks", "local_blocks")
 
 
 class SSAController:
@@ -53,9 +56,37 @@ class SSAController:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self._doc_start: tuple | None = None  # (key, (doc_start, key_mask)) once per forward pass for all layers
         self._indices: dict[int, tuple] = {}  # layer -> (query probe, block indices) of this forward pass
+        self._trained_selection = self.selection()  # the selection of conversion or of the last training pass
+        self._set_for_inference: dict[str, int] = {}  # selection fields set_inference changed since then
 
-    def begin_forward(self) -> None:
-        """Called once per top-level forward pass: forget the last pass's draw and records."""
+    def selection(self) -> dict[str, int]:
+        """{block_size, block_count, sink_blocks, local_blocks} of the current config."""
+        return {name: getattr(self.config, name) for name in SELECTION_FIELDS}
+
+    def note_inference_selection(self) -> None:
+        """Called by `set_inference`: remember the selection fields it set."""
+        for name, value in self.selection().items():
+            if value != self._trained_selection[name]:
+                self._set_for_inference[name] = value
+
+    def begin_forward(self, training: bool = False) -> None:
+        """Called once per top-level forward pass: forget the last pass's draw and records. A training pass whose
+        selection differs from the last training pass's because `set_inference` changed it warns, once."""
+        if training:
+            now = self.selection()
+            before, self._trained_selection = self._trained_selection, now
+            changed = [k for k, v in self._set_for_inference.items() if now[k] == v != before[k]]
+            self._set_for_inference = {}
+            if changed:
+                what = ", ".join(f"{k}={now[k]} (was {before[k]})" for k in changed)
+                back = ", ".join(f"{k}={before[k]}" for k in changed)
+                warnings.warn(
+                    f"ssa_adapt: training with the selection set by set_inference: {what}. Inference and training "
+                    f"share one selection; to train with the earlier one, call ssa_adapt.set_inference(model, {back}) "
+                    "first.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         self.drawn = None
         self.align_losses = {}
         self._doc_start = None

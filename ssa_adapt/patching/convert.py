@@ -127,7 +127,7 @@ def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0)
             nn.init.zeros_(attn.ssa_gate.weight)  # gamma = 0.5 at start
         ctrl.handles.append(attn.register_forward_pre_hook(_stash_inputs, with_kwargs=True))
         ctrl.handles.append(attn.register_forward_hook(_drop_inputs, with_kwargs=True))
-    ctrl.handles.append(model.register_forward_pre_hook(lambda module, args: ctrl.begin_forward()))
+    ctrl.handles.append(model.register_forward_pre_hook(lambda module, args: ctrl.begin_forward(module.training)))
     model.ssa_controller = ctrl
     hf_config.ssa_config = config.to_dict()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -165,7 +165,14 @@ def set_inference(
     local_blocks: int | None = None,
     backend: str | None = None,
 ) -> SSAConfig:
-    """Change how a converted model attends at inference (no retraining); returns the new SSAConfig."""
+    """Change how a converted model attends (no retraining); returns the new SSAConfig.
+
+    `mode` ('sparse' or 'full') is the stream of eval mode only. The selection (`block_size`, `block_count`,
+    `sink_blocks`, `local_blocks`) and `backend` are the model's one SSAConfig: they also apply to the next
+    training forward passes (which warn once that the budget came from here), and `save_pretrained` saves them.
+    To train with the budget the model was trained with, set it back first, e.g.
+    `set_inference(model, block_count=16)`.
+    """
     ctrl = _require_controller(model)
     changes = dict(
         inference_mode=mode,
@@ -176,6 +183,7 @@ def set_inference(
         backend=backend,
     )
     ctrl.config = ctrl.config.replace(**{k: v for k, v in changes.items() if v is not None})
+    ctrl.note_inference_selection()
     _owner_config(model, ctrl).ssa_config = ctrl.config.to_dict()
     return ctrl.config
 
