@@ -65,6 +65,12 @@ class SSATrainingConfig(_SSAFields, SFTConfig):
     )
 
     def __post_init__(self):
+        # TRL sets gradient_checkpointing (True by default); transformers >= 5.24 names it activation_checkpointing
+        # and warns about the old name whenever only that one is set, even when nobody set it: hand it over.
+        if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is not None:
+            self.activation_checkpointing = self.gradient_checkpointing
+            if self.activation_checkpointing_kwargs is None:
+                self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
         super().__post_init__()
         # The choices and ranges are SSAConfig's own checks (the combined ones wait for the model's config).
         SSAConfig(**{k: getattr(self, k) for k in _SELF_CONTAINED if getattr(self, k) is not None})

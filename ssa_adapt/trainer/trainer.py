@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import numpy as np
 import torch
@@ -91,6 +92,17 @@ def _prepare_model(model: PreTrainedModel, args: SSATrainingConfig) -> PreTraine
     return model
 
 
+class _DropMessage(logging.Filter):
+    """Drops the log records that contain `text` (a message that is not true for SSATrainer)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in str(record.msg)
+
+
 class SSATrainer(SFTTrainer):
     """Continued pretraining (or fine-tuning) of a causal LM with SSA attention: TRL's `SFTTrainer` with the SSA
     objective `loss = CE + align_weight * L_align` and stochastic streams (SPEC section 2).
@@ -121,12 +133,17 @@ class SSATrainer(SFTTrainer):
             args = SSATrainingConfig(
                 **{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name in known}
             )
-        if isinstance(model, str):
-            model = _load_model(model, args)
-        else:
-            model = _prepare_model(model, args)
+        from_name = isinstance(model, str)
+        model = _load_model(model, args) if from_name else _prepare_model(model, args)
         self._draw_at = (-1, -1)  # (optimizer step, micro-batch index) of the last draw
-        super().__init__(model, args, *a, **kw)
+        # SFTTrainer would log that model_init_kwargs are ignored: _load_model has used them
+        quiet = _DropMessage("You passed `model_init_kwargs`") if from_name else logging.Filter()
+        sft_logger = logging.getLogger(SFTTrainer.__module__)
+        sft_logger.addFilter(quiet)
+        try:
+            super().__init__(model, args, *a, **kw)
+        finally:
+            sft_logger.removeFilter(quiet)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`, resuming only from a checkpoint that holds everything resuming restores (see
