@@ -1,6 +1,6 @@
 """lm-eval's command line with the `ssa` model registered: every argument is lm-eval's own.
 
-    python -m ssa_adapt.eval.lm_eval_cli --model ssa \\
+    ssa-lm-eval run --model ssa \\
         --model_args pretrained=PATH,inference_mode=sparse,block_size=16,block_count=16,sink_blocks=1 \\
         --include_path "$(python -c 'from ssa_adapt.assets import benchmark_tasks; print(benchmark_tasks())')" \\
         --tasks ssa_hellaswag,ssa_piqa --batch_size 8
@@ -11,8 +11,24 @@ command cannot see `ssa`; this wrapper registers it, then runs `lm_eval.__main__
 
 from __future__ import annotations
 
+import sys
+
+HELP = """\
+ssa-lm-eval: lm-eval's command line with ssa_adapt's model `ssa` registered (every option below is lm-eval's own).
+
+  ssa-lm-eval run --model ssa --model_args pretrained=PATH[,inference_mode=sparse,block_count=16,...] --tasks ...
+
+`ssa` model_args: pretrained (a converted checkpoint, or a plain Llama / Mistral / Qwen2 / Qwen3 one, converted on
+load), inference_mode (sparse | full), block_size, block_count, sink_blocks, local_blocks, backend (override the
+checkpoint's SSAConfig), rope_scaling_factor, rope_original_max_position_embeddings; any other is the `hf` model's.
+Offline benchmark tasks (ssa_hellaswag, ssa_piqa, ssa_arc_easy, ssa_arc_challenge, ...): --include_path "$(python -c
+'from ssa_adapt.assets import benchmark_tasks; print(benchmark_tasks())')". lm-eval's help follows.
+"""
+
 
 def main() -> None:
+    if len(sys.argv) == 1 or any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(HELP)
     from . import lm_eval_model  # noqa: F401  (registers "ssa")
 
     try:
