@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -268,11 +269,20 @@ def kernel_config(options: KernelOptions) -> dict:
     return dataclasses.asdict(options)
 
 
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def markdown(rows, meta) -> str:
     out = [
-        "# Attention benchmark (H200)",
+        f"# Attention benchmark ({meta['device']})",
         "",
-        f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, "
+        f"{meta['device']}, {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}, "
+        "bf16, B=1, "
         "block 16 x 16, sink 1, local 1, random normal inputs.",
         "",
         f"Command: `{meta['command']}`",
@@ -328,6 +338,7 @@ def main():
     p.add_argument("--sweep-all", action="store_true", help="also the attention kernels' variants")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting new sizes after this")
     p.add_argument("--profile", action="store_true", help="only the per-kernel GPU times of the sparse stream")
+    p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse here)")
     args = p.parse_args()
     if args.profile:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
@@ -348,6 +359,7 @@ def main():
         triton=triton.__version__,
         python=platform.python_version(),
         command="python " + " ".join(sys.argv),
+        commit=args.commit or git_commit(),
     )
     if "fla_nsa" in args.impls:
         try:
