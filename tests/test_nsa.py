@@ -59,9 +59,8 @@ def test_nsa_layer_is_gated_sum_of_three_branches():
     torch.nn.init.normal_(attn.ssa_gate.weight, std=0.5)
     hidden = torch.randn(1, 40, 48)
     q, k, v = (torch.randn(1, h, 40, 8) for h in (6, 2, 2))
-    attn._ssa_hidden = hidden
     attn.train()
-    out, _ = ssa_attention_forward(attn, q, k, v, None, scaling=8**-0.5)
+    out, _ = ssa_attention_forward(attn, q, k, v, None, scaling=8**-0.5, ssa_hidden=hidden)
     gamma = torch.sigmoid(attn.ssa_gate(hidden)).view(1, 40, 3, 6, 1)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     expected = (

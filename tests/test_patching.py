@@ -350,8 +350,8 @@ def test_gate_runs_once_per_layer_in_the_autocast_dtype(monkeypatch):
     calls = []
     original = attention_module._gate_values
 
-    def spy(module, branches, dtype):
-        gamma = original(module, branches, dtype)
+    def spy(module, hidden, branches, dtype):
+        gamma = original(module, hidden, branches, dtype)
         calls.append(gamma.dtype)
         return gamma
 

@@ -119,13 +119,7 @@ def _select_segment(q, k, q_pos, block_size, block_count, sink_blocks, local_blo
     for t0 in range(0, Tq, step):
         pos = q_pos[t0 : t0 + step]  # [Tc]
         Tc = pos.numel()
-        cur = pos // BS  # the query's own block
-        complete = blocks[None, :] < ((pos + 1) // BS)[:, None]  # [Tc, NB]
-        forced = ((blocks[None, :] < sink_blocks) | (blocks[None, :] > (cur - local_blocks)[:, None])) & (
-            blocks[None, :] <= cur[:, None]
-        )
-        candidate = complete & ~forced
-        budget = (block_count - forced.sum(-1)).clamp(min=0)  # [Tc]
+        complete, forced, candidate, budget = _block_masks(pos, blocks, BS, sink_blocks, local_blocks, block_count)
 
         importance = torch.zeros(B, Tc, H, NB, dtype=cdt, device=q.device)
         if NBc > 0:
@@ -134,25 +128,48 @@ def _select_segment(q, k, q_pos, block_size, block_count, sink_blocks, local_blo
             logits = logits.masked_fill(~complete[None, :, None, None, :NBc], float("-inf"))
             probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without complete blocks -> 0
             importance[..., :NBc] = probs.sum(3)  # I(j) = sum over the group's heads
-        score = importance.masked_fill(~candidate[None, :, None, :], float("-inf"))
-        # stable descending sort: among equal scores the lower block index wins (deterministic ties)
-        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(-1, order, blocks.expand_as(order))
-        chosen = candidate[None, :, None, :] & (rank < budget[None, :, None, None])
-        selected = chosen | forced[None, :, None, :]
-        keyed = torch.where(selected, blocks, NB)  # unselected blocks sort to the end
-        ordered = torch.sort(keyed, dim=-1).values[..., :S]
-        ordered = torch.where(ordered == NB, -1, ordered).to(torch.int32)
+        ordered = _choose(importance, candidate[None, :, None], forced[None, :, None], budget[None, :, None, None], S)
         out[:, t0 : t0 + Tc, :, : ordered.shape[-1]] = ordered
     return out
 
 
-def _key_mask(q_pos, L, block_indices, block_size, sliding_window):
-    """Visible keys [B or 1, Tc, H or 1, L]: causal, inside the selected blocks and the sliding window if given."""
+def _block_masks(pos, blocks, block_size, sink_blocks, local_blocks, block_count):
+    """For queries at document positions pos [..., Tc] and blocks [NB]: (complete, forced, candidate) [..., Tc, NB]
+    bool and the budget of top-scored blocks [..., Tc]."""
+    cur = pos // block_size  # the query's own block
+    complete = blocks < ((pos + 1) // block_size)[..., None]
+    forced = ((blocks < sink_blocks) | (blocks > (cur - local_blocks)[..., None])) & (blocks <= cur[..., None])
+    candidate = complete & ~forced
+    budget = (block_count - forced.sum(-1)).clamp(min=0)
+    return complete, forced, candidate, budget
+
+
+def _choose(importance, candidate, forced, budget, S):
+    """importance [B, Tc, H, NB]; candidate, forced broadcastable to it, budget to [B, Tc, H, 1] -> the selected
+    blocks [B, Tc, H, min(S, NB)] int32, ascending, -1 padded: the forced blocks and the top `budget` candidates."""
+    NB = importance.shape[-1]
+    blocks = torch.arange(NB, device=importance.device)
+    score = importance.masked_fill(~candidate, float("-inf"))
+    # stable descending sort: among equal scores the lower block index wins (deterministic ties)
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, blocks.expand_as(order))
+    selected = (candidate & (rank < budget)) | forced
+    keyed = torch.where(selected, blocks, NB)  # unselected blocks sort to the end
+    ordered = torch.sort(keyed, dim=-1).values[..., :S]
+    return torch.where(ordered == NB, -1, ordered).to(torch.int32)
+
+
+def _key_mask(q_pos, L, block_indices, block_size, sliding_window, start=None):
+    """Visible keys [B or 1, Tc, H or 1, L]: causal, inside the selected blocks and the sliding window if given.
+    q_pos [Tc] (or [B, Tc]) are positions inside the document; start [B, Tc] (None: 0) the key where it begins,
+    keys before it invisible."""
     keys = torch.arange(L, device=q_pos.device)
-    mask = (keys[None, :] <= q_pos[:, None])[None, :, None, :]  # [1, Tc, 1, L]
+    pos = q_pos.reshape(-1, q_pos.shape[-1])[..., None]  # [1 or B, Tc, 1]
+    rel = keys if start is None else keys - start[..., None]  # key positions inside the document
+    mask = rel <= pos if start is None else (rel >= 0) & (rel <= pos)
     if sliding_window is not None:
-        mask = mask & (keys[None, :] > (q_pos[:, None] - sliding_window))[None, :, None, :]
+        mask = mask & (rel > pos - sliding_window)
+    mask = mask[:, :, None, :]  # [1 or B, Tc, 1, L]
     if block_indices is not None:
         NB = -(-L // block_size)
         idx = block_indices.long()
@@ -163,11 +180,12 @@ def _key_mask(q_pos, L, block_indices, block_size, sliding_window):
     return mask
 
 
-def _attend_segment(q, k, v, q_pos, scale, block_indices=None, block_size=16, sliding_window=None):
+def _attend_segment(q, k, v, q_pos, scale, block_indices=None, block_size=16, sliding_window=None, start=None):
     """Masked softmax attention of q [B, Tq, HQ, D] over k, v [B, L, H, D] -> [B, Tq, HQ, D] (compute dtype).
-    With block_indices the keys of the selected blocks are gathered first: O(Tq * S * BS), not O(Tq * L)."""
+    With block_indices the keys of the selected blocks are gathered first: O(Tq * S * BS), not O(Tq * L).
+    start [B, Tq] (None: 0): the key where each query's document begins, q_pos [Tq] or [B, Tq] positions in it."""
     if block_indices is not None:
-        return _attend_selected(q, k, v, q_pos, scale, block_indices, block_size)
+        return _attend_selected(q, k, v, q_pos, scale, block_indices, block_size, start)
     B, Tq, HQ, D = q.shape
     L, H = k.shape[1], k.shape[2]
     G = HQ // H
@@ -176,10 +194,11 @@ def _attend_segment(q, k, v, q_pos, scale, block_indices=None, block_size=16, sl
     outs = []
     step = _chunk_len(B, HQ, L)
     for t0 in range(0, Tq, step):
-        pos = q_pos[t0 : t0 + step]
-        Tc = pos.numel()
+        pos = q_pos[..., t0 : t0 + step]
+        Tc = pos.shape[-1]
         qg = q[:, t0 : t0 + Tc].to(cdt).reshape(B, Tc, H, G, D)
-        mask = _key_mask(pos, L, None, block_size, sliding_window)  # [1, Tc, 1, L]
+        rows = None if start is None else start[:, t0 : t0 + Tc]
+        mask = _key_mask(pos, L, None, block_size, sliding_window, rows)  # [1 or B, Tc, 1, L]
         logits = torch.einsum("bthgd,blhd->bthgl", qg, kf) * scale
         logits = logits.masked_fill(~mask[:, :, :, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
@@ -187,9 +206,10 @@ def _attend_segment(q, k, v, q_pos, scale, block_indices=None, block_size=16, sl
     return torch.cat(outs, dim=1)
 
 
-def _attend_selected(q, k, v, q_pos, scale, block_indices, block_size):
+def _attend_selected(q, k, v, q_pos, scale, block_indices, block_size, start=None):
     """Attention of q [B, Tq, HQ, D] over the keys of its selected blocks only (gathered, causal inside the own
-    block; -1 slots and keys past L masked) -> [B, Tq, HQ, D] (compute dtype)."""
+    block; -1 slots and keys past L masked) -> [B, Tq, HQ, D] (compute dtype). Block numbers count from start
+    [B, Tq] (None: key 0), q_pos [Tq] or [B, Tq] are the positions from there."""
     B, Tq, HQ, D = q.shape
     L, H = k.shape[1], k.shape[2]
     G, S = HQ // H, block_indices.shape[-1]
@@ -199,11 +219,15 @@ def _attend_selected(q, k, v, q_pos, scale, block_indices, block_size):
     outs = []
     step = max(1, _CHUNK_ELEMENTS // max(1, B * H * S * block_size * max(D, G)))
     for t0 in range(0, Tq, step):
-        pos = q_pos[t0 : t0 + step]
-        Tc = pos.numel()
+        pos = q_pos[..., t0 : t0 + step]
+        Tc = pos.shape[-1]
         idx = block_indices[:, t0 : t0 + Tc].long()  # [B, Tc, H, S]
         keys = (idx.clamp(min=0)[..., None] * block_size + offsets).flatten(-2)  # [B, Tc, H, S * BS]
-        visible = (idx >= 0).repeat_interleave(block_size, -1) & (keys <= pos[None, :, None, None]) & (keys < L)
+        if start is not None:
+            keys = keys + start[:, t0 : t0 + Tc, None, None]  # absolute key positions
+            pos = pos + start[:, t0 : t0 + Tc]
+        pos = pos.reshape(-1, Tc)[:, :, None, None]  # [1 or B, Tc, 1, 1]
+        visible = (idx >= 0).repeat_interleave(block_size, -1) & (keys <= pos) & (keys < L)
         gather = keys.clamp(max=L - 1).permute(0, 2, 1, 3).reshape(B, H, -1, 1).expand(-1, -1, -1, D)
         k_sel = kh.gather(2, gather).view(B, H, Tc, -1, D)  # [B, H, Tc, S * BS, D]
         v_sel = vh.gather(2, gather).view(B, H, Tc, -1, D)
@@ -241,6 +265,50 @@ def _full_probs_mass(q, k, q_pos, scale, block_indices, block_size):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _select_dense(q, k, doc_start, block_size, block_count, sink_blocks, local_blocks, scale, block_means=None):
+    """`select_blocks` with a doc_start [B, T] tensor and no host sync (what torch.compile traces): every query
+    scores the blocks of its own document, whose means are gathered per query (O(T * TK) memory traffic, chunked)
+    or taken from block_means [B, NB, H, D] (one document per row)."""
+    B, T, HQ, D = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    G, BS = HQ // H, block_size
+    NB = -(-TK // BS)  # the most blocks a document can have
+    cdt = _compute_dtype(q)
+    start, q_pos = _dense_positions(doc_start, T, TK)  # [B, T]
+    blocks = torch.arange(NB, device=q.device)
+    if block_means is not None:
+        kbar = block_means[:, None, :NB].to(cdt)
+        kbar = torch.cat([kbar, kbar.new_zeros(B, 1, NB - kbar.shape[2], H, D)], 2)  # [B, 1, NB, H, D]
+    outs = []
+    step = max(1, min(_chunk_len(B, HQ, NB), _CHUNK_ELEMENTS // max(1, B * NB * BS * H * D)))
+    for t0 in range(0, T, step):
+        pos = q_pos[:, t0 : t0 + step]  # [B, Tc]
+        Tc = pos.shape[1]
+        complete, forced, candidate, budget = _block_masks(pos, blocks, BS, sink_blocks, local_blocks, block_count)
+        if block_means is None:  # the means of every block of each query's document: [B, Tc, NB, H, D]
+            index = (start[:, t0 : t0 + Tc, None] + torch.arange(NB * BS, device=q.device)).clamp(max=TK - 1)
+            rows = k.gather(1, index.reshape(B, -1, 1, 1).expand(-1, -1, H, D)).to(cdt)
+            kbar = rows.reshape(B, Tc, NB, BS, H, D).mean(3)
+        qg = q[:, t0 : t0 + Tc].to(cdt).reshape(B, Tc, H, G, D)
+        logits = torch.einsum("bthgd,btnhd->bthgn", qg, kbar.expand(B, Tc, NB, H, D)) * scale
+        logits = logits.masked_fill(~complete[:, :, None, None, :], float("-inf"))
+        importance = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(3)  # [B, Tc, H, NB]
+        ordered = _choose(importance, candidate[:, :, None], forced[:, :, None], budget[:, :, None, None], block_count)
+        outs.append(torch.nn.functional.pad(ordered, (0, block_count - ordered.shape[-1]), value=-1))
+    return torch.cat(outs, 1)
+
+
+def _dense_positions(doc_start: torch.Tensor, T: int, TK: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start [B, T] int64, q_pos [B, T]): each query's document start and its position inside the document."""
+    start = doc_start.to(torch.int64)
+    return start, torch.arange(TK - T, TK, device=start.device) - start
+
+
+def _traced(doc_start) -> bool:
+    """True where document starts must be handled without host syncs: under torch.compile (dynamo) tracing."""
+    return doc_start is not None and torch.compiler.is_compiling()
+
+
 def _run_segments(q, k, doc_start, fn, out):
     """Apply fn(q_seg, k_seg_slice, q_pos, b, q0, q1, s) per document segment and write into out[:, q0:q1]."""
     B, T, TK = q.shape[0], q.shape[1], k.shape[1]
@@ -275,6 +343,11 @@ def select_blocks(
     """
     B, T, TK, HQ, H, D = check_qkv(q, k)
     scale = D**-0.5 if scale is None else scale
+    if _traced(doc_start):
+        with torch.no_grad():
+            return _select_dense(
+                q, k, doc_start, block_size, block_count, sink_blocks, local_blocks, scale, block_means
+            )
     out = torch.full((B, T, H, block_count), -1, dtype=torch.int32, device=q.device)
     if block_means is not None and doc_start is not None and bool((doc_start != doc_start[:, -1:]).any()):
         raise ValueError("block_means needs one document per row (decode steps); got several document starts.")
@@ -310,6 +383,9 @@ def attend_blocks(
             f"block_indices must be [B, T, H, S] with (B, T, H) = {(B, T, H)}; got {tuple(block_indices.shape)}."
         )
     scale = D**-0.5 if scale is None else scale
+    if _traced(doc_start):
+        start, q_pos = _dense_positions(doc_start, T, TK)
+        return _attend_selected(q, k, v, q_pos, scale, block_indices, block_size, start).to(q.dtype)
     out = q.new_empty(B, T, HQ, D, dtype=_compute_dtype(q))
 
     def fn(rows, q0, q1, s, end, q_pos):
@@ -332,6 +408,9 @@ def full_attention(
     """Ordinary causal attention inside each document (optionally sliding-window). -> o [B, T, HQ, D]."""
     B, T, TK, HQ, H, D = check_qkv(q, k, v)
     scale = D**-0.5 if scale is None else scale
+    if _traced(doc_start):
+        start, q_pos = _dense_positions(doc_start, T, TK)
+        return _attend_segment(q, k, v, q_pos, scale, sliding_window=sliding_window, start=start).to(q.dtype)
     out = q.new_empty(B, T, HQ, D, dtype=_compute_dtype(q))
 
     def fn(rows, q0, q1, s, end, q_pos):

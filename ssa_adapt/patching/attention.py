@@ -70,8 +70,10 @@ class SSAController:
                 self._set_for_inference[name] = value
 
     def begin_forward(self, training: bool = False) -> None:
-        """Called once per top-level forward pass: forget the last pass's draw and records. A training pass whose
-        selection differs from the last training pass's because `set_inference` changed it warns, once."""
+        """Called once per top-level forward pass: forget the last pass's records; draw its stream when SSA training
+        has none fixed (here, before any layer, so that compiled code breaks the graph at most once, outside the
+        attention). A training pass whose selection differs from the last training pass's because `set_inference`
+        changed it warns, once."""
         if training:
             now = self.selection()
             before, self._trained_selection = self._trained_selection, now
@@ -88,6 +90,8 @@ class SSAController:
                     stacklevel=2,
                 )
         self.drawn = None
+        if training and self.stream is None and self.config.train_mode == "ssa":
+            self.drawn = self._draw()
         self.align_losses = {}
         self._doc_start = None
         self._indices = {}
@@ -97,6 +101,8 @@ class SSAController:
         during the backward pass: that recomputation reuses the indices of the forward pass instead of selecting
         again (the selection needs no gradient), after checking that it sees the same queries (a strided sample of
         q, compared exactly: a recomputation reproduces q bit for bit)."""
+        if torch.compiler.is_compiling():  # the compiled backward recomputes the (deterministic) selection itself
+            return select_blocks(q, k, **selection)
         probe = q.detach()[:, :: max(1, q.shape[1] // 64)].float()  # [B, <= 64 + 1, HQ, D]
         cached = self._indices.get(layer_idx)
         recomputing = torch._C._current_graph_task_id() != -1  # inside a backward pass
@@ -107,7 +113,10 @@ class SSAController:
         return indices
 
     def padding(self, query, key, attention_mask, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`_padding` for this forward pass, computed by the first layer and reused by the others."""
+        """`_padding` for this forward pass, computed by the first layer and reused by the others (compiled: by
+        every layer, no state kept, so that checkpointed layers have no side effect)."""
+        if torch.compiler.is_compiling():
+            return _padding(query, key, attention_mask, kwargs)
         position_ids, cu_seqlens = kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")
         cache_key = (query.shape[0], query.shape[2], key.shape[2], position_ids, attention_mask, cu_seqlens)
         cached = self._doc_start
@@ -123,10 +132,16 @@ class SSAController:
         """The stream the residual continues with in SSA training, drawn once per forward pass."""
         if self.stream is not None:
             return self.stream
-        if self.drawn is None:
-            draw = torch.rand((), generator=self.generator).item()
-            self.drawn = "full" if draw < self.config.full_prob else "sparse"
+        if self.drawn is None:  # a layer trained outside the model's forward (begin_forward draws otherwise)
+            self.drawn = self._draw()
         return self.drawn
+
+    @torch.compiler.disable
+    def _draw(self) -> str:
+        """One draw from the controller's generator (a host value: compiled code calls it outside the graph; the
+        trainer fixes the stream with set_stream instead, which compiles without a break)."""
+        draw = torch.rand((), generator=self.generator).item()
+        return "full" if draw < self.config.full_prob else "sparse"
 
 
 class SSALayerState:
@@ -153,6 +168,16 @@ def _padding(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -> 
     if attention_mask is not None:
         mask = attention_mask[:, -TK:].to(torch.bool)
         ends = mask[:, :-1] & ~mask[:, 1:]  # [B, TK - 1] a real token followed by padding
+        if torch.compiler.is_compiling():  # no host sync: the mask must describe document starts (checked async)
+            starts = ~mask[:, :-1] & mask[:, 1:]
+            misplaced = ends if T != TK else starts & ends.int().cummax(-1).values.bool()
+            torch._assert_async(
+                ~misplaced.any(),
+                "attention_mask has padding after a real token that later tokens would attend to; compiled SSA "
+                "attention takes left padding, and right padding without a KV cache: pad on the left "
+                "(tokenizer.padding_side='left') or run this batch without torch.compile.",
+            )
+            return _doc_start(B, T, TK, attention_mask, kwargs), None
         if bool(ends.any()):
             starts = ~mask[:, :-1] & mask[:, 1:]
             holes = bool((starts & ends.int().cummax(-1).values.bool()).any())
@@ -173,13 +198,14 @@ def _doc_start(B: int, T: int, TK: int, attention_mask, kwargs) -> torch.Tensor 
     return doc_start_from_position_ids(position_ids, B, T, TK, attention_mask=attention_mask)
 
 
-def _gate_values(module: nn.Module, branches: int, dtype: torch.dtype) -> torch.Tensor:
-    """gamma = sigmoid(ssa_gate(hidden)) -> [B, T, branches, HQ, 1] in `dtype` (hidden stashed by the pre-hook).
+def _gate_values(module: nn.Module, hidden: torch.Tensor, branches: int, dtype: torch.dtype) -> torch.Tensor:
+    """gamma = sigmoid(ssa_gate(hidden)) -> [B, T, branches, HQ, 1] in `dtype` (hidden: the attention module's
+    input, handed over by the pre-hook as `ssa_hidden`).
 
     The gate module itself is called (PEFT wrappers and LoRA on it apply). When its weights are wider than the
     attention's half-precision dtype (fp32 master weights under autocast, which the attention switched off), it
     runs under autocast to `dtype` again, as the model's other linear layers do."""
-    gate, hidden = module.ssa_gate, module._ssa_hidden
+    gate = module.ssa_gate
     weight = getattr(gate, "weight", None)
     if dtype in (torch.float16, torch.bfloat16) and weight is not None and weight.dtype != dtype:
         with torch.autocast(hidden.device.type, dtype=dtype):
@@ -236,7 +262,7 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
 
     ctrl = state.controller
     cfg = ctrl.config
-    cache = module.__dict__.get("_ssa_cache")
+    cache, hidden = kwargs.get("ssa_cache"), kwargs.get("ssa_hidden")
     if isinstance(cache, StaticCache):
         raise ValueError(
             "transformers' StaticCache (generate(cache_implementation='static')) does not work with SSA attention "
@@ -250,7 +276,7 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
                          local_blocks=cfg.local_blocks, scale=scaling)  # fmt: skip
         out = cache.attend(state.layer_idx, q, k, v, mode=cfg.inference_mode, scale=scaling, selection=selection)
         if getattr(module, "ssa_gate", None) is not None:
-            out = out * _gate_values(module, 1, out.dtype)[:, :, 0]
+            out = out * _gate_values(module, hidden, 1, out.dtype)[:, :, 0]
         return out, None
     doc_start, key_mask = ctrl.padding(query, key, attention_mask, kwargs)
     if key_mask is not None:
@@ -274,7 +300,7 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
         if getattr(module, "ssa_gate", None) is None:
             return out
         if gamma is None:
-            gamma = _gate_values(module, 1, out.dtype)[:, :, 0]
+            gamma = _gate_values(module, hidden, 1, out.dtype)[:, :, 0]
         return out * gamma
 
     def full():
@@ -301,15 +327,17 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
 
     def _cached_means():
         """Decode steps (one query per row) select from the cache's block means instead of all keys."""
-        cache = as_ssa_cache(module.__dict__.get("_ssa_cache"))
-        if cache is None or q.shape[1] != 1:
+        if q.shape[1] != 1 or torch.compiler.is_compiling():  # compiled: selection from the keys (no host state)
+            return None
+        cache = as_ssa_cache(kwargs.get("ssa_cache"))
+        if cache is None:
             return None
         row_start = doc_start[:, -1] if doc_start is not None else q.new_zeros(q.shape[0], dtype=torch.long)
         return cache.block_means(state.layer_idx, k, row_start, cfg.block_size)
 
     if cfg.train_mode == "nsa" and (module.training or cfg.inference_mode == "sparse"):
         # NSA baseline: gated sum of compressed (block means), selected (sparse) and sliding-window attention
-        gammas = _gate_values(module, 3, q.dtype)  # [B, T, 3, HQ, 1]
+        gammas = _gate_values(module, hidden, 3, q.dtype)  # [B, T, 3, HQ, 1]
         o_cmp = compressed_attention(q, k, v, block_size=cfg.block_size, scale=scaling, doc_start=doc_start)
         o_slc, indices = select_and_attend()
         o_win = full_attention(q, k, v, scale=scaling, doc_start=doc_start, sliding_window=cfg.nsa_window)

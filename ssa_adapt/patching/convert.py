@@ -29,9 +29,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# "ssa" gets the padding-only 2D mask (or None), like flash attention: SSA works on document starts, not 4D masks.
+
+def ssa_attention_mask(
+    batch_size: int, q_length: int, kv_length: int, *args, attention_mask: torch.Tensor | None = None, **kwargs
+) -> torch.Tensor | None:
+    """The mask "ssa" attention gets: the padding-only 2D mask [B, TK] (or None), as flash attention does (SSA works
+    on document starts, not 4D masks). Under torch.compile a mask without padding stays a mask (finding that it has
+    none would read its values on the host); the attention treats both alike."""
+    if attention_mask is not None and torch.compiler.is_compiling():
+        return attention_mask[:, -kv_length:]
+    return flash_attention_mask(batch_size, q_length, kv_length, *args, attention_mask=attention_mask, **kwargs)
+
+
 AttentionInterface.register(ATTN_IMPLEMENTATION, ssa_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ssa_attention_mask)
 
 CONFIG_KEY = "ssa_config"  # where the SSAConfig lives inside the model's config.json
 
@@ -58,15 +69,13 @@ def _require_controller(model: nn.Module) -> SSAController:
     return ctrl
 
 
-def _stash_inputs(module, args, kwargs):
-    """Keep what the attention function needs but is not handed: the layer input (gates), the KV cache."""
-    module._ssa_hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    module._ssa_cache = kwargs.get("cache", kwargs.get("past_key_values"))
-
-
-def _drop_inputs(module, args, kwargs, output):
-    module.__dict__.pop("_ssa_hidden", None)
-    module.__dict__.pop("_ssa_cache", None)
+def _pass_inputs(module, args, kwargs):
+    """Hand the attention function what the attention module gets but does not pass on: the layer input (gates)
+    and the KV cache, as the keyword arguments `ssa_hidden` and `ssa_cache`, which the module's forward forwards
+    to it (no state on the module: compiled code and activation checkpointing see no side effect)."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return args, {**kwargs, "ssa_hidden": hidden, "ssa_cache": cache}
 
 
 def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0) -> nn.Module:
@@ -125,8 +134,7 @@ def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0)
                 attn.q_proj.in_features, heads, bias=False, device=weight.device, dtype=weight.dtype
             )
             nn.init.zeros_(attn.ssa_gate.weight)  # gamma = 0.5 at start
-        ctrl.handles.append(attn.register_forward_pre_hook(_stash_inputs, with_kwargs=True))
-        ctrl.handles.append(attn.register_forward_hook(_drop_inputs, with_kwargs=True))
+        ctrl.handles.append(attn.register_forward_pre_hook(_pass_inputs, with_kwargs=True))
     ctrl.handles.append(model.register_forward_pre_hook(lambda module, args: ctrl.begin_forward(module.training)))
     model.ssa_controller = ctrl
     hf_config.ssa_config = config.to_dict()
@@ -145,8 +153,6 @@ def unload(model: nn.Module) -> nn.Module:
             del module.ssa_state
             if "ssa_gate" in module._modules:
                 del module.ssa_gate
-            module.__dict__.pop("_ssa_hidden", None)
-            module.__dict__.pop("_ssa_cache", None)
     del owner.ssa_controller
     hf_config = owner.config
     if hasattr(hf_config, CONFIG_KEY):

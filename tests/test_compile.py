@@ -1,0 +1,162 @@
+"""torch.compile of converted tiny Llama / Qwen3 models: no graph break inside SSA attention, and the compiled
+forward and backward equal eager's (eval and training, sparse and full, a left-padded batch).
+
+The compiled runs use the `aot_eager` backend (dynamo and AOT autograd, the whole tracing path, without
+inductor's code generation, which takes a minute per model on two CPU cores)."""
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_batch
+
+import ssa_adapt
+from ssa_adapt import SSAConfig
+from ssa_adapt.ops import reference as R
+
+SMALL = SSAConfig(block_size=4, block_count=4)  # receptive field 16 tokens: 40-token inputs go sparse
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _padded(batch: int = 2, length: int = 40):
+    ids = token_batch(batch, length)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # row 0 left-padded
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("phase", ["eval", "train"])
+def test_explain_reports_no_graph_break(arch, phase):
+    model = ssa_adapt.convert(tiny_model(arch, 2), SMALL)
+    ids, mask = _padded()
+    if phase == "train":  # SSA training, the stream drawn per forward pass (no set_stream)
+        model.train()
+        explained = torch._dynamo.explain(lambda x: model(x, attention_mask=mask, labels=x).loss)(ids)
+    else:
+        explained = torch._dynamo.explain(lambda x: model(x, attention_mask=mask).logits)(ids)
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("mode", ["sparse", "full"])
+def test_compiled_forward_equals_eager(arch, mode):
+    model = ssa_adapt.convert(tiny_model(arch, 2), SMALL)
+    ssa_adapt.set_inference(model, mode)
+    ids, mask = _padded()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        plain = model(ids).logits
+        torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(compiled(ids).logits, plain, atol=1e-5, rtol=0)
+    if mode == "sparse":  # the sparse stream ran: rows beyond the receptive field differ from full attention
+        ssa_adapt.set_inference(model, "full")
+        with torch.no_grad():
+            assert (model(ids).logits[:, 32:] - plain[:, 32:]).abs().max() > 1e-3
+
+
+def _loss_and_grads(model, forward, ids, mask):
+    model.zero_grad()
+    loss = ssa_adapt.ssa_loss(model, forward(ids, attention_mask=mask, labels=ids, use_cache=False).loss)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "train_mode,stream,checkpointing",
+    [("ssa", "sparse", False), ("ssa", "full", True), ("sparse", None, True), ("full", None, False)],
+)
+def test_compiled_training_equals_eager(train_mode, stream, checkpointing):
+    model = ssa_adapt.convert(tiny_model("llama", 2), SMALL.replace(train_mode=train_mode, gate=True)).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if stream is not None:
+        ssa_adapt.set_stream(model, stream)
+    ids, mask = _padded()
+    loss, grads = _loss_and_grads(model, model, ids, mask)
+    if checkpointing:
+        # transformers' own checkpointed layers break the graph (the `kernels` layer wrapper sets a context variable
+        # inside torch.utils.checkpoint, unconverted models alike): none of the breaks may come from ssa_adapt
+        explained = torch._dynamo.explain(lambda x: model(x, attention_mask=mask, labels=x, use_cache=False).loss)(ids)
+        assert explained.graph_break_count > 0
+        assert not [b for b in explained.break_reasons if any("ssa_adapt" in f.filename for f in b.user_stack)]
+        torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=not checkpointing)
+    loss_c, grads_c = _loss_and_grads(model, compiled, ids, mask)
+    assert grads.keys() == grads_c.keys() and any(".ssa_gate." in n for n in grads)
+    torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_c[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    if train_mode == "ssa":
+        assert ssa_adapt.alignment_loss(model) is not None  # recorded by the compiled forward
+
+
+def test_compiled_training_draws_the_eager_streams():
+    """Without set_stream each forward pass draws its stream from the seed given to convert: the same sequence
+    compiled and eager."""
+
+    def draws(compile_it: bool) -> list[str]:
+        model = ssa_adapt.convert(tiny_model("llama", 2, layers=1), SMALL, seed=0).train()
+        ctrl = ssa_adapt.get_controller(model)
+        run = torch.compile(model, backend="aot_eager") if compile_it else model
+        ids = token_batch(1, 24)
+        out = []
+        for _ in range(8):
+            run(ids, labels=ids)
+            out.append(ctrl.drawn)
+        return out
+
+    eager = draws(False)
+    assert set(eager) == {"full", "sparse"}
+    assert draws(True) == eager
+
+
+def test_compiled_attention_refuses_padding_between_real_tokens():
+    model = ssa_adapt.convert(tiny_model("llama", 2), SMALL)
+    ids = token_batch(2, 40)
+    mask = torch.ones_like(ids)
+    mask[1, 10:14] = 0  # a hole: later tokens would attend across it
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="padding after a real token.*padding_side='left'"):
+        compiled(ids, attention_mask=mask)
+
+
+def test_traced_reference_equals_segments(monkeypatch):
+    """The reference's host-sync-free doc_start path (what dynamo traces) equals its per-segment path: packing,
+    left padding, a sliding window, and selection from cached block means."""
+    from ssa_adapt.cache import SSACache
+
+    g = torch.Generator().manual_seed(0)
+    B, T, TK, HQ, H, D = 3, 37, 45, 6, 2, 8
+    q = torch.randn(B, T, HQ, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, TK, H, D, generator=g, dtype=torch.float64) for _ in range(2))
+    doc_start = torch.zeros(B, T, dtype=torch.long)
+    doc_start[0] = 5  # left padding
+    doc_start[1, 10:], doc_start[1, 25:] = 18, 30  # packed documents
+    doc_start[2] = torch.minimum(torch.arange(T) + 8, torch.tensor(13))  # padding queries, then a document at 13
+    cfg = dict(block_size=4, block_count=4, sink_blocks=1, local_blocks=1)
+    row_start = torch.tensor([[0], [7], [13]])
+    means = SSACache._recompute(k, row_start[:, 0], 4).means[:, : TK // 4]
+
+    def run():
+        idx = R.select_blocks(q, k, doc_start=doc_start, **cfg)
+        return (
+            idx,
+            R.attend_blocks(q, k, v, idx, block_size=4, doc_start=doc_start),
+            R.full_attention(q, k, v, doc_start=doc_start),
+            R.full_attention(q, k, v, doc_start=doc_start, sliding_window=7),
+            R.select_blocks(q[:, -1:], k, doc_start=row_start, block_means=means, **cfg),
+        )
+
+    segments = run()
+    monkeypatch.setattr(R, "_traced", lambda doc_start: doc_start is not None)
+    traced = run()
+    assert torch.equal(traced[0], segments[0]) and torch.equal(traced[4], segments[4])
+    for a, b in zip(traced[1:4], segments[1:4]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
