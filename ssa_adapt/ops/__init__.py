@@ -46,13 +46,28 @@ def _triton_ops():
     return triton_ops
 
 
+@torch._dynamo.assume_constant_result  # traced code sees a constant, not the lookup
+def _has_kernels() -> bool:
+    return _triton_ops() is not None
+
+
+def _library():
+    """The kernels' custom ops (`ssa_adapt/ops/triton/library.py`) while dynamo traces, else None: compiled code
+    calls the ops (single graph nodes), eager code the host functions (no custom-op dispatch per call)."""
+    if not torch.compiler.is_compiling():
+        return None
+    from .triton import library
+
+    return library
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Map 'auto' to the backend that runs for tensor x: 'triton' for CUDA tensors when the kernels exist,
     'reference' otherwise. An explicit 'triton' or 'fla' on a non-CUDA tensor warns and runs the reference (unless
     Triton's CPU interpreter is on, TRITON_INTERPRET=1, as in the kernel tests); one without its package raises with
     the fix."""
     if backend == "auto":
-        return "triton" if x.is_cuda and _triton_ops() is not None else "reference"
+        return "triton" if x.is_cuda and _has_kernels() else "reference"
     interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
     if backend in ("triton", "fla") and not x.is_cuda and not interpreted:  # e.g. a checkpoint from a GPU machine
         import warnings
@@ -63,7 +78,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
             stacklevel=3,
         )
         return "reference"
-    if backend == "triton" and _triton_ops() is None:
+    if backend == "triton" and not _has_kernels():
         raise RuntimeError(
             "backend='triton' needs the `triton` package and ssa_adapt's kernels: pip install 'ssa_adapt[kernels]'."
         )
@@ -105,6 +120,9 @@ def select_blocks(
         if q.shape[1] <= _DECODE_T and resolve_backend("auto" if backend == "fla" else backend, q) == "triton":
             check_qkv(q, k)
             kwargs.pop("doc_start")
+            if (lib := _library()) is not None:
+                return lib.decode_select(q, block_means, None, doc_start, k.shape[1], block_size, block_count,
+                                         sink_blocks, local_blocks, scale, lib.encode_options(kernel_options))  # fmt: skip
             return _triton_ops().decode_select(
                 q, block_means, key_len=k.shape[1], doc_start=doc_start, options=kernel_options, **kwargs
             )
@@ -113,6 +131,9 @@ def select_blocks(
     if resolved == "fla":  # fla-core has no SSA selection: ours (kernels on CUDA, the reference elsewhere)
         resolved = resolve_backend("auto", q)
     if resolved == "triton":
+        if (lib := _library()) is not None:
+            return lib.select_blocks(q, k, doc_start, block_size, block_count, sink_blocks, local_blocks, scale,
+                                     lib.encode_options(kernel_options))  # fmt: skip
         return _triton_ops().select_blocks(q, k, options=kernel_options, **kwargs)
     return reference.select_blocks(q, k, **kwargs)
 
@@ -133,7 +154,12 @@ def attend_blocks(
             torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         ):
             # decode steps, no autograd
+            if (lib := _library()) is not None:
+                return lib.decode_attend(q, k, v, block_indices.to(torch.int32), doc_start, None, block_size, scale,
+                                         lib.encode_options(kernel_options))  # fmt: skip
             return _triton_ops().decode_attend(q, k, v, block_indices, options=kernel_options, **kwargs)
+        if (lib := _library()) is not None:
+            return lib.sparse_attend(q, k, v, block_indices, options=kernel_options, **kwargs)
         return _triton_ops().attend_blocks(q, k, v, block_indices, options=kernel_options, **kwargs)
     return reference.attend_blocks(q, k, v, block_indices, **kwargs)
 
@@ -192,6 +218,9 @@ def alignment_loss(
     kernel_options: `KernelOptions` for the Triton kernel (None: its defaults)."""
     if resolve_backend("auto" if backend == "fla" else backend, o_full) == "triton":
         reference.check_alignment(o_full, o_sparse, kind)
+        if (lib := _library()) is not None:
+            poison = kernel_options is not None and kernel_options.poison
+            return lib.alignment_loss(o_full, o_sparse.to(o_full.dtype), kind, 1.0, poison)
         return _triton_ops().alignment_loss(o_full, o_sparse, kind, options=kernel_options)
     return reference.alignment_loss(o_full, o_sparse, kind)
 

@@ -76,38 +76,47 @@ def _align_bwd_kernel(
         tl.store(gb + offs, (-g).to(gb.dtype.element_ty), mask=mask)
 
 
+def align_fwd(a: torch.Tensor, b: torch.Tensor, kind: str, beta: float, poison: bool) -> torch.Tensor:
+    """The loss of a, b (any equal shape and dtype) -> float32 scalar."""
+    a_flat, b_flat = a.contiguous().view(-1), b.contiguous().view(-1)
+    n = a_flat.numel()
+    partial = new_empty((max(cdiv(n, ALIGN_BLOCK), 1),), torch.float32, a.device, poison)
+    if n == 0:
+        partial.zero_()
+    else:
+        _align_fwd_kernel[(cdiv(n, ALIGN_BLOCK),)](
+            a_flat, b_flat, partial, n, float(beta), BLOCK=ALIGN_BLOCK, SMOOTH=kind == "smooth_l1",
+            num_warps=ALIGN_WARPS,
+        )  # fmt: skip
+    return partial.sum() * (2.0 / max(n, 1))
+
+
+def align_bwd(a, b, grad, kind: str, beta: float, poison: bool, need_a: bool = True, need_b: bool = True):
+    """Gradients (ga, gb) of the loss into a and b (None where not needed), given the loss's gradient grad []."""
+    a_flat, b_flat = a.contiguous().view(-1), b.contiguous().view(-1)
+    n = a_flat.numel()
+    ga = new_empty((n,), a_flat.dtype, a_flat.device, poison) if need_a else None
+    gb = new_empty((n,), b_flat.dtype, b_flat.device, poison) if need_b else None
+    if n and (need_a or need_b):
+        _align_bwd_kernel[(cdiv(n, ALIGN_BLOCK),)](
+            a_flat, b_flat, grad.float().contiguous(), ga if need_a else a_flat, gb if need_b else b_flat, n,
+            1.0 / n, float(beta), BLOCK=ALIGN_BLOCK, SMOOTH=kind == "smooth_l1", HAS_GA=need_a, HAS_GB=need_b,
+            num_warps=ALIGN_WARPS,
+        )  # fmt: skip
+    return (ga.view(a.shape) if need_a else None), (gb.view(b.shape) if need_b else None)
+
+
 class _AlignmentFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, kind: str, beta: float, poison: bool) -> torch.Tensor:
-        a_flat, b_flat = a.contiguous().view(-1), b.contiguous().view(-1)
-        n = a_flat.numel()
-        partial = new_empty((max(cdiv(n, ALIGN_BLOCK), 1),), torch.float32, a.device, poison)
-        if n == 0:
-            partial.zero_()
-        else:
-            _align_fwd_kernel[(cdiv(n, ALIGN_BLOCK),)](
-                a_flat, b_flat, partial, n, float(beta), BLOCK=ALIGN_BLOCK, SMOOTH=kind == "smooth_l1",
-                num_warps=ALIGN_WARPS,
-            )  # fmt: skip
-        ctx.save_for_backward(a_flat, b_flat)
-        ctx.kind, ctx.beta, ctx.shape, ctx.poison = kind, float(beta), a.shape, poison
-        return partial.sum() * (2.0 / max(n, 1))
+        ctx.save_for_backward(a, b)
+        ctx.kind, ctx.beta, ctx.poison = kind, float(beta), poison
+        return align_fwd(a, b, kind, beta, poison)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        a_flat, b_flat = ctx.saved_tensors
-        n = a_flat.numel()
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ga = new_empty((n,), a_flat.dtype, a_flat.device, ctx.poison) if need_a else None
-        gb = new_empty((n,), b_flat.dtype, b_flat.device, ctx.poison) if need_b else None
-        if n and (need_a or need_b):
-            _align_bwd_kernel[(cdiv(n, ALIGN_BLOCK),)](
-                a_flat, b_flat, grad.float().contiguous(), ga if need_a else a_flat, gb if need_b else b_flat, n,
-                1.0 / n, ctx.beta, BLOCK=ALIGN_BLOCK, SMOOTH=ctx.kind == "smooth_l1", HAS_GA=need_a, HAS_GB=need_b,
-                num_warps=ALIGN_WARPS,
-            )  # fmt: skip
-        ga = ga.view(ctx.shape) if need_a else None
-        gb = gb.view(ctx.shape) if need_b else None
+        a, b = ctx.saved_tensors
+        ga, gb = align_bwd(a, b, grad, ctx.kind, ctx.beta, ctx.poison, *ctx.needs_input_grad[:2])
         return ga, gb, None, None, None
 
 
