@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import StaticCache
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from ..cache import as_ssa_cache
 from ..config import SSAConfig
@@ -227,6 +227,12 @@ def ssa_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query [B, HQ, T, D], key/value [B, H, TK, D] (HF layout) -> (attn_output [B, T, HQ, D], None)."""
+    layer = _static_layer(module, kwargs.get("ssa_cache"))
+    if layer is not None:
+        if torch.compiler.is_compiling():  # the written length is a device value: this layer runs eagerly
+            return _eager_attention_forward(module, query, key, value, attention_mask, dropout, scaling,
+                                            sliding_window, **kwargs)  # fmt: skip
+        key, value, attention_mask = _written(module, layer, key, value, attention_mask)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     device = q.device.type
     if torch.is_autocast_enabled(device):
@@ -251,6 +257,31 @@ def ssa_attention_forward(
     return _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window, kwargs)
 
 
+def _static_layer(module, cache) -> StaticLayer | None:
+    """The module's layer of transformers' `StaticCache` (generate(cache_implementation="static")), else None."""
+    layers = getattr(cache, "layers", None)
+    layer = layers[module.layer_idx] if layers is not None and module.layer_idx < len(layers) else None
+    return layer if isinstance(layer, StaticLayer) else None
+
+
+def _written(module, layer: StaticLayer, key, value, attention_mask) -> tuple:
+    """(keys, values [B, H, n, D], mask [B, n] or None) written so far: a static cache layer hands the attention its
+    whole buffer [B, H, max_cache_len, D], of which the first n positions hold keys; n is the 2D padding mask's
+    length when it is shorter (generate's mask covers the tokens so far), else the layer's count."""
+    if isinstance(layer, StaticSlidingWindowLayer):
+        raise ValueError(
+            f"Layer {module.layer_idx} keeps sliding-window attention, whose static cache layer rolls its buffer; "
+            "SSA attention takes transformers' StaticCache on full-attention layers only. Use generate() with the "
+            "default dynamic cache (cache_implementation=None) for this model."
+        )
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
+        n = attention_mask.shape[-1]
+    else:
+        n = int(layer.cumulative_length)
+    mask = attention_mask[:, :n] if attention_mask is not None and attention_mask.dim() == 2 else attention_mask
+    return key[:, :, :n], value[:, :, :n], mask
+
+
 def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window, kwargs):
     """ssa_attention_forward's body on q [B, T, HQ, D], k, v [B, TK, H, D] of one dtype."""
     state: SSALayerState | None = getattr(module, "ssa_state", None)
@@ -263,12 +294,6 @@ def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window
     ctrl = state.controller
     cfg = ctrl.config
     cache, hidden = kwargs.get("ssa_cache"), kwargs.get("ssa_hidden")
-    if isinstance(cache, StaticCache):
-        raise ValueError(
-            "transformers' StaticCache (generate(cache_implementation='static')) does not work with SSA attention "
-            "yet: it hands the attention the whole zero-filled buffer. Use generate() with the default dynamic "
-            "cache, or ssa_adapt.static_generate(model, ...) for static-cache decoding (CUDA graphs on GPUs)."
-        )
     if isinstance(cache, StaticSSACache):  # static_generate's decode steps (positions live on the device)
         if module.training:
             raise ValueError("StaticSSACache decodes in eval mode only: call model.eval().")
@@ -396,3 +421,9 @@ def _masked_full_attention(q, k, v, scale, key_mask, sliding_window=None) -> tor
         enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
+
+
+# A compiled step (transformers compiles static-cache decoding) runs the attention of static cache layers eagerly:
+# the keys written so far are known on the device only. (The compiled decode step through SSA's own static path is
+# GPU work still to do; static_generate keeps its CUDA graphs meanwhile.)
+_eager_attention_forward = torch.compiler.disable(ssa_attention_forward)

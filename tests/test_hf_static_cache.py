@@ -1,0 +1,85 @@
+"""transformers' own static cache on converted models: generate(cache_implementation="static") equals generate()
+with the default dynamic cache token for token (greedy in both modes, a left-padded batch, beam search, seeded
+sampling), also with transformers' compiled decode step; sliding-window layers are refused with the fix."""
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_batch
+from transformers import CompileConfig
+
+import ssa_adapt
+from ssa_adapt import SSAConfig
+
+SMALL = SSAConfig(block_size=4, block_count=4)  # receptive field 16 tokens: 40-token prompts decode sparse
+
+
+def _left_padded():
+    ids = token_batch(3, 40)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    mask[2, :13] = 0
+    return ids, mask
+
+
+def _both(model, ids, mask, **kwargs):
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=16, **kwargs)
+    static = model.generate(ids, attention_mask=mask, max_new_tokens=16, cache_implementation="static", **kwargs)
+    return dynamic, static
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("mode", ["sparse", "full"])
+def test_static_cache_greedy_equals_dynamic_on_a_left_padded_batch(arch, mode):
+    model = ssa_adapt.convert(tiny_model(arch, 2), SMALL)
+    ssa_adapt.set_inference(model, mode)
+    ids, mask = _left_padded()
+    dynamic, static = _both(model, ids, mask, do_sample=False)
+    assert torch.equal(static, dynamic)
+    if mode == "sparse":  # the sparse stream decoded: full attention picks other tokens
+        ssa_adapt.set_inference(model, "full")
+        assert not torch.equal(_both(model, ids, mask, do_sample=False)[0], dynamic)
+
+
+def test_static_cache_beam_search_and_sampling_equal_dynamic():
+    model = ssa_adapt.convert(tiny_model("llama", 2), SMALL)
+    ids, mask = _left_padded()
+    dynamic, static = _both(model, ids, mask, do_sample=False, num_beams=3)
+    assert torch.equal(static, dynamic)
+    torch.manual_seed(0)
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=True, top_k=20)
+    torch.manual_seed(0)
+    static = model.generate(
+        ids, attention_mask=mask, max_new_tokens=20, do_sample=True, top_k=20, cache_implementation="static"
+    )
+    assert torch.equal(static, dynamic)
+
+
+def test_compiled_static_decode_equals_eager():
+    """transformers compiles the static-cache decode step (compile_config; on the CPU only when asked for all
+    devices): the same tokens as eager decoding."""
+    model = ssa_adapt.convert(tiny_model("llama", 2, layers=1), SMALL)
+    ids, mask = _left_padded()
+    config = CompileConfig(backend="aot_eager")
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        compiled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                  cache_implementation="static", compile_config=config)  # fmt: skip
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
+
+
+def test_static_cache_on_sliding_window_layers_is_refused_with_the_fix():
+    extra = dict(
+        layers=2,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        layer_types=["full_attention", "sliding_attention"],
+    )
+    model = ssa_adapt.convert(tiny_model("qwen3", 2, **extra), SMALL)
+    ids = token_batch(1, 20)
+    with pytest.raises(ValueError, match=r"Layer 1 keeps sliding-window attention.*cache_implementation=None"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 24)
