@@ -382,7 +382,7 @@ def test_select_kernel_compiles_for_sm90(G):
         DOT_PREC="tf32",
     )  # fmt: skip
     types = dict(
-        q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*i64", out="*i32", scale_log2="fp32"
+        q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32", scale_log2="fp32"
     )
     names = inspect.signature(sel._select_kernel.fn).parameters
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
