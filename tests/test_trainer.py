@@ -417,3 +417,44 @@ def test_missing_local_data_file_fails_before_any_hub_lookup(tmp_path, monkeypat
     assert hub == []
     load_text_dataset("org/corpus")  # a Hub id goes to the Hub
     assert hub == ["org/corpus"]
+
+
+@pytest.fixture
+def graph_breaks():
+    """The messages dynamo logs for its graph breaks while the test runs (each names the file it broke in)."""
+    import logging
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("torch._dynamo.symbolic_convert.__graph_breaks")
+    torch._logging.set_logs(graph_breaks=True)
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)
+    torch._logging.set_logs()
+
+
+@pytest.mark.parametrize(
+    "train_mode,checkpointing", [("ssa", False), ("ssa", True), ("sparse", True), ("full", False)]
+)
+def test_torch_compile_trains_with_the_eager_losses(tmp_path, graph_breaks, train_mode, checkpointing):
+    """SSATrainingConfig(torch_compile=True): 5 steps with the losses of eager training (float32 on the CPU, the
+    same stream draws: equal to 1e-5; bf16 on a GPU differs by rounding), and no graph break inside ssa_adapt
+    (TRL's loss and transformers' checkpointed layers break on their own). aot_eager: dynamo and AOT autograd
+    without inductor's code generation (a minute per model here)."""
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        trainer = ssa_trainer(
+            tmp_path / str(compiled), max_steps=5, train_mode=train_mode, gradient_checkpointing=checkpointing, **extra
+        )
+        trainer.train()
+        runs[compiled] = [logged(trainer, key) for key in ("loss", "lm_loss", "align_loss")]
+    torch._dynamo.reset()
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    assert graph_breaks and not [m for m in graph_breaks if "ssa_adapt" in m]  # logging works; none of ours
+    assert len(runs[True][0]) == 5 and (len(runs[True][2]) == 5) == (train_mode == "ssa")
+    for eager, compiled in zip(runs[False], runs[True]):
+        assert compiled == pytest.approx(eager, abs=1e-5)
