@@ -54,12 +54,15 @@ def test_static_cache_beam_search_and_sampling_equal_dynamic():
     assert torch.equal(static, dynamic)
 
 
-def test_compiled_static_decode_equals_eager():
+@pytest.mark.parametrize("mode", ["sparse", "full"])
+def test_compiled_static_decode_equals_eager(mode):
     """transformers compiles the static-cache decode step (compile_config; on the CPU only when asked for all
-    devices): the same tokens as eager decoding."""
-    model = ssa_adapt.convert(tiny_model("llama", 2, layers=1), SMALL)
+    devices): one graph without breaks (fullgraph), the same tokens as eager decoding."""
+    model = ssa_adapt.convert(tiny_model("llama", 2, layers=1), SMALL.replace(gate=True))
+    torch.nn.init.normal_(model.model.layers[0].self_attn.ssa_gate.weight, std=0.5)
+    ssa_adapt.set_inference(model, mode)
     ids, mask = _left_padded()
-    config = CompileConfig(backend="aot_eager")
+    config = CompileConfig(backend="aot_eager", fullgraph=True)
     config._compile_all_devices = True
     torch._dynamo.reset()
     try:

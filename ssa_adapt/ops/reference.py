@@ -265,16 +265,16 @@ def _full_probs_mass(q, k, q_pos, scale, block_indices, block_size):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _select_dense(q, k, doc_start, block_size, block_count, sink_blocks, local_blocks, scale, block_means=None):
-    """`select_blocks` with a doc_start [B, T] tensor and no host sync (what torch.compile traces): every query
-    scores the blocks of its own document, whose means are gathered per query (O(T * TK) memory traffic, chunked)
-    or taken from block_means [B, NB, H, D] (one document per row)."""
+def _select_dense(q, k, start, q_pos, block_size, block_count, sink_blocks, local_blocks, scale, block_means=None):
+    """`select_blocks` without host syncs (what torch.compile traces), for queries whose documents begin at keys
+    start [B, T] and which sit at positions q_pos [B, T] inside them: every query scores the blocks of its own
+    document, whose means are gathered per query (O(T * TK) memory traffic, chunked) or taken from block_means
+    [B, NB, H, D] (one document per row)."""
     B, T, HQ, D = q.shape
     TK, H = k.shape[1], k.shape[2]
     G, BS = HQ // H, block_size
     NB = -(-TK // BS)  # the most blocks a document can have
     cdt = _compute_dtype(q)
-    start, q_pos = _dense_positions(doc_start, T, TK)  # [B, T]
     blocks = torch.arange(NB, device=q.device)
     if block_means is not None:
         kbar = block_means[:, None, :NB].to(cdt)
@@ -346,7 +346,15 @@ def select_blocks(
     if _traced(doc_start):
         with torch.no_grad():
             return _select_dense(
-                q, k, doc_start, block_size, block_count, sink_blocks, local_blocks, scale, block_means
+                q,
+                k,
+                *_dense_positions(doc_start, T, TK),
+                block_size,
+                block_count,
+                sink_blocks,
+                local_blocks,
+                scale,
+                block_means,
             )
     out = torch.full((B, T, H, block_count), -1, dtype=torch.int32, device=q.device)
     if block_means is not None and doc_start is not None and bool((doc_start != doc_start[:, -1:]).any()):
@@ -464,6 +472,34 @@ def _compressed_segment(q, k, v, q_pos, scale, block_size):
     logits = logits.masked_fill(~complete[None, :, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # no complete block yet: the branch gives zeros
     return torch.einsum("bthgn,bnhd->bthgd", probs, vbar).reshape(B, Tq, HQ, D)
+
+
+def static_cache_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    mode: str,
+    block_size: int = 16,
+    block_count: int = 16,
+    sink_blocks: int = 0,
+    local_blocks: int = 1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of q [B, T, HQ, D] over a static cache's buffers k, v [B, L, H, D], of which only the keys up to
+    each query are written: query t of row b sits at key start[b, t] + q_pos[b, t], its document beginning at key
+    start[b, t] (both [B, T] int64). mode "full" (causal attention inside the document) or "sparse" (SSA's
+    selection and block-sparse attention) -> o [B, T, HQ, D]. No host sync and static shapes: what a compiled
+    decode step traces (the written length is a device value)."""
+    B, T, L, HQ, H, D = check_qkv(q, k, v)
+    scale = D**-0.5 if scale is None else scale
+    if mode == "full":
+        return _attend_segment(q, k, v, q_pos, scale, start=start).to(q.dtype)
+    with torch.no_grad():
+        idx = _select_dense(q, k, start, q_pos, block_size, block_count, sink_blocks, local_blocks, scale)
+    return _attend_selected(q, k, v, q_pos, scale, idx, block_size, start).to(q.dtype)
 
 
 def compressed_attention(
