@@ -160,3 +160,19 @@ def test_traced_reference_equals_segments(monkeypatch):
     assert torch.equal(traced[0], segments[0]) and torch.equal(traced[4], segments[4])
     for a, b in zip(traced[1:4], segments[1:4]):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_flex_full_stream_traces_without_a_break():
+    """The CUDA full stream with document starts (FlexAttention block masks built from doc_start, what compiled
+    code takes on GPUs since doc_start is then always a tensor) traces as one graph; checked on the CPU."""
+    from ssa_adapt.ops.triton import flex
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 40, 4, 16, generator=g)
+    k, v = (torch.randn(1, 40, 2, 16, generator=g) for _ in range(2))
+    doc_start = torch.zeros(1, 40, dtype=torch.long)
+    doc_start[0, 20:] = 20
+    compiled = torch.compile(
+        lambda q, k, v: flex.full_attention(q, k, v, doc_start=doc_start), backend="aot_eager", fullgraph=True
+    )
+    torch.testing.assert_close(compiled(q, k, v), R.full_attention(q, k, v, doc_start=doc_start), atol=1e-5, rtol=0)
