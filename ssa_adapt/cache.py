@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
-__all__ = ["SSACache", "as_ssa_cache"]
+__all__ = ["SSACache", "as_ssa_cache", "SSAStaticCache", "as_ssa_static_cache"]
 
 
 class _LayerMeans:
@@ -133,3 +133,43 @@ def as_ssa_cache(cache) -> SSACache | None:
         cache._ssa_means = {}
         return cache
     return None
+
+
+class SSAStaticCache(StaticCache):
+    """transformers' StaticCache plus, for the sparse layers on SSA's kernels, the block means each compiled decode
+    step selects from: `ssa_means[layer] = (means [B, max_cache_len // BS + 1, H, D] float32, start [B] int64)`,
+    built by the eager prefill and updated in place by the steps (see patching/static_cache.py). Beam reordering
+    reorders them in place; other structural changes drop them (the layer then runs eagerly, which rebuilds them)."""
+
+    ssa_means: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        for means, start in self.ssa_means.values():
+            rows = beam_idx.to(means.device)
+            means.copy_(means[rows])
+            start.copy_(start[rows])
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self.ssa_means = {}
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self.ssa_means = {}
+
+    def crop(self, *args, **kwargs):
+        super().crop(*args, **kwargs)
+        self.ssa_means = {}
+
+    def reset(self):
+        super().reset()
+        self.ssa_means = {}
+
+
+def as_ssa_static_cache(cache) -> SSAStaticCache:
+    """The static cache as an SSAStaticCache: as is, or transformers' StaticCache upgraded in place."""
+    if not isinstance(cache, SSAStaticCache):
+        cache.__class__ = SSAStaticCache
+        cache.ssa_means = {}
+    return cache

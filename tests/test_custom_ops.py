@@ -18,7 +18,16 @@ from interpreted import run_interpreted, write_interpreted
 pytest.importorskip("triton")
 
 BS = 16
-CASES = ("compiled-prefill", "compiled-decode", "opcheck-select", "opcheck-attend", "opcheck-decode", "opcheck-align")
+CASES = (
+    "compiled-prefill",
+    "compiled-decode",
+    "static-sparse",
+    "static-full",
+    "opcheck-select",
+    "opcheck-attend",
+    "opcheck-decode",
+    "opcheck-align",
+)
 
 
 def _inputs(T=40, TK=40, requires_grad=False):
@@ -91,6 +100,43 @@ def _compiled_decode() -> dict:
     }
 
 
+def _static_generate(mode: str) -> dict:
+    """transformers' compiled static-cache decode step on the kernels (block means beside the cache, positions on
+    the device), fullgraph: the tokens of eager dynamic-cache decoding; eager static beam search (the means follow
+    the beams) equals dynamic beam search."""
+    from tiny_models import tiny_model, token_batch
+    from transformers import CompileConfig
+
+    import ssa_adapt
+    from ssa_adapt.patching import static_cache
+
+    def reference_used(*args, **kwargs):
+        raise AssertionError("the compiled step took the reference path, not the kernels")
+
+    static_cache.static_cache_attention = reference_used
+    config = ssa_adapt.SSAConfig(block_size=BS, block_count=2, backend="triton", gate=True)
+    model = ssa_adapt.convert(tiny_model("llama", 2, layers=1, head_dim=16), config)
+    torch.nn.init.normal_(model.model.layers[0].self_attn.ssa_gate.weight, std=0.5)
+    ssa_adapt.set_inference(model, mode)
+    ids = token_batch(2, 40)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # 40 + 6 tokens: beyond the 32-token receptive field
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    compile_config = CompileConfig(backend="aot_eager", fullgraph=True)
+    compile_config._compile_all_devices = True
+    eager = model.generate(ids, **kwargs)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
+    out = {"equal": torch.equal(eager, compiled), "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+    if mode == "sparse":
+        beams = model.generate(ids, num_beams=2, **kwargs)
+        out["beams_equal"] = torch.equal(
+            beams, model.generate(ids, num_beams=2, cache_implementation="static", **kwargs)
+        )
+        ssa_adapt.set_inference(model, "full")
+        out["differs_from_full"] = not torch.equal(eager, model.generate(ids, **kwargs))
+    return out
+
+
 def _opcheck(name: str) -> dict:
     from ssa_adapt.ops.triton import library as L
 
@@ -119,6 +165,8 @@ def run_one(case: str) -> dict:
         return _compiled_prefill()
     if case == "compiled-decode":
         return _compiled_decode()
+    if case.startswith("static-"):
+        return _static_generate(case.removeprefix("static-"))
     return _opcheck(case.removeprefix("opcheck-"))
 
 
@@ -133,6 +181,10 @@ def test_custom_ops_interpreted(interpreted, case):
     assert "error" not in r, r.get("error")
     if case.startswith("opcheck"):
         assert r["failures"] == []
+        return
+    if case.startswith("static-"):
+        assert r["equal"] and r["graphs"] > 0
+        assert case == "static-full" or (r["beams_equal"] and r["differs_from_full"])
         return
     assert r["breaks"] == 0
     assert r["indices_equal"]

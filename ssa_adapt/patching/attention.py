@@ -17,7 +17,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from ..cache import as_ssa_cache
 from ..config import SSAConfig
@@ -32,8 +31,8 @@ from ..ops import (
     select_blocks,
     sparse_attention,
 )
-from ..ops.reference import static_cache_attention
 from ..static_decoding import StaticSSACache
+from .static_cache import compiled_static_attention, refresh_block_means, static_layer, traceable, written
 
 __all__ = ["SSAController", "SSALayerState", "ssa_attention_forward", "ATTN_IMPLEMENTATION"]
 
@@ -228,20 +227,16 @@ def ssa_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query [B, HQ, T, D], key/value [B, H, TK, D] (HF layout) -> (attn_output [B, T, HQ, D], None)."""
-    layer = _static_layer(module, kwargs.get("ssa_cache"))
-    if layer is not None:
-        if isinstance(layer, StaticSlidingWindowLayer):
-            raise ValueError(
-                f"Layer {module.layer_idx} keeps sliding-window attention, whose static cache layer rolls its buffer; "
-                "SSA attention takes transformers' StaticCache on full-attention layers only. Use generate() with "
-                "the default dynamic cache (cache_implementation=None) for this model."
-            )
+    cache = kwargs.get("ssa_cache")
+    layer = static_layer(module, cache)
+    if layer is not None:  # transformers' StaticCache: see static_cache.py
         if torch.compiler.is_compiling():  # the written length is a device value
-            if _traceable_static(module, query):
-                return _compiled_static_attention(module, layer, query, key, value, attention_mask, scaling, kwargs)
+            if traceable(module, cache, query):
+                return compiled_static_attention(module, layer, query, key, value, attention_mask, scaling, kwargs)
             return _eager_attention_forward(module, query, key, value, attention_mask, dropout, scaling,
                                             sliding_window, **kwargs)  # fmt: skip
-        key, value, attention_mask = _written(module, layer, key, value, attention_mask)
+        key, value, attention_mask = written(layer, key, value, attention_mask)
+        refresh_block_means(module, cache, layer, key, attention_mask)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     device = q.device.type
     if torch.is_autocast_enabled(device):
@@ -264,66 +259,6 @@ def ssa_attention_forward(
     if not (q.dtype == k.dtype == v.dtype):
         q, k = q.to(v.dtype), k.to(v.dtype)
     return _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window, kwargs)
-
-
-def _static_layer(module, cache) -> StaticLayer | None:
-    """The module's layer of transformers' `StaticCache` (generate(cache_implementation="static")), else None."""
-    layers = getattr(cache, "layers", None)
-    layer = layers[module.layer_idx] if layers is not None and module.layer_idx < len(layers) else None
-    return layer if isinstance(layer, StaticLayer) else None
-
-
-def _written(module, layer: StaticLayer, key, value, attention_mask) -> tuple:
-    """(keys, values [B, H, n, D], mask [B, n] or None) written so far: a static cache layer hands the attention its
-    whole buffer [B, H, max_cache_len, D], of which the first n positions hold keys; n is the 2D padding mask's
-    length when it is shorter (generate's mask covers the tokens so far), else the layer's count."""
-    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
-        n = attention_mask.shape[-1]
-    else:
-        n = int(layer.cumulative_length)
-    mask = attention_mask[:, :n] if attention_mask is not None and attention_mask.dim() == 2 else attention_mask
-    return key[:, :, :n], value[:, :, :n], mask
-
-
-def _traceable_static(module, query) -> bool:
-    """Whether a compiled step can trace this layer's static-cache attention (`_compiled_static_attention`): the
-    PyTorch reference on the CPU, SSA's full or sparse stream in eval mode, no statistics recorded. (On CUDA the
-    kernels' static path with block means beside the cache is still to come: the layer runs eagerly there.)"""
-    state = getattr(module, "ssa_state", None)
-    if query.is_cuda or module.training or torch.is_autocast_enabled(query.device.type):
-        return False
-    if state is None:
-        return True
-    cfg = state.controller.config
-    return cfg.train_mode != "nsa" and state.controller.sparsity is None
-
-
-def _compiled_static_attention(module, layer, query, key, value, attention_mask, scaling, kwargs):
-    """A compiled decode step's attention over a static cache layer's whole buffers key / value [B, H, L, D]: the
-    queries sit at the last T of the n keys written (n: the 2D mask's length, else the layer's count; both may be
-    device values), each row's document begins at its first real key (left padding) -> ([B, T, HQ, D], None)."""
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if not (q.dtype == k.dtype == v.dtype):
-        q, k = q.to(v.dtype), k.to(v.dtype)
-    B, T = q.shape[:2]
-    if attention_mask is not None and attention_mask.dim() == 2:
-        n = attention_mask.shape[-1]
-        real = attention_mask.to(torch.bool)
-        first = torch.where(real.any(-1), real.int().argmax(-1), 0).to(torch.int64)  # [B]
-    else:
-        n = layer.cumulative_length
-        first = torch.zeros(B, dtype=torch.int64, device=q.device)
-    q_abs = torch.arange(T, device=q.device) + (n - T)  # [T] the queries' key positions
-    start = torch.minimum(first[:, None], q_abs[None, :])  # [B, T] (a padding query attends to itself)
-    state = getattr(module, "ssa_state", None)
-    cfg = state.controller.config if state is not None else None
-    mode = cfg.inference_mode if cfg is not None else "full"
-    selection = {} if cfg is None else {n: getattr(cfg, n) for n in ("block_size", "block_count", "sink_blocks",
-                                                                        "local_blocks")}  # fmt: skip
-    out = static_cache_attention(q, k, v, start, q_abs[None, :] - start, mode=mode, scale=scaling, **selection)
-    if getattr(module, "ssa_gate", None) is not None:
-        out = out * _gate_values(module, kwargs.get("ssa_hidden"), 1, out.dtype)[:, :, 0]
-    return out, None
 
 
 def _attend(module, q, k, v, query, key, attention_mask, scaling, sliding_window, kwargs):

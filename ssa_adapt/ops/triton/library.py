@@ -11,6 +11,7 @@ calls skip the custom-op dispatch). `KernelOptions` travel as a JSON string (`en
     attend_bwd(q, k, v, o, lse, do, block_indices, doc_start?, ...) -> (dq, dk, dv)
     decode_select(q, block_means [B, NB, H, D], q_pos [B, T]?, doc_start?, ...) -> [B, T, H, S] int32
     decode_attend(q, k, v, block_indices, doc_start?, q_pos?, ...) -> [B, T, HQ, D]
+    append_block_means(means [B, CAP, H, D], start [B], keys [B, TK, H, D], ...) -> None (means in place)
     alignment_loss(a, b, kind, beta, poison) -> [] float32; alignment_loss_bwd(a, b, grad, ...) -> (ga, gb)
 """
 
@@ -173,6 +174,18 @@ def decode_attend(
 @decode_attend.register_fake
 def _(q, k, v, block_indices, doc_start, q_pos, block_size, scale, options):
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("ssa_adapt::append_block_means", mutates_args=("means",))
+def append_block_means(means: Tensor, start: Tensor, keys: Tensor, block_size: int, key_len: Tensor | None) -> None:
+    from .cache_means import append_block_means as host
+
+    host(means, start, keys, block_size, key_len=key_len)
+
+
+@append_block_means.register_fake
+def _(means, start, keys, block_size, key_len):
+    return None
 
 
 # -- the alignment loss --------------------------------------------------------------------------------------------
