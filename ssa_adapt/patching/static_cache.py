@@ -79,6 +79,8 @@ def refresh_block_means(module: nn.Module, cache, layer: StaticLayer, key, atten
     means = key.new_zeros(B, layer.max_cache_len // bs + 1, H, D, dtype=torch.float32)
     blocks = min(found.shape[1], means.shape[1])
     means[:, :blocks] = found[:, :blocks]
+    for buffer in (means, start):  # as transformers does for the cache's own buffers: CUDA graphs keep them
+        torch._dynamo.mark_static_address(buffer)
     cache.ssa_means[module.layer_idx] = (means, start)
 
 
