@@ -148,6 +148,13 @@ def run_shape(T, HQ, H, D, impls, rows, options=None):
         measure("ssa_attend", lambda: attend(q, k, v), fb(attend), rows, meta, "given indices")
     if "ssa_sparse_stream" in impls:
         measure("ssa_sparse_stream", lambda: stream(q, k, v), fb(stream), rows, meta)
+    if "ssa_attend_union" in impls:  # the forward over 16-token tiles walking their union of blocks
+        union = dataclasses.replace(options or KernelOptions(), attend=AttendOptions(union_tile=16))
+
+        def attend_union(q, k, v):
+            return triton_ops.attend_blocks(q, k, v, idx, block_size=16, options=union)
+
+        measure("ssa_attend_union", lambda: attend_union(q, k, v), fb(attend_union), rows, meta, "given indices")
     if "fla_nsa" in impls and HQ // H >= 16 and (HQ // H) & (HQ // H - 1) == 0:
 
         def fla(q, k, v):
@@ -295,7 +302,15 @@ def markdown(rows, meta) -> str:
     by = {}
     for r in rows:
         by.setdefault((key(r), r["T"]), {})[r["impl"]] = r
-    impls = ["sdpa_cudnn", "sdpa_flash", "ssa_select", "ssa_attend", "ssa_sparse_stream", "fla_nsa"]
+    impls = [
+        "sdpa_cudnn",
+        "sdpa_flash",
+        "ssa_select",
+        "ssa_attend",
+        "ssa_attend_union",
+        "ssa_sparse_stream",
+        "fla_nsa",
+    ]
 
     def cell(r):
         if r is None:
@@ -330,7 +345,15 @@ def main():
     p.add_argument(
         "--impls",
         nargs="+",
-        default=["sdpa_cudnn", "sdpa_flash", "ssa_select", "ssa_attend", "ssa_sparse_stream", "fla_nsa"],
+        default=[
+            "sdpa_cudnn",
+            "sdpa_flash",
+            "ssa_select",
+            "ssa_attend",
+            "ssa_attend_union",
+            "ssa_sparse_stream",
+            "fla_nsa",
+        ],
     )
     p.add_argument("--out", default="benchmarks/results/attention-h200.json")
     p.add_argument("--md", default="benchmarks/results/attention-h200.md")

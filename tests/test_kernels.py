@@ -24,25 +24,27 @@ pytest.importorskip("triton")
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import doc_start_from_cu_seqlens, doc_start_from_position_ids  # noqa: E402
 from ssa_adapt.ops import reference as R  # noqa: E402
-from ssa_adapt.ops.triton.options import KernelOptions, SelectOptions  # noqa: E402
+from ssa_adapt.ops.triton.options import AttendOptions, KernelOptions, SelectOptions  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3}
 TIE = 1e-3  # selection may differ from the reference only between blocks whose importance is this close
 
 
-def _case(B, T, H, G, D, dtype="float16", TK=None, S=4, sink=1, local=1, docs=None, rows=None, select=None):
-    """`select`: `SelectOptions` fields for this case (e.g. cap=1 sends every tile to the exact fallback)."""
+def _case(B, T, H, G, D, dtype="float16", TK=None, S=4, sink=1, local=1, docs=None, rows=None, select=None,
+          attend=None):  # fmt: skip
+    """`select` / `attend`: `SelectOptions` / `AttendOptions` fields for this case (e.g. cap=1 sends every tile to
+    the exact fallback; union_tile=4 runs the forward over tiles walking their tokens' union of blocks)."""
     return dict(
         B=B, T=T, TK=TK or T, H=H, G=G, D=D, dtype=dtype, S=S, sink=sink, local=local, docs=docs, rows=rows,
-        select=select,
+        select=select, attend=attend,
     )  # fmt: skip
 
 
 def case_id(c) -> str:
     tk = f"-TK{c['TK']}" if c["TK"] != c["T"] else ""
     docs = f"-{c['docs']}" if c["docs"] else ""
-    sel = "".join(f"-{n}{x}" for n, x in (c["select"] or {}).items())
+    sel = "".join(f"-{n}{x}" for n, x in {**(c["select"] or {}), **(c["attend"] or {})}.items())
     return f"B{c['B']}-T{c['T']}{tk}-H{c['H']}-G{c['G']}-D{c['D']}-S{c['S']}-{c['dtype']}{docs}{sel}"
 
 
@@ -66,6 +68,10 @@ CPU_CASES = [
     # masks); the selection with every chunk masked must be bitwise the same
     _case(1, 900, 1, 16, 64, S=5, docs="varlen", select=dict(lanes=8, blocks=16)),
     _case(1, 1000, 2, 4, 64, S=6, sink=2, local=2, select=dict(lanes=8, blocks=16)),
+    # the forward over tiles that walk their tokens' union of blocks (the backward is the same either way)
+    _case(2, 111, 3, 7, 64, attend=dict(union_tile=4)),
+    _case(1, 300, 2, 3, 64, "float32", S=6, sink=2, local=2, docs="varlen", attend=dict(union_tile=16)),
+    _case(1, 50, 2, 2, 64, TK=130, docs="prefill", attend=dict(union_tile=16)),
 ]
 
 # compiled on the GPU: the benchmark's five head shapes (so compiles are shared) at odd T, documents, TK > T, and
@@ -83,6 +89,8 @@ GPU_CASES = [
     _case(1, 777, 2, 5, 64, "float32", S=8),
     _case(1, 65536, 2, 16, 64, "bfloat16", S=16, rows=256),
     _case(1, 32768, 8, 4, 64, "bfloat16", S=16, rows=256),
+    _case(2, 3001, 8, 4, 64, "bfloat16", S=16, attend=dict(union_tile=16)),
+    _case(1, 5000, 3, 3, 64, "bfloat16", S=16, docs="varlen", attend=dict(union_tile=16)),
 ]
 
 
@@ -178,7 +186,7 @@ def run_case(c, device) -> dict:
     compare = narrow or (device == "cuda" and c["G"] >= select_opts.interior_min_group)
     if compare:  # interior chunks on (the result checked below) and off: the same selection
         select_opts = dataclasses.replace(select_opts, interior=True)
-    options = KernelOptions(select=select_opts, poison=True)
+    options = KernelOptions(select=select_opts, attend=AttendOptions(**(c["attend"] or {})), poison=True)
     got = triton_ops.select_blocks(q, k, options=options, **sel)
     if compare:
         masked = KernelOptions(select=dataclasses.replace(select_opts, interior=False), poison=True)
@@ -381,13 +389,37 @@ def test_select_kernel_compiles_for_sm90(G):
         BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes), INTERIOR=True, HAS_DOCS=True,
         DOT_PREC="tf32",
     )  # fmt: skip
-    types = dict(
-        q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32", scale_log2="fp32"
-    )
+    types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32", scale_log2="fp32")
     names = inspect.signature(sel._select_kernel.fn).parameters
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     src = ASTSource(fn=sel._select_kernel, signature=sig, constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=opt.warps))
+    assert compiled.asm["cubin"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
+@pytest.mark.parametrize("G", [3, 4, 16])
+def test_union_forward_compiles_for_sm90(G):
+    """The union-walking forward compiled ahead of time for sm_90 (to a cubin through ptxas; no GPU needed)."""
+    import inspect
+
+    import triton
+    from triton.compiler import ASTSource
+
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        pytest.skip("this triton has no GPUTarget for ahead-of-time compilation")
+    from ssa_adapt.ops.triton import attend_union
+
+    GP = max(1, triton.next_power_of_2(G))
+    btq = attend_union.union_tile_tokens(16, GP)
+    consts = dict(H=2, G=G, GP=GP, D=64, BD=64, BS=16, U=btq * 16, BTQ=btq, NB=4, DOT_PREC="tf32")
+    types = dict(q="*bf16", k="*bf16", v="*bf16", o="*bf16", lse="*fp32", scale_log2="fp32")
+    names = inspect.signature(attend_union._attend_fwd_union_kernel.fn).parameters
+    sig = {n: "constexpr" if n in consts else types.get(n, "*i32" if n.startswith("u_") else "i32") for n in names}
+    src = ASTSource(fn=attend_union._attend_fwd_union_kernel, signature=sig, constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     assert compiled.asm["cubin"]
 
 

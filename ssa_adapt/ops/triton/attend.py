@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ..reference import check_qkv
 from . import utils
+from .attend_union import attend_fwd_union, union_tile_tokens
 from .options import DEFAULT_OPTIONS, KernelOptions
 from .utils import cdiv, check_block_size, check_doc_start, dot_precision, group_pad, next_pow2, num_programs
 
@@ -327,6 +328,13 @@ def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start, options: Ke
     o = utils.new_empty(q.shape, q.dtype, q.device, options.poison)
     lse = utils.new_empty((B, T, HQ), torch.float32, q.device, options.poison)
     if o.numel() == 0:
+        return o, lse
+    if opt.union_tile:
+        btq = union_tile_tokens(opt.union_tile, group_pad(G))
+        nb = max(1, opt.fwd_keys // block_size)
+        scale_log2 = scale * math.log2(math.e)
+        attend_fwd_union(q, k, v, block_indices, block_size, scale_log2, doc_start, o, lse, btq, nb,
+                         dot_precision(q.dtype), opt)  # fmt: skip
         return o, lse
     _attend_fwd_kernel[(T, B * H)](
         q,

@@ -53,7 +53,9 @@ class AttendOptions:
     fwd_keys: keys per step of the query-centric kernels (whole blocks); fwd_warps / fwd_stages; dkv_rows: query
     rows per step of the dk/dv kernel; dkv_item_rows: query rows per dk/dv work item (long block lists are split so
     that the sink block does not run alone at the end); dkv_warps / dkv_stages. Chosen on the H200 by
-    `benchmarks/attention.py --sweep`."""
+    `benchmarks/attention.py --sweep`. union_tile: 0 runs the forward as one program per (token, KV head); 1-16 as
+    one program per tile of that many tokens (rounded to a power of two, at least 16 rows) walking the union of
+    their selected blocks (`attend_union.py`; not yet measured on a GPU, so off by default)."""
 
     fwd_keys: int = 64
     fwd_warps: int = 4
@@ -62,9 +64,14 @@ class AttendOptions:
     dkv_item_rows: int = 2048
     dkv_warps: int = 4
     dkv_stages: int = 1
+    union_tile: int = 0
 
     def __post_init__(self):
-        _check_positive(self, tuple(f.name for f in dataclasses.fields(self)))
+        _check_positive(self, tuple(f.name for f in dataclasses.fields(self) if f.name != "union_tile"))
+        if not isinstance(self.union_tile, int) or isinstance(self.union_tile, bool) or not 0 <= self.union_tile <= 16:
+            raise ValueError(
+                f"AttendOptions.union_tile={self.union_tile!r}: use 0 (one program per token) or 1-16 tokens per tile."
+            )
 
 
 @dataclass(frozen=True)

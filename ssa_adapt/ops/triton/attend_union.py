@@ -1,0 +1,182 @@
+"""Sparse attention forward over query tiles that walk the union of their tokens' selected blocks (an option:
+`AttendOptions.union_tile`; README.md section 2).
+
+One program per (tile of BTQ consecutive tokens, KV head) holds the tile's BTQ x G query heads as M rows and loads
+each key block that any token of the tile selected once, in ascending order, with a per-row membership mask (a
+token attends only to the blocks it selected, causally). K/V bytes then scale with the union's size instead of
+BTQ x S blocks: on SmolLM2's own activations at 32k a 16-token tile selects 37-74 distinct blocks per KV head out
+of 256 (`benchmarks/results/attention-real-h100.md`); on random inputs tokens share only their sink and local blocks.
+
+The unions are built with a few torch ops (sort, run starts, segment sums of token bits); no host sync.
+Outputs and lse are those of `attend.attend_fwd`, so the backward kernels serve either forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import cdiv
+
+__all__ = ["tile_unions", "union_tile_tokens", "attend_fwd_union"]
+
+_NONE = 2**31 - 1  # an absent block's start: sorts after every real one
+
+
+def union_tile_tokens(tile: int, GP: int) -> int:
+    """Tokens per tile for `AttendOptions.union_tile`: a power of two with at least 16 and at most 128 rows
+    (tokens x padded group), and at most 16 tokens (the membership bits are an int32)."""
+    btq = 1 << max(0, (tile - 1).bit_length())
+    return max(max(1, 16 // GP), min(btq, max(1, 128 // GP), 16))
+
+
+def tile_unions(
+    block_indices: torch.Tensor, doc_start: torch.Tensor | None, block_size: int, btq: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sorted union of the blocks selected by each tile of `btq` consecutive tokens, per KV head.
+
+    block_indices [B, T, H, S] int32 (relative to each token's document start, -1 unused), doc_start [B, T] or None
+    -> (starts [B, NT, H, U] int32: the first key of each union block, ascending, 2^31 - 1 past the end;
+        members [B, NT, H, U] int32: bit i set when the tile's token i selected that block;
+        count [B, NT, H] int32: blocks in each union), NT = ceil(T / btq), U = btq * S.
+    Blocks are identified by their first key, so documents packed in one row never share one."""
+    B, T, H, S = block_indices.shape
+    nt = cdiv(T, btq)
+    idx = block_indices.to(torch.int64)
+    ds = torch.zeros(B, T, dtype=torch.int64, device=idx.device) if doc_start is None else doc_start.to(torch.int64)
+    starts = torch.where(idx >= 0, ds[:, :, None, None] + idx * block_size, _NONE)
+    if nt * btq != T:
+        starts = torch.nn.functional.pad(starts, (0, 0, 0, 0, 0, nt * btq - T), value=_NONE)
+    # [B, NT, H, BTQ * S]: a tile's selections, each token's S entries together
+    starts = starts.view(B, nt, btq, H, S).permute(0, 1, 3, 2, 4).reshape(B, nt, H, btq * S)
+    bits = (1 << torch.arange(btq, device=idx.device, dtype=torch.int64)).repeat_interleave(S)
+    vals, order = starts.sort(-1)
+    bits = bits.expand_as(starts).gather(-1, order)
+    first = torch.ones_like(vals, dtype=torch.bool)
+    first[..., 1:] = vals[..., 1:] != vals[..., :-1]
+    run = first.cumsum(-1) - 1  # the union slot of each sorted entry
+    u_start = torch.full_like(vals, _NONE).scatter_(-1, run, vals)
+    # a token selects a block at most once, so summing its bit over the block's entries is an OR
+    u_bits = torch.zeros_like(vals).scatter_add_(-1, run, torch.where(vals != _NONE, bits, 0))
+    count = (first & (vals != _NONE)).sum(-1)
+    return u_start.to(torch.int32), u_bits.to(torch.int32), count.to(torch.int32)
+
+
+@triton.jit(do_not_specialize=["T", "TK"])
+def _attend_fwd_union_kernel(
+    q,  # [B, T, HQ, D]
+    k,  # [B, TK, H, D]
+    v,  # [B, TK, H, D]
+    u_start,  # [B, NT, H, U] int32
+    u_bits,  # [B, NT, H, U] int32
+    u_count,  # [B, NT, H] int32
+    o,  # [B, T, HQ, D] out
+    lse,  # [B, T, HQ] fp32 out, log2 domain
+    scale_log2,
+    T,
+    TK,
+    NT,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    U: tl.constexpr,
+    BTQ: tl.constexpr,
+    NB: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    HQ: tl.constexpr = H * G
+    M: tl.constexpr = BTQ * GP
+    BK: tl.constexpr = NB * BS
+    # ---- rows: (token of the tile, head of the group), [M]
+    o_r = tl.arange(0, M)
+    r_l = o_r // GP  # the token's place in the tile: its membership bit
+    r_t = i_t * BTQ + r_l
+    r_g = o_r % GP
+    m_r = (r_t < T) & (r_g < G)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    row = (i_b * T + r_t) * HQ + i_h * G + r_g
+    # [M, BD]
+    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
+    r_pos = (r_t + TK - T).to(tl.int32)  # the query's key index
+    p_k = k + i_b * TK * H * D + i_h * D
+    p_v = v + i_b * TK * H * D + i_h * D
+    p_u = ((i_b * NT + i_t) * H + i_h) * U
+    n_u = tl.load(u_count + (i_b * NT + i_t) * H + i_h)
+    o_k = tl.arange(0, BK)
+    b_m = tl.full([M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([M], dtype=tl.float32)
+    b_acc = tl.zeros([M, BD], dtype=tl.float32)
+    for u0 in range(0, n_u, NB):
+        # NB union blocks side by side: [BK] key indices and the tokens that selected each
+        slot = u0 + o_k // BS
+        m_s = slot < n_u
+        b_start = tl.load(u_start + p_u + slot, mask=m_s, other=0)
+        b_bits = tl.load(u_bits + p_u + slot, mask=m_s, other=0)
+        kpos = b_start + o_k % BS
+        m_k = m_s & (kpos < TK)
+        # [BK, BD]
+        b_k = tl.load(p_k + kpos[:, None] * (H * D) + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(p_v + kpos[:, None] * (H * D) + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
+        # [M, BK]: a row sees a key when its token selected the key's block and the key is not in its future
+        member = ((b_bits[None, :] >> r_l[:, None]) & 1) != 0
+        m_s2 = member & m_k[None, :] & (kpos[None, :] <= r_pos[:, None])
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale_log2
+        b_s = tl.where(m_s2, b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(b_m - m_use)
+        b_p = tl.exp2(b_s - m_use[:, None])
+        b_l = b_l * alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+        b_m = m_new
+    has = b_l > 0
+    b_o = b_acc / tl.where(has, b_l, 1.0)[:, None]
+    # rows that see no key: output 0, lse +inf (their probabilities are 0 in the backward)
+    b_lse = tl.where(has, b_m + tl.log2(tl.where(has, b_l, 1.0)), float("inf"))
+    tl.store(o + row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
+    tl.store(lse + row, b_lse, mask=m_r)
+
+
+def attend_fwd_union(q, k, v, block_indices, block_size, scale_log2, doc_start, o, lse, btq, nb, precision, opt):
+    """Fill o [B, T, HQ, D] and lse [B, T, HQ] (log2 domain) with tiles of `btq` tokens walking their unions, `nb`
+    blocks per step. Shapes and arguments as `attend.attend_fwd`, which calls this."""
+    B, T, HQ, D = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    u_start, u_bits, u_count = tile_unions(block_indices, doc_start, block_size, btq)
+    nt = u_start.shape[1]
+    _attend_fwd_union_kernel[(nt, B * H)](
+        q,
+        k,
+        v,
+        u_start,
+        u_bits,
+        u_count,
+        o,
+        lse,
+        scale_log2,
+        T,
+        TK,
+        nt,
+        H=H,
+        G=G,
+        GP=max(1, 1 << (G - 1).bit_length()),
+        D=D,
+        BD=max(16, 1 << (D - 1).bit_length()),
+        BS=block_size,
+        U=u_start.shape[3],
+        BTQ=btq,
+        NB=nb,
+        DOT_PREC=precision,
+        num_warps=opt.fwd_warps,
+        num_stages=opt.fwd_stages,
+    )
