@@ -193,5 +193,14 @@ def test_custom_ops_interpreted(interpreted, case):
         assert r["align_err"] < 1e-6 and r["grad_err"] < 1e-5 and r["grads_nonzero"]
 
 
+def test_kernel_options_travel_as_a_string():
+    from ssa_adapt.ops.triton.library import decode_options, encode_options
+    from ssa_adapt.ops.triton.options import DecodeOptions, KernelOptions, SelectOptions
+
+    options = KernelOptions(poison=True, select=SelectOptions(cap=1), decode=DecodeOptions(stats_chunk=4))
+    assert decode_options(encode_options(options)) == options
+    assert encode_options(None) == "" and decode_options("") is None
+
+
 if __name__ == "__main__":
     write_interpreted(sys.argv[1], sys.argv[2:], run_one)

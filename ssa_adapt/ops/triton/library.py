@@ -24,7 +24,7 @@ import json
 import torch
 from torch import Tensor
 
-from .options import AttendOptions, DecodeOptions, KernelOptions, SelectOptions
+from .options import DEFAULT_OPTIONS, KernelOptions
 
 __all__ = ["encode_options", "decode_options", "sparse_attend"]
 
@@ -40,13 +40,11 @@ def decode_options(text: str) -> KernelOptions | None:
     """The inverse of `encode_options`."""
     if not text:
         return None
-    d = json.loads(text)
-    return KernelOptions(
-        select=SelectOptions(**d["select"]),
-        attend=AttendOptions(**d["attend"]),
-        decode=DecodeOptions(**d["decode"]),
-        poison=d["poison"],
-    )
+    values = {}
+    for name, value in json.loads(text).items():  # each sub-options dataclass rebuilt from its dict
+        default = getattr(DEFAULT_OPTIONS, name)
+        values[name] = type(default)(**value) if dataclasses.is_dataclass(default) else value
+    return KernelOptions(**values)
 
 
 # -- selection ---------------------------------------------------------------------------------------------------
