@@ -6,10 +6,12 @@ the output.
         [--stage .stage/train --model PATH --data FILE.jsonl]      # for the train / multi jobs
 
 Jobs (first GPU first, in the order given; `multi` waits for the others and takes every GPU):
-  tests      pytest -m gpu over the kernel and decoding tests (SmolLM2's only with --model's assets in the cache)
+  tests      pytest -m gpu tests/ (every GPU test; SmolLM2's only with --model's assets in the cache)
   attention  benchmarks/attention.py --sweep over the five head shapes and 8k-128k
   decode     benchmarks/decode.py --sweep (per-layer rows), then --profile at 128k
   profile    benchmarks/attention.py --profile: per-kernel times of the sparse stream at 8k and 32k, three shapes
+  real       benchmarks/attention_real.py: SmolLM2's own q/k/v at 32k (needs the SmolLM2 asset and --tokens)
+  prefill    benchmarks/prefill.py: the Llama-3.2-1B shape, converted sparse against unconverted, 32k / 128k
   pretrain   benchmarks/pretrain_throughput.py run (SSA-1B, the four modes) on --token_cache
   train      benchmarks/train_throughput.py run --stage STAGE [--model PATH] (SmolLM2, full vs ssa)
   multi      benchmarks/multi_gpu.py --model PATH --data FILE (one GPU, DDP, FSDP2)
@@ -32,9 +34,7 @@ def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
     py, out = sys.executable, Path(a.out)
     bench = lambda name: str(REPO / "benchmarks" / name)  # noqa: E731
     jobs = {
-        "tests": [[py, "-m", "pytest", "-q", "-s", "-m", "gpu", str(REPO / "tests/test_kernels.py"),
-                   str(REPO / "tests/test_decode_kernels.py"), str(REPO / "tests/test_cache_means_kernel.py"),
-                   str(REPO / "tests/test_static_decoding.py")]],
+        "tests": [[py, "-m", "pytest", "-q", "-s", "-m", "gpu", str(REPO / "tests")]],
         "attention": [[py, bench("attention.py"), "--sweep", "--T", "32768", "65536", "8192", "16384", "131072",
                        "--out", str(out / "attention-h200.json"), "--md", str(out / "attention-h200.md"),
                        "--budget-s", str(a.attention_budget_s)]],
@@ -43,6 +43,9 @@ def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
                     str(out / "decode-profile.json")]],
         "profile": [[py, bench("attention.py"), "--profile", "--T", "8192", "32768", "--shapes", "32,2,64", "32,8,64",
                      "9,3,64", "--out", str(out / "attention-profile.json")]],
+        "real": [[py, bench("attention_real.py"), "--out", str(out / "attention-real.json"), "--md",
+                  str(out / "attention-real.md")] + (["--tokens", a.tokens] if a.tokens else [])],
+        "prefill": [[py, bench("prefill.py"), "--out", str(out / "prefill.json"), "--md", str(out / "prefill.md")]],
         "pretrain": [[py, bench("pretrain_throughput.py"), "run", "--token_cache", a.token_cache, "--tokenizer",
                       a.token_cache, "--out", str(out / "pretrain-h200.json")]],
         "train": [[py, bench("train_throughput.py"), "run", "--stage", a.stage, "--dtype", "float32", "--steps",
@@ -64,6 +67,7 @@ def main() -> None:
     p.add_argument("--stage", default=".stage/train")
     p.add_argument("--model", default=None)
     p.add_argument("--data", default=None)
+    p.add_argument("--tokens", default=None, help="token ids (.npy, uint16) of the real-activation window")
     p.add_argument("--train-steps", type=int, default=200)
     a = p.parse_args()
     import torch

@@ -17,7 +17,17 @@ from ..reference import check_qkv
 from . import utils
 from .attend_union import attend_fwd_union, union_tile_tokens
 from .options import DEFAULT_OPTIONS, KernelOptions
-from .utils import cdiv, check_block_size, check_doc_start, dot_precision, group_pad, next_pow2, num_programs
+from .utils import (
+    cdiv,
+    check_block_size,
+    check_doc_start,
+    dot_precision,
+    group_pad,
+    next_pow2,
+    num_programs,
+    online_softmax_step,
+    softmax_output,
+)
 
 __all__ = ["attend_blocks", "attend_fwd", "attend_bwd"]
 
@@ -83,17 +93,8 @@ def _attend_fwd_kernel(
         # [GR, BK]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale_log2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(b_m - m_use)
-        b_p = tl.exp2(b_s - m_use[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-        b_m = m_new
-    has = b_l > 0
-    b_o = b_acc / tl.where(has, b_l, 1.0)[:, None]
-    # rows that see no key: output 0, lse +inf (their probabilities are 0 in the backward)
-    b_lse = tl.where(has, b_m + tl.log2(tl.where(has, b_l, 1.0)), float("inf"))
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_m, b_l, b_acc, b_v, DOT_PREC)
+    b_o, b_lse = softmax_output(b_acc, b_m, b_l)
     tl.store(o + row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_g[:, None] & m_d[None, :])
     tl.store(lse + row, b_lse, mask=m_g)
 

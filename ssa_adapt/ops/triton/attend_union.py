@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv
+from .utils import cdiv, online_softmax_step, softmax_output
 
 __all__ = ["tile_unions", "union_tile_tokens", "attend_fwd_union"]
 
@@ -131,17 +131,8 @@ def _attend_fwd_union_kernel(
         m_s2 = member & m_k[None, :] & (kpos[None, :] <= r_pos[:, None])
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale_log2
         b_s = tl.where(m_s2, b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(b_m - m_use)
-        b_p = tl.exp2(b_s - m_use[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-        b_m = m_new
-    has = b_l > 0
-    b_o = b_acc / tl.where(has, b_l, 1.0)[:, None]
-    # rows that see no key: output 0, lse +inf (their probabilities are 0 in the backward)
-    b_lse = tl.where(has, b_m + tl.log2(tl.where(has, b_l, 1.0)), float("inf"))
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_m, b_l, b_acc, b_v, DOT_PREC)
+    b_o, b_lse = softmax_output(b_acc, b_m, b_l)
     tl.store(o + row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
     tl.store(lse + row, b_lse, mask=m_r)
 

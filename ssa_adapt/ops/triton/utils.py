@@ -9,11 +9,15 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 __all__ = [
     "cdiv",
     "next_pow2",
     "new_empty",
+    "online_softmax_step",
+    "softmax_output",
     "check_block_size",
     "check_doc_start",
     "dot_precision",
@@ -120,3 +124,25 @@ def slot_starts(doc_start: torch.Tensor, TK: int, block_size: int) -> torch.Tens
         slot = torch.where(start + BS <= off, (ds0 + BS - 1) // BS + jj, nslot)
         out.scatter_(1, slot, start.to(torch.int32))
     return out[:, :nslot].contiguous()
+
+
+@triton.jit
+def online_softmax_step(b_s, b_m, b_l, b_acc, b_v, DOT_PREC: tl.constexpr):
+    """One step of the online softmax in the log2 domain: scores b_s [M, N] (-inf where masked), running max b_m [M]
+    and sum b_l [M], accumulator b_acc [M, BD], values b_v [N, BD] -> the updated (b_m, b_l, b_acc)."""
+    m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(b_m - m_use)
+    b_p = tl.exp2(b_s - m_use[:, None])
+    b_l = b_l * alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+    return m_new, b_l, b_acc
+
+
+@triton.jit
+def softmax_output(b_acc, b_m, b_l):
+    """-> (o [M, BD], lse [M] in the log2 domain); rows that saw no key get o = 0 and lse = +inf (their
+    probabilities are 0 in the backward)."""
+    has = b_l > 0
+    b_o = b_acc / tl.where(has, b_l, 1.0)[:, None]
+    return b_o, tl.where(has, b_m + tl.log2(tl.where(has, b_l, 1.0)), float("inf"))
