@@ -68,7 +68,7 @@ CPU_CASES = [
     # masks); the selection with every chunk masked must be bitwise the same
     _case(1, 900, 1, 16, 64, S=5, docs="varlen", select=dict(lanes=8, blocks=16)),
     _case(1, 1000, 2, 4, 64, S=6, sink=2, local=2, select=dict(lanes=8, blocks=16)),
-    # the forward over tiles that walk their tokens' union of blocks (the backward is the same either way)
+    # the forward and dq over tiles that walk their tokens' union of blocks (dk / dv are the same either way)
     _case(2, 111, 3, 7, 64, attend=dict(union_tile=4)),
     _case(1, 300, 2, 3, 64, "float32", S=6, sink=2, local=2, docs="varlen", attend=dict(union_tile=16)),
     _case(1, 50, 2, 2, 64, TK=130, docs="prefill", attend=dict(union_tile=16)),
@@ -398,9 +398,11 @@ def test_select_kernel_compiles_for_sm90(G):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
+@pytest.mark.parametrize("kernel", ["_attend_fwd_union_kernel", "_attend_bwd_dq_union_kernel"])
 @pytest.mark.parametrize("G", [3, 4, 16])
-def test_union_forward_compiles_for_sm90(G):
-    """The union-walking forward compiled ahead of time for sm_90 (to a cubin through ptxas; no GPU needed)."""
+def test_union_kernels_compile_for_sm90(G, kernel):
+    """The union-walking forward and dq kernels compiled ahead of time for sm_90 (to a cubin through ptxas; no GPU
+    needed)."""
     import inspect
 
     import triton
@@ -415,11 +417,15 @@ def test_union_forward_compiles_for_sm90(G):
     GP = max(1, triton.next_power_of_2(G))
     btq = attend_union.union_tile_tokens(16, GP)
     consts = dict(H=2, G=G, GP=GP, D=64, BD=64, BS=16, U=btq * 16, BTQ=btq, NB=4, DOT_PREC="tf32")
-    types = dict(q="*bf16", k="*bf16", v="*bf16", o="*bf16", lse="*fp32", scale_log2="fp32")
-    names = inspect.signature(attend_union._attend_fwd_union_kernel.fn).parameters
+    fn = getattr(attend_union, kernel)
+    types = dict(
+        q="*bf16", k="*bf16", v="*bf16", o="*bf16", do="*bf16", dq="*bf16", lse="*fp32", delta="*fp32",
+        scale_log2="fp32", scale="fp32",
+    )  # fmt: skip
+    names = inspect.signature(fn.fn).parameters
     sig = {n: "constexpr" if n in consts else types.get(n, "*i32" if n.startswith("u_") else "i32") for n in names}
-    src = ASTSource(fn=attend_union._attend_fwd_union_kernel, signature=sig, constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
     assert compiled.asm["cubin"]
 
 

@@ -55,7 +55,8 @@ class AttendOptions:
     that the sink block does not run alone at the end); dkv_warps / dkv_stages. Chosen on the H200 by
     `benchmarks/attention.py --sweep`. union_tile: 0 runs the forward as one program per (token, KV head); 1-16 as
     one program per tile of that many tokens (rounded to a power of two, at least 16 rows) walking the union of
-    their selected blocks (`attend_union.py`; not yet measured on a GPU, so off by default)."""
+    their selected blocks (`attend_union.py`; not yet measured on a GPU, so off by default); union_warps: warps of
+    those kernels (8: no spills at 64-128 rows when compiled for sm_90, where 4 spill in dq)."""
 
     fwd_keys: int = 64
     fwd_warps: int = 4
@@ -65,6 +66,7 @@ class AttendOptions:
     dkv_warps: int = 4
     dkv_stages: int = 1
     union_tile: int = 0
+    union_warps: int = 8
 
     def __post_init__(self):
         _check_positive(self, tuple(f.name for f in dataclasses.fields(self) if f.name != "union_tile"))
