@@ -183,7 +183,8 @@ SWEEP = {
     "fwd": [
         AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)
         for k, w, s in [(64, 4, 3), (64, 8, 3), (32, 4, 3), (128, 8, 2)]
-    ],
+    ]
+    + [AttendOptions(union_tile=t) for t in (4, 8, 16)],  # union-walking tiles (random inputs share few blocks)
     "dkv": [
         AttendOptions(dkv_rows=r, dkv_warps=w, dkv_stages=s)
         for r, w, s in [(64, 4, 1), (64, 8, 1), (64, 8, 3), (128, 8, 1)]
