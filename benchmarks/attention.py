@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,12 +27,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from run_info import git_commit  # noqa: E402  (benchmarks/ is on the path of its scripts)
+
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import triton as triton_ops  # noqa: E402
 from ssa_adapt.ops.triton.options import AttendOptions, KernelOptions, SelectOptions  # noqa: E402
 
 SHAPES = [(32, 2, 64), (32, 8, 64), (9, 3, 64), (14, 2, 64), (16, 8, 128)]  # SSA-1B, Llama-3.2-1B, SmolLM2, ...
 TS = [8192, 16384, 32768, 65536, 131072]
+IMPLS = ["sdpa_cudnn", "sdpa_flash", "ssa_select", "ssa_attend", "ssa_attend_union", "ssa_sparse_stream", "fla_nsa"]
 SEL = dict(block_size=16, block_count=16, sink_blocks=1, local_blocks=1)
 GIB = 2**30
 
@@ -277,14 +279,6 @@ def kernel_config(options: KernelOptions) -> dict:
     return dataclasses.asdict(options)
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
 def markdown(rows, meta) -> str:
     out = [
         f"# Attention benchmark ({meta['device']})",
@@ -303,15 +297,7 @@ def markdown(rows, meta) -> str:
     by = {}
     for r in rows:
         by.setdefault((key(r), r["T"]), {})[r["impl"]] = r
-    impls = [
-        "sdpa_cudnn",
-        "sdpa_flash",
-        "ssa_select",
-        "ssa_attend",
-        "ssa_attend_union",
-        "ssa_sparse_stream",
-        "fla_nsa",
-    ]
+    impls = IMPLS
 
     def cell(r):
         if r is None:
@@ -346,15 +332,7 @@ def main():
     p.add_argument(
         "--impls",
         nargs="+",
-        default=[
-            "sdpa_cudnn",
-            "sdpa_flash",
-            "ssa_select",
-            "ssa_attend",
-            "ssa_attend_union",
-            "ssa_sparse_stream",
-            "fla_nsa",
-        ],
+        default=IMPLS,
     )
     p.add_argument("--out", default="benchmarks/results/attention-h200.json")
     p.add_argument("--md", default="benchmarks/results/attention-h200.md")
@@ -383,7 +361,7 @@ def main():
         triton=triton.__version__,
         python=platform.python_version(),
         command="python " + " ".join(sys.argv),
-        commit=args.commit or git_commit(),
+        commit=git_commit(args.commit),
     )
     if "fla_nsa" in args.impls:
         try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from run_info import git_commit  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import triton as triton_ops  # noqa: E402
@@ -136,14 +137,6 @@ def load_model_and_tokens(T: int, tokens: str | None):
     return model, ids[None, :T].cuda()
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
 def markdown(result: dict) -> str:
     rows = result["rows"]
     out = [
@@ -190,7 +183,7 @@ def main() -> None:
     kept = capture_qkv(model, ids, layers)
     del model
     torch.cuda.empty_cache()
-    commit = a.commit or git_commit()
+    commit = git_commit(a.commit)
     result = dict(
         benchmark="attention on real activations",
         command="python " + " ".join(sys.argv),

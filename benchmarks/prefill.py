@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from run_info import git_commit  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 import ssa_adapt  # noqa: E402
 
@@ -80,10 +81,7 @@ def main() -> None:
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("prefill.py needs a CUDA device.")
-    commit = a.commit
-    if commit is None:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        commit = git.stdout.strip() or "unknown"
+    commit = git_commit(a.commit)
     result = dict(
         benchmark="model-level prefill, Llama-3.2-1B shape (random weights)",
         command="python " + " ".join(sys.argv),

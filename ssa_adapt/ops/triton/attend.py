@@ -15,13 +15,15 @@ import triton.language as tl
 
 from ..reference import check_qkv
 from . import utils
-from .attend_union import attend_bwd_dq_union, attend_fwd_union, union_tile_tokens
+from .attend_union import attend_bwd_dq_union, attend_fwd_union, union_tiles
 from .options import DEFAULT_OPTIONS, KernelOptions
 from .utils import (
     cdiv,
     check_block_size,
     check_doc_start,
     dot_precision,
+    dq_rows,
+    dq_step,
     group_pad,
     next_pow2,
     num_programs,
@@ -138,13 +140,8 @@ def _attend_bwd_dq_kernel(
     m_d = o_d < D
     m_qd = m_g[:, None] & m_d[None, :]
     row = (i_b * T + i_t) * HQ + i_h * G + o_g
-    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
-    b_do = tl.load(do + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
-    b_o = tl.load(o + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
-    # [GR] delta = rowsum(dO * O), shared with the dk/dv kernel
-    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
-    tl.store(delta + row, b_delta, mask=m_g)
-    b_lse = tl.load(lse + row, mask=m_g, other=float("inf"))
+    # [GR, BD] q, dO; [GR] lse, delta = rowsum(dO * O) (stored for the dk/dv kernel)
+    b_q, b_do, b_lse, b_delta = dq_rows(q, do, o, lse, delta, row, m_g, D, BD)
     p_t = (i_t + TK - T).to(tl.int32)
     if HAS_DOCS:
         ds = tl.load(doc_start + i_b * T + i_t).to(tl.int32)
@@ -162,12 +159,7 @@ def _attend_bwd_dq_kernel(
         m_k = (b_j >= 0) & (kpos <= p_t)
         b_k = tl.load(p_k + kpos[:, None] * (H * D) + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
         b_v = tl.load(p_v + kpos[:, None] * (H * D) + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
-        # [GR, BK]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale_log2
-        b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PREC)
+        b_dq = dq_step(b_q, b_do, b_lse, b_delta, b_k, b_v, m_k[None, :], b_dq, scale_log2, DOT_PREC)
     tl.store(dq + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
 
 
@@ -330,9 +322,8 @@ def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start, options: Ke
     lse = utils.new_empty((B, T, HQ), torch.float32, q.device, options.poison)
     if o.numel() == 0:
         return o, lse
-    if opt.union_tile:
-        btq = union_tile_tokens(opt.union_tile, group_pad(G))
-        nb = max(1, opt.fwd_keys // block_size)
+    if (tiles := union_tiles(opt, G, block_size)) is not None:
+        btq, nb = tiles
         scale_log2 = scale * math.log2(math.e)
         attend_fwd_union(q, k, v, block_indices, block_size, scale_log2, doc_start, o, lse, btq, nb,
                          dot_precision(q.dtype), opt)  # fmt: skip
@@ -375,9 +366,8 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start,
     scale_log2 = scale * math.log2(math.e)
     dq = utils.new_empty(q.shape, q.dtype, dev, options.poison)
     delta = utils.new_empty((B, T, HQ), torch.float32, dev, options.poison)
-    if opt.union_tile:
-        btq = union_tile_tokens(opt.union_tile, group_pad(G))
-        nb = max(1, opt.fwd_keys // block_size)
+    if (tiles := union_tiles(opt, G, block_size)) is not None:
+        btq, nb = tiles
         attend_bwd_dq_union(q, k, v, o, do, lse, delta, dq, block_indices, block_size, scale_log2, scale, doc_start,
                             btq, nb, prec, opt)  # fmt: skip
     else:

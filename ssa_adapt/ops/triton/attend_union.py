@@ -18,17 +18,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, online_softmax_step, softmax_output
+from .utils import cdiv, dq_rows, dq_step, group_pad, next_pow2, online_softmax_step, softmax_output
 
-__all__ = ["tile_unions", "union_tile_tokens", "attend_fwd_union", "attend_bwd_dq_union"]
+__all__ = ["tile_unions", "union_tiles", "union_tile_tokens", "attend_fwd_union", "attend_bwd_dq_union"]
 
 _NONE = 2**31 - 1  # an absent block's start: sorts after every real one
+
+
+def union_tiles(opt, G: int, block_size: int) -> tuple[int, int] | None:
+    """(tokens per tile, blocks per step) when `AttendOptions.union_tile` asks for union-walking tiles, else None;
+    the forward and dq kernels take the same."""
+    if not opt.union_tile:
+        return None
+    return union_tile_tokens(opt.union_tile, group_pad(G)), max(1, opt.fwd_keys // block_size)
 
 
 def union_tile_tokens(tile: int, GP: int) -> int:
     """Tokens per tile for `AttendOptions.union_tile`: a power of two with at least 16 and at most 128 rows
     (tokens x padded group), and at most 16 tokens (the membership bits are an int32)."""
-    btq = 1 << max(0, (tile - 1).bit_length())
+    btq = next_pow2(tile)
     return max(max(1, 16 // GP), min(btq, max(1, 128 // GP), 16))
 
 
@@ -186,21 +194,11 @@ def _attend_bwd_dq_union_kernel(
     M: tl.constexpr = BTQ * GP
     o_d = tl.arange(0, BD)
     m_qd = m_r[:, None] & (o_d < D)[None, :]
-    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
-    b_do = tl.load(do + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
-    b_o = tl.load(o + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
-    # [M] delta = rowsum(dO * O), shared with the dk/dv kernel
-    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
-    tl.store(delta + row, b_delta, mask=m_r)
-    b_lse = tl.load(lse + row, mask=m_r, other=float("inf"))
+    b_q, b_do, b_lse, b_delta = dq_rows(q, do, o, lse, delta, row, m_r, D, BD)
     b_dq = tl.zeros([M, BD], dtype=tl.float32)
     for u0 in range(0, n_u, NB):
         b_k, b_v, m_sk = _union_keys(p_k, p_v, u_start + p_u, u_bits + p_u, u0, n_u, r_l, r_pos, TK, H, D, BD, BS, NB)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale_log2
-        b_p = tl.where(m_sk, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PREC)
+        b_dq = dq_step(b_q, b_do, b_lse, b_delta, b_k, b_v, m_sk, b_dq, scale_log2, DOT_PREC)
     tl.store(dq + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
 
 
@@ -213,9 +211,9 @@ def _launch_args(q, k, block_indices, block_size, doc_start, btq):
     consts = dict(
         H=H,
         G=G,
-        GP=max(1, 1 << (G - 1).bit_length()),
+        GP=group_pad(G),
         D=D,
-        BD=max(16, 1 << (D - 1).bit_length()),
+        BD=max(16, next_pow2(D)),
         BS=block_size,
         U=u_start.shape[3],
         BTQ=btq,

@@ -16,6 +16,8 @@ __all__ = [
     "cdiv",
     "next_pow2",
     "new_empty",
+    "dq_rows",
+    "dq_step",
     "online_softmax_step",
     "softmax_output",
     "check_block_size",
@@ -146,3 +148,29 @@ def softmax_output(b_acc, b_m, b_l):
     has = b_l > 0
     b_o = b_acc / tl.where(has, b_l, 1.0)[:, None]
     return b_o, tl.where(has, b_m + tl.log2(tl.where(has, b_l, 1.0)), float("inf"))
+
+
+@triton.jit
+def dq_rows(q, do, o, lse, delta, row, m_row, D: tl.constexpr, BD: tl.constexpr):
+    """The backward's query rows: q, dO [R, BD] and lse [R] loaded, delta = rowsum(dO * O) [R] computed and stored
+    for the dk/dv kernel. row [R]: indices of the rows in q / o / lse, m_row [R]: the valid ones."""
+    o_d = tl.arange(0, BD)
+    m_qd = m_row[:, None] & (o_d < D)[None, :]
+    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
+    b_do = tl.load(do + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
+    b_o = tl.load(o + row[:, None] * D + o_d[None, :], mask=m_qd, other=0.0)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
+    tl.store(delta + row, b_delta, mask=m_row)
+    b_lse = tl.load(lse + row, mask=m_row, other=float("inf"))
+    return b_q, b_do, b_lse, b_delta
+
+
+@triton.jit
+def dq_step(b_q, b_do, b_lse, b_delta, b_k, b_v, m_s, b_dq, scale_log2, DOT_PREC: tl.constexpr):
+    """dq [R, BD] += dS K over one step of keys b_k, b_v [N, BD]; m_s [R, N] (or [1, N]) the keys each row sees:
+    P = exp2(s - lse), dS = P (dO V^T - delta)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale_log2
+    b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PREC)
