@@ -68,6 +68,15 @@ CPU_CASES = [
     # masks); the selection with every chunk masked must be bitwise the same
     _case(1, 900, 1, 16, 64, S=5, docs="varlen", select=dict(lanes=8, blocks=16)),
     _case(1, 1000, 2, 4, 64, S=6, sink=2, local=2, select=dict(lanes=8, blocks=16)),
+    # the bound's lanes picked in pass 1 (narrow chunks: many lanes replaced as the statistics move)
+    # and pass 3 skipping the chunks that cannot reach a bound (prune)
+    _case(1, 700, 1, 3, 64, S=4, select=dict(pass1_lanes=True, blocks=16, prune=True)),
+    _case(1, 640, 1, 3, 64, "float32", S=6, sink=2, local=2, docs="varlen", select=dict(pass1_lanes=True, blocks=8)),
+    _case(2, 300, 1, 4, 64, "float32", S=5, docs="leftpad", select=dict(pass1_lanes=True, cap=2, prune=True)),
+    _case(1, 800, 2, 2, 64, S=6, sink=2, local=2, docs="varlen", select=dict(prune=True, lanes=8)),
+    _case(1, 300, 2, 2, 64, TK=830, docs="prefill", select=dict(pass1_lanes=True, blocks=16)),
+    _case(1, 900, 1, 16, 64, S=5, docs="varlen", select=dict(pass1_lanes=True, blocks=16)),
+    _case(1, 500, 1, 1, 64, S=5, select=dict(pass1_lanes=True, blocks=16, prune=True)),
     # the forward and dq over tiles that walk their tokens' union of blocks (dk / dv are the same either way)
     _case(2, 111, 3, 7, 64, attend=dict(union_tile=4)),
     _case(1, 300, 2, 3, 64, "float32", S=6, sink=2, local=2, docs="varlen", attend=dict(union_tile=16)),
@@ -91,6 +100,11 @@ GPU_CASES = [
     _case(1, 32768, 8, 4, 64, "bfloat16", S=16, rows=256),
     _case(2, 3001, 8, 4, 64, "bfloat16", S=16, attend=dict(union_tile=16)),
     _case(1, 5000, 3, 3, 64, "bfloat16", S=16, docs="varlen", attend=dict(union_tile=16)),
+    _case(1, 4099, 3, 3, 64, "bfloat16", S=16, select=dict(pass1_lanes=True)),
+    _case(1, 5000, 2, 7, 64, "bfloat16", S=16, docs="varlen", select=dict(pass1_lanes=True)),
+    _case(1, 32768, 8, 4, 64, "bfloat16", S=16, rows=256, select=dict(pass1_lanes=True, prune=True)),
+    _case(1, 3001, 3, 3, 64, "bfloat16", S=16, docs="varlen", select=dict(prune=True)),
+    _case(1, 65536, 2, 16, 64, "bfloat16", S=16, rows=256, select=dict(pass1_lanes=True, prune=True)),
 ]
 
 
@@ -366,8 +380,9 @@ def test_fla_backend_gpu():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
+@pytest.mark.parametrize("pass1_lanes", [False, True])
 @pytest.mark.parametrize("G", [3, 4, 16])
-def test_select_kernel_compiles_for_sm90(G):
+def test_select_kernel_compiles_for_sm90(G, pass1_lanes):
     """The interpreter accepts code the compiler rejects: the selection kernel compiled ahead of time for sm_90 with
     the default options (down to a cubin through ptxas; no GPU needed)."""
     import inspect
@@ -386,8 +401,8 @@ def test_select_kernel_compiles_for_sm90(G):
     lanes = max(opt.lanes, 16)
     consts = dict(
         H=2, G=G, GP=GP, D=64, BD=64, BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, opt.rows // GP),
-        BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes), INTERIOR=True, HAS_DOCS=True,
-        DOT_PREC="tf32",
+        BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes, opt.blocks), PASS1_LANES=pass1_lanes, PRUNE=pass1_lanes,
+        INTERIOR=True, HAS_DOCS=True, DOT_PREC="tf32",
     )  # fmt: skip
     types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32", scale_log2="fp32")
     names = inspect.signature(sel._select_kernel.fn).parameters

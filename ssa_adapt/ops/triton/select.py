@@ -69,22 +69,27 @@ def _block_means_kernel(
 
 
 @triton.jit
+def _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Logits (log2 domain) of the tile's rows against the block means of slots [s0, s0 + BN): [M, BN] float32."""
+    o_d = tl.arange(0, BD)
+    o_s = s0 + tl.arange(0, BN)
+    # [BN, BD]
+    b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
+    return tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
+
+
+@triton.jit
 def _importances(
-    b_q,  # [M, BD] the tile's queries (M = BT * GP rows)
-    p_kb,  # block means of this (b, h): [NSLOT, BD]
+    b_s,  # [M, BN] the chunk's logits (`_chunk_logits`)
     s0,  # first slot of the chunk
-    NSLOT,
-    scale_log2,
     b_m,  # [M] softmax max (log2 domain)
     b_il,  # [M] 1 / softmax normaliser (0 for invalid rows)
     t_base,  # [BT] slot of the token's document block 0
     t_hi,  # [BT] candidates are SINK <= j < t_hi
     BT: tl.constexpr,
     GP: tl.constexpr,
-    BD: tl.constexpr,
     BN: tl.constexpr,
     SINK: tl.constexpr,
-    DOT_PREC: tl.constexpr,
 ):
     """I(j) of the chunk's blocks per token, [BT, BN] float32, -1 where block j is not a candidate of the token;
     and j itself, [BT, BN] int32 (relative to the token's document).
@@ -93,12 +98,8 @@ def _importances(
     token is a complete block of every row of that token. Elsewhere exp2 may overflow: the candidate mask replaces
     those values. (Compiled without the row mask, Triton 3.6 on the H100 lost a candidate of tokens that take all
     theirs, 2026-12-07: see README.md.)"""
-    o_d = tl.arange(0, BD)
     o_s = s0 + tl.arange(0, BN)
-    # [BN, BD]
-    b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
-    # [M, BN] -> probabilities summed over the group's heads, [BT, BN]
-    b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
+    # probabilities summed over the group's heads, [BT, BN]
     b_p = tl.where(b_il[:, None] > 0, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0)
     b_i = tl.sum(tl.reshape(b_p, [BT, GP, BN]), 1)
     jt = o_s[None, :] - t_base[:, None]
@@ -190,8 +191,8 @@ def _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, scale_log2, b_m, b_il, t_base, t
     b_top = tl.full([BT, KP], -1, dtype=tl.int64)
     b_thr = tl.full([BT], -1, dtype=tl.int64)  # smallest key kept (-1 while the list is not full)
     for s0 in range(lo2, hi2, LANES):
-        b_i, jt = _importances(b_q, p_kb, s0, NSLOT, scale_log2, b_m, b_il, t_base, t_hi, BT, GP, BD, LANES, SINK,
-                               DOT_PREC)  # fmt: skip
+        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD, LANES, DOT_PREC)
+        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_hi, BT, GP, LANES, SINK)
         key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - jt).to(tl.int64)
         key = tl.where((b_i >= bound[:, None]) & (key > b_thr[:, None]), key, -1)
         n = tl.max(tl.max(key, 1), 0)
@@ -239,6 +240,8 @@ def _select_kernel(
     LANES: tl.constexpr,
     CAP: tl.constexpr,
     ROW: tl.constexpr,
+    PASS1_LANES: tl.constexpr,
+    PRUNE: tl.constexpr,  # pass 3 skips the exponentials of chunks that cannot reach any token's bound  # the bound's lanes picked in pass 1 (False: pass 2)
     INTERIOR: tl.constexpr,  # pass 1's chunks inside every row's range skip the masks (False: every chunk masked)
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -269,11 +272,26 @@ def _select_kernel(
     b_q = b_q.to(kbar.dtype.element_ty)
     p_kb = kbar + i_bh * NSLOT * BD
 
-    # ---- pass 1 of 3: per-row softmax max and normaliser over the complete blocks
+    # ---- tokens, [BT]: candidates SINK <= j < t_hi, `budget` of them to choose
+    m_t, t_cur, t_base, t_hi, budget = _token_geometry(doc_start, i_b, i_t, T, off, BT, BS, SINK, LOCAL, S, HAS_DOCS)
+    o_t = i_t * BT + tl.arange(0, BT)
+    lo2 = tl.min(tl.where(m_t, t_base + SINK, NSLOT), 0)
+    hi2 = tl.max(tl.where(m_t, t_base + t_hi, 0), 0)
+    o_k = tl.arange(0, KP)
+    p_row = ((i_b * T + o_t) * H + i_h).to(tl.int64)  # [BT] the tokens' scratch rows
+    p_sf = scratch + p_row * (ROW + CAP)
+
+    # ---- pass 1: per-row softmax max and normaliser over the complete blocks. With PASS1_LANES, also per token and
+    # column of the chunk (a lane: the blocks j = lo + column (mod BN)) the candidate of best importance under the
+    # statistics so far, with its rows' logits: any distinct candidates give a valid bound (below), and these are
+    # close to the lanes' true best, so the bound is as tight as pass 2's without its dot and exponentials.
     lo = tl.min(tl.where(m_r, r_base, NSLOT), 0)
     hi = tl.max(tl.where(m_r, r_base + r_nc, 0), 0)
     b_m = tl.full([M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([M], dtype=tl.float32)
+    if PASS1_LANES:
+        c_best = tl.full([BT, BN], -1.0, dtype=tl.float32)  # the lane's best importance so far (-1: none)
+        c_s = tl.zeros([M, BN], dtype=tl.float32)  # its rows' logits (log2 domain)
     # chunks inside [lo_in, hi_in) hold complete blocks of every valid row: no masks there
     lo_in = tl.max(tl.where(m_r, r_base, 0), 0)
     hi_in = tl.min(tl.where(m_r, r_base + r_nc, NSLOT), 0)
@@ -293,44 +311,60 @@ def _select_kernel(
             b_s = tl.where((j >= 0) & (j < r_nc[:, None]), b_s, float("-inf"))
         m_new = tl.maximum(b_m, tl.max(b_s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_l = b_l * tl.exp2(b_m - m_use) + tl.sum(tl.exp2(b_s - m_use[:, None]), 1)
+        b_e = tl.exp2(b_s - m_use[:, None])
+        b_l = b_l * tl.exp2(b_m - m_use) + tl.sum(b_e, 1)
         b_m = m_new
+        if PASS1_LANES:
+            il_now = tl.where(m_r & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
+            prox = tl.sum(tl.reshape(b_e * il_now[:, None], [BT, GP, BN]), 1)
+            jt = o_s[None, :] - t_base[:, None]
+            better = (jt >= SINK) & (jt < t_hi[:, None]) & (prox > c_best)
+            c_best = tl.where(better, prox, c_best)
+            better_r = tl.reshape(tl.broadcast_to(better[:, None, :], [BT, GP, BN]), [M, BN])
+            c_s = tl.where(better_r, b_s, c_s)
     b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
     b_il = tl.where(m_r & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
 
-    # ---- tokens, [BT]: candidates SINK <= j < t_hi, `budget` of them to choose
-    m_t, t_cur, t_base, t_hi, budget = _token_geometry(doc_start, i_b, i_t, T, off, BT, BS, SINK, LOCAL, S, HAS_DOCS)
-    o_t = i_t * BT + tl.arange(0, BT)
-    lo2 = tl.min(tl.where(m_t, t_base + SINK, NSLOT), 0)
-    hi2 = tl.max(tl.where(m_t, t_base + t_hi, 0), 0)
-    o_k = tl.arange(0, KP)
-    p_row = ((i_b * T + o_t) * H + i_h).to(tl.int64)  # [BT] the tokens' scratch rows
-    p_sf = scratch + p_row * (ROW + CAP)
+    if PASS1_LANES:
+        # the lanes' candidates under the final statistics: the same arithmetic as `_importances`
+        b_e = tl.where(b_il[:, None] > 0, tl.exp2(c_s - b_m[:, None]) * b_il[:, None], 0.0)
+        b_lane = tl.where(c_best >= 0, tl.sum(tl.reshape(b_e, [BT, GP, BN]), 1), -1.0)
+        bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, BN)
+    else:
+        # ---- pass 2: a lower bound on each token's budget-th best importance. Lane i of a chunk keeps the best
+        # importance of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima belong to
+        # distinct candidates, so their budget-th largest cannot exceed the budget-th largest of all candidates.
+        b_lane = tl.full([BT, LANES], -1.0, dtype=tl.float32)
+        for s0 in range(lo2, hi2, LANES):
+            b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD, LANES, DOT_PREC)
+            b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_hi, BT, GP, LANES, SINK)
+            b_lane = tl.maximum(b_lane, b_i)
+        bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
 
-    # ---- pass 2 of 3: a lower bound on each token's budget-th best importance. Lane i of a chunk keeps the best
-    # importance of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima belong to distinct
-    # candidates, so their budget-th largest cannot exceed the budget-th largest of all candidates.
-    b_lane = tl.full([BT, LANES], -1.0, dtype=tl.float32)
-    for s0 in range(lo2, hi2, LANES):
-        b_i, jt = _importances(b_q, p_kb, s0, NSLOT, scale_log2, b_m, b_il, t_base, t_hi, BT, GP, BD, LANES, SINK,
-                               DOT_PREC)  # fmt: skip
-        b_lane = tl.maximum(b_lane, b_i)
-    bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
-
-    # ---- pass 3 of 3: the candidates at or above the bound (about `budget` of them; the same importances bit for
+    # ---- pass 3: the candidates at or above the bound (about `budget` of them; the same importances bit for
     # bit: same chunks, same code) go to the token's scratch row, a cumsum giving their columns (one pointer tensor
     # for both stores: 168 registers instead of 190 at G = 4 with Triton 3.6, three programs per SM instead of two)
     cnt = tl.zeros([BT], dtype=tl.int32)
+    if PRUNE:
+        # a block at or above its token's bound has some row g with p_g >= bound / G, i.e. a logit of at least
+        # m_g + log2(bound * l_g / G); chunks where every logit is below that (less 1 for rounding) skip the
+        # exponentials. [M]: +inf for rows without a normaliser, -inf where the bound is 0 (every candidate kept)
+        r_bound = tl.reshape(tl.broadcast_to(bound[:, None], [BT, GP]), [M])
+        b_tau = tl.where(b_il > 0, b_m + tl.log2(r_bound / tl.where(b_il > 0, b_il, 1.0) / G) - 1.0, float("inf"))
     for s0 in range(lo2, hi2, LANES):
-        b_i, jt = _importances(b_q, p_kb, s0, NSLOT, scale_log2, b_m, b_il, t_base, t_hi, BT, GP, BD, LANES, SINK,
-                               DOT_PREC)  # fmt: skip
-        keep = b_i >= bound[:, None]
-        at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
-        m_st = keep & (at < CAP)
-        p_at = p_sf[:, None] + at
-        tl.store(p_at, b_i, mask=m_st)
-        tl.store(p_at + ROW, jt.to(tl.float32, bitcast=True), mask=m_st)
-        cnt += tl.sum(keep.to(tl.int32), 1)
+        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD, LANES, DOT_PREC)
+        hit = True
+        if PRUNE:
+            hit = tl.max(tl.max(b_s - b_tau[:, None], 1), 0) >= 0
+        if hit:
+            b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_hi, BT, GP, LANES, SINK)
+            keep = b_i >= bound[:, None]
+            at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+            m_st = keep & (at < CAP)
+            p_at = p_sf[:, None] + at
+            tl.store(p_at, b_i, mask=m_st)
+            tl.store(p_at + ROW, jt.to(tl.float32, bitcast=True), mask=m_st)
+            cnt += tl.sum(keep.to(tl.int32), 1)
     tl.debug_barrier()
     if tl.max(cnt, 0) > CAP:
         j_top = _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, scale_log2, b_m, b_il, t_base, t_hi, bound,
@@ -427,7 +461,8 @@ def select_blocks(
     lanes = max(next_pow2(opt.lanes), KP, 16 if q.is_cuda else 1)
     cap = max(2, next_pow2(opt.cap))
     interior = GP >= opt.interior_min_group if opt.interior == "auto" else opt.interior
-    row = max(cap, lanes)
+    blocks = max(next_pow2(opt.blocks), KP if opt.pass1_lanes else 1)  # pass 1's chunks are then the bound's lanes
+    row = max(cap, lanes, blocks if opt.pass1_lanes else 1)
     scratch = torch.empty((B, T, H, row + cap), dtype=torch.float32, device=q.device)
     grid = (cdiv(T, BT), B * H)
     _select_kernel[grid](
@@ -451,10 +486,12 @@ def select_blocks(
         SINK=sink_blocks,
         LOCAL=local_blocks,
         BT=BT,
-        BN=next_pow2(opt.blocks),
+        BN=blocks,
         LANES=lanes,
         CAP=cap,
         ROW=row,
+        PASS1_LANES=opt.pass1_lanes,
+        PRUNE=opt.prune,
         INTERIOR=interior,
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
