@@ -181,6 +181,10 @@ SWEEP = {
         SelectOptions(rows=128, warps=8),
         SelectOptions(lanes=64),
         SelectOptions(blocks=128),
+        SelectOptions(prune=True),
+        SelectOptions(pass1_lanes=True),
+        SelectOptions(pass1_lanes=True, prune=True),
+        SelectOptions(pass1_lanes=True, prune=True, blocks=32),
     ],
     "fwd": [
         AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)
@@ -194,11 +198,14 @@ SWEEP = {
 }
 
 
+SWEEP_SHAPES = [(32, 8, 64), (9, 3, 64), (14, 2, 64)]  # the small groups the selection must serve
+
+
 def sweep(rows, T=32768, parts=("select",)) -> KernelOptions:
-    """Kernel variants at 32k on the two target shapes (selection tiles, warps, lanes, chunks; keys, warps and
+    """Kernel variants at 32k on SWEEP_SHAPES (selection tiles, warps, lanes, chunks; keys, warps and
     stages of the forward / dq kernels; rows, warps and stages of the dk/dv kernel) -> the options with the lowest
-    summed time over both shapes, used for the rest of the run (the defaults in options.py are the past winners)."""
-    data = [_inputs(T, HQ, H, D) for HQ, H, D in [(32, 2, 64), (32, 8, 64)]]
+    summed time over those shapes, used for the rest of the run (the defaults in options.py are the past winners)."""
+    data = [_inputs(T, HQ, H, D) for HQ, H, D in SWEEP_SHAPES]
     best_options = KernelOptions()
     for part in parts:
         best = None
@@ -227,7 +234,7 @@ def sweep(rows, T=32768, parts=("select",)) -> KernelOptions:
                             )
                 rows.append(dict(part=part, variant=dataclasses.asdict(var), HQ=q.shape[2], H=k.shape[2], T=T, ms=ms))
                 total += ms
-            print(f"sweep {part} {var}: {total:.3f} ms (both shapes)", flush=True)
+            print(f"sweep {part} {var}: {total:.3f} ms (summed over the shapes)", flush=True)
             if best is None or total < best[0]:
                 best = (total, opts)
         best_options = best[1]
