@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decode import graphed  # noqa: E402
 
 from ssa_adapt import ops  # noqa: E402
-from ssa_adapt.ops.triton.decode import decode_attend  # noqa: E402
+from ssa_adapt.ops.triton import decode_attend  # noqa: E402
 from ssa_adapt.ops.triton.options import DEFAULT_OPTIONS  # noqa: E402
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser
 
+from ssa_adapt import get_controller, set_inference
 from ssa_adapt.assets import austen_texts
 from ssa_adapt.eval import attention_statistics, austen_windows, load_model, parse_setups
-from ssa_adapt.patching.convert import get_controller, set_inference
 
 
 @dataclass

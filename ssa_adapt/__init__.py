@@ -1,12 +1,14 @@
 """ssa_adapt: trainable block-sparse attention (SSA, arXiv 2511.20102) for pretrained HuggingFace causal LMs."""
 
 from .config import SSAConfig
+from .decoding import SSACache, static_generate
 from .modeling import AutoSSAModelForCausalLM
+from .patching.controller import get_controller
 from .patching.convert import (
     alignment_loss,
     convert,
-    get_controller,
     is_converted,
+    reconfigure,
     record_attention_sparsity,
     set_inference,
     set_stream,
@@ -14,7 +16,6 @@ from .patching.convert import (
     unload,
 )
 from .patching.registry import ARCHITECTURES
-from .static_decoding import static_generate
 
 __version__ = "0.1.0"
 
@@ -40,10 +41,12 @@ __all__ = [
     "unload",
     "set_inference",
     "set_stream",
+    "reconfigure",
     "alignment_loss",
     "ssa_loss",
     "record_attention_sparsity",
     "get_controller",
     "is_converted",
     "static_generate",
+    "SSACache",
 ]

@@ -12,6 +12,8 @@ INFERENCE_MODES = ("sparse", "full")
 TRAIN_MODES = ("ssa", "full", "sparse", "nsa")
 ALIGN_LOSSES = ("smooth_l1", "l2")
 BACKENDS = ("auto", "reference", "triton", "fla")
+SELECTION_FIELDS = ("block_size", "block_count", "sink_blocks", "local_blocks")  # what decides the selected blocks
+STRUCTURAL_FIELDS = ("gate", "layers")  # what decides which weights and converted layers exist
 
 
 @dataclass
@@ -131,6 +133,11 @@ class SSAConfig:
     def receptive_field(self) -> int:
         """Tokens a sparse query can see at most: block_size * block_count."""
         return self.block_size * self.block_count
+
+    def selection_kwargs(self) -> dict[str, int]:
+        """{block_size, block_count, sink_blocks, local_blocks}: the keyword arguments of the selection ops
+        (`ssa_adapt.ops.select_blocks`, `sparse_attention`)."""
+        return {name: getattr(self, name) for name in SELECTION_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,5 @@
-"""`AutoSSAModelForCausalLM`: load a converted checkpoint (local folder or Hub id), or convert a plain one."""
+"""Loading: `load_causal_lm`, the one way to load a checkpoint (local folder or Hub id) converted or plain, with SSA
+overrides; `AutoSSAModelForCausalLM`, the same for models that must come back converted."""
 
 from __future__ import annotations
 
@@ -12,13 +13,23 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import cached_file
 
-from .config import SSAConfig
+from .config import STRUCTURAL_FIELDS, SSAConfig
 from .local_paths import require_local_path
-from .patching.convert import CONFIG_KEY, convert
+from .patching.controller import CONFIG_KEY
+from .patching.convert import convert
 
-__all__ = ["AutoSSAModelForCausalLM"]
+__all__ = ["AutoSSAModelForCausalLM", "load_causal_lm"]
 
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+_HUB_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "revision",
+    "local_files_only",
+    "subfolder",
+    "trust_remote_code",
+)
 
 
 @contextlib.contextmanager
@@ -103,12 +114,65 @@ def _load_ssa_weights(
                         wanted[name].copy_(tensor)
 
 
+def _check_structure(saved: SSAConfig, new: SSAConfig, path: str) -> None:
+    for name in STRUCTURAL_FIELDS:
+        if getattr(saved, name) != getattr(new, name):
+            raise ValueError(
+                f"{path} was converted with {name}={getattr(saved, name)!r}; the overrides ask for "
+                f"{name}={getattr(new, name)!r}, which would change its weights. Leave {name} unset, or start from "
+                "the plain model."
+            )
+
+
+def load_causal_lm(
+    path: str,
+    *,
+    ssa_config: SSAConfig | dict | None = None,
+    ssa_overrides: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """Load a causal LM (local folder or Hub id) with or without SSA.
+
+    A checkpoint saved after `convert` (its `config.json` carries `ssa_config`) comes back converted with its own
+    SSAConfig; a plain one comes back plain. `ssa_overrides` ({SSAConfig field: value}, possibly empty) are applied
+    over the checkpoint's SSAConfig, or over `SSAConfig()` for a plain checkpoint, which they convert; they cannot
+    change `gate` or `layers` of a converted checkpoint (its weights depend on them). `ssa_config` instead gives the
+    whole SSAConfig. Other keyword arguments go to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, ...).
+    """
+    path = str(path)
+    require_local_path(path, "model")
+    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, **hub_kwargs)
+    saved = getattr(config, CONFIG_KEY, None)
+    if ssa_config is not None and ssa_overrides is not None:
+        raise ValueError("Pass ssa_config (the whole SSAConfig) or ssa_overrides (some fields), not both.")
+    if isinstance(ssa_config, dict):
+        ssa_config = SSAConfig.from_dict(ssa_config)
+    if ssa_overrides is not None:
+        base = SSAConfig.from_dict(saved) if saved is not None else SSAConfig()
+        ssa_config = base.replace(**ssa_overrides)
+        if saved is not None:
+            _check_structure(base, ssa_config, path)
+    if ssa_config is None and saved is not None:
+        ssa_config = SSAConfig.from_dict(saved)
+    if ssa_config is None:
+        return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    if saved is not None:
+        delattr(config, CONFIG_KEY)  # convert() writes it back
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with _ignore_ssa_weights_on_load(model_cls):
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    convert(model, ssa_config)
+    _load_ssa_weights(model, path, hub_kwargs, ssa_config, saved)
+    return model
+
+
 class AutoSSAModelForCausalLM:
     """Loads SSA models the way `AutoModelForCausalLM` loads plain ones.
 
     `from_pretrained(path_or_hub_id)` rebuilds a model saved after `ssa_adapt.convert` (its `config.json`
-    carries `ssa_config`). Given a plain checkpoint, pass `ssa_config=SSAConfig(...)` to convert it on load.
-    Other keyword arguments go to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, ...).
+    carries `ssa_config`). Given a plain checkpoint, pass `ssa_config=SSAConfig(...)` (or `ssa_overrides={...}`
+    over the defaults) to convert it on load. See `load_causal_lm` for the arguments.
     """
 
     def __init__(self, *args, **kwargs):
@@ -116,27 +180,21 @@ class AutoSSAModelForCausalLM:
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str, *, ssa_config: SSAConfig | dict | None = None, **kwargs: Any
+        cls,
+        pretrained_model_name_or_path: str,
+        *,
+        ssa_config: SSAConfig | dict | None = None,
+        ssa_overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> torch.nn.Module:
         path = str(pretrained_model_name_or_path)
-        require_local_path(path, "model")
-        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, **hub_kwargs)
-        saved = getattr(config, CONFIG_KEY, None)
-        if isinstance(ssa_config, dict):
-            ssa_config = SSAConfig.from_dict(ssa_config)
-        if ssa_config is None:
-            if saved is None:
+        if ssa_config is None and ssa_overrides is None:
+            require_local_path(path, "model")
+            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            kwargs["config"] = kwargs.get("config") or AutoConfig.from_pretrained(path, **hub_kwargs)
+            if getattr(kwargs["config"], CONFIG_KEY, None) is None:
                 raise ValueError(
-                    f"{path!r} is a plain checkpoint (its config has no {CONFIG_KEY!r}); pass ssa_config=SSAConfig(...) "
-                    "to convert it while loading."
+                    f"{path!r} is a plain checkpoint (its config has no {CONFIG_KEY!r}); pass "
+                    "ssa_config=SSAConfig(...) to convert it while loading."
                 )
-            ssa_config = SSAConfig.from_dict(saved)
-        if saved is not None:
-            delattr(config, CONFIG_KEY)  # convert() writes it back
-        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        with _ignore_ssa_weights_on_load(model_cls):
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
-        convert(model, ssa_config)
-        _load_ssa_weights(model, path, hub_kwargs, ssa_config, saved)
-        return model
+        return load_causal_lm(path, ssa_config=ssa_config, ssa_overrides=ssa_overrides, **kwargs)

@@ -16,7 +16,8 @@ from interpreted import run_interpreted, write_interpreted
 
 pytest.importorskip("triton")
 
-from ssa_adapt.cache import SSACache  # noqa: E402
+from ssa_adapt import ops  # noqa: E402
+from ssa_adapt.ops import reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 # (B, H, D, block size, document starts, first key length, decode steps)
@@ -36,25 +37,22 @@ def _steps(case, device, use_kernel: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     cache_keys = torch.randn(B, H, t0 + steps, D, generator=g).to(device)  # the cache's layout
     start = torch.tensor(starts, device=device)
-    state = SSACache._recompute(cache_keys[:, :, :t0].transpose(1, 2), start, BS)
-    state.means = torch.cat([state.means, torch.zeros_like(state.means)], 1)  # room for the whole run
+    means = reference.block_means(cache_keys[:, :, :t0].transpose(1, 2), start, BS, (t0 + steps) // BS)
     worst_path, worst_keys, complete = 0.0, 0.0, 0
     for TK in range(t0 + 1, t0 + steps + 1):
         keys = cache_keys[:, :, :TK].transpose(1, 2)  # [B, TK, H, D], not contiguous
-        ref = SSACache._append(  # the PyTorch path, on the CPU
-            type(state)(state.means.to("cpu", copy=True), state.start.cpu(), state.key_len), keys.cpu(), BS
-        ).means.to(device)
+        ref = means.to("cpu", copy=True)  # the PyTorch path, on the CPU
+        reference.append_block_means(ref, start.cpu(), keys.cpu(), BS)
         if use_kernel:
-            append_block_means(state.means, state.start, keys, BS)
-            state.key_len = TK
-        else:
-            state = SSACache._append(state, keys, BS)
-        worst_path = max(worst_path, (state.means - ref).abs().max().item())
+            append_block_means(means, start, keys, BS)
+        else:  # the dispatcher, what SSACache calls: the kernel on CUDA, the reference elsewhere
+            ops.append_block_means(means, start, keys, BS)
+        worst_path = max(worst_path, (means - ref.to(device)).abs().max().item())
         for b, s in enumerate(starts):  # every complete block of every row against its keys
             n = (TK - s) // BS
             if n > 0:
                 want = keys[b, s : s + n * BS].reshape(n, BS, H, D).float().mean(1)
-                worst_keys = max(worst_keys, (state.means[b, :n] - want).abs().max().item())
+                worst_keys = max(worst_keys, (means[b, :n] - want).abs().max().item())
                 complete += n
     return {"vs_torch_path": worst_path, "vs_keys": worst_keys, "complete_blocks_checked": complete}
 
@@ -96,7 +94,7 @@ def test_kernel_checks_inputs():
 def test_cache_means_kernel_gpu(case):
     r = _steps(CASES[case], "cuda", use_kernel=True)
     assert r["vs_torch_path"] < 1e-6 and r["vs_keys"] < 1e-5, r
-    r = _steps(CASES[case], "cuda", use_kernel=False)  # the cache's own CUDA path is the kernel
+    r = _steps(CASES[case], "cuda", use_kernel=False)  # the dispatcher's CUDA path is the kernel
     assert r["vs_keys"] < 1e-5, r
 
 

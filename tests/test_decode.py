@@ -6,9 +6,7 @@ from tiny_models import cache_kwargs, tiny_model, token_batch
 from transformers import DynamicCache
 
 import ssa_adapt
-import ssa_adapt.patching.attention as attention_module
-from ssa_adapt import SSAConfig
-from ssa_adapt.cache import SSACache
+from ssa_adapt import SSACache, SSAConfig
 
 CONFIG = SSAConfig(block_size=4, block_count=4)
 
@@ -18,9 +16,9 @@ def model():
     return ssa_adapt.convert(tiny_model("llama", 3, layers=2), CONFIG)
 
 
-def _decode_logits(model, ids, prefill):
-    """Prefill `prefill` tokens, then feed the rest one by one through the cache -> logits [B, T, V]."""
-    cache = DynamicCache()
+def _decode_logits(model, ids, prefill, cache_class=SSACache):
+    """Prefill `prefill` tokens, then feed the rest one by one through a `cache_class` -> logits [B, T, V]."""
+    cache = cache_class()
     with torch.no_grad():
         out = [model(ids[:, :prefill], **cache_kwargs(cache), use_cache=True).logits]
         for t in range(prefill, ids.shape[1]):
@@ -28,16 +26,20 @@ def _decode_logits(model, ids, prefill):
     return torch.cat(out, 1), cache
 
 
+@pytest.mark.parametrize("cache_class", [SSACache, DynamicCache])
 @pytest.mark.parametrize("mode", ["sparse", "full"])
-def test_teacher_forced_cached_decoding_equals_no_cache_forward(model, mode):
+def test_teacher_forced_cached_decoding_equals_no_cache_forward(model, mode, cache_class):
+    """An SSACache (block means) and a plain DynamicCache (selection from the keys) both decode what the no-cache
+    forward computes."""
     ssa_adapt.set_inference(model, mode)
     ids = token_batch(2, 75)
     with torch.no_grad():
         reference = model(ids).logits
-    logits, cache = _decode_logits(model, ids, prefill=9)
+    logits, cache = _decode_logits(model, ids, prefill=9, cache_class=cache_class)
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
-    if mode == "sparse":
-        assert isinstance(cache, SSACache) and sorted(cache._ssa_means) == [0, 1]
+    assert type(cache) is cache_class  # used as given, never changed into another class
+    if mode == "sparse" and cache_class is SSACache:
+        assert all(cache.layer_means(layer) is not None for layer in (0, 1))
 
 
 def test_cached_block_means_equal_means_of_cached_keys(model):
@@ -47,7 +49,7 @@ def test_cached_block_means_equal_means_of_cached_keys(model):
         keys = cache.layers[layer].keys.transpose(1, 2)  # [B, TK, H, D]
         n = keys.shape[1] // 4
         expected = keys[:, : n * 4].reshape(2, n, 4, *keys.shape[2:]).mean(2)
-        state = cache._ssa_means[layer]
+        state = cache.layer_means(layer)
         assert state.key_len == keys.shape[1]
         torch.testing.assert_close(state.means[:, :n], expected, atol=1e-6, rtol=0)
 
@@ -82,16 +84,26 @@ def test_left_padded_batch_generates_like_each_row_alone(model):
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_beams=3, do_sample=False), dict(do_sample=True, top_k=20)])
-def test_beam_search_and_sampling_match_selection_from_keys(model, kwargs, monkeypatch):
-    """The cached means follow beam reordering: same output as selecting from the keys at every step."""
+def test_beam_search_and_sampling_match_selection_from_keys(model, kwargs):
+    """generate() builds an SSACache, whose means follow beam reordering: the same output as selecting from the
+    keys at every step (a plain DynamicCache passed in)."""
     prompt = token_batch(2, 37)
 
-    def run():
+    def run(**cache):
         torch.manual_seed(0)
         mask = torch.ones_like(prompt)
-        return model.generate(prompt, attention_mask=mask, max_new_tokens=14, pad_token_id=0, **kwargs)
+        out = model.generate(prompt, attention_mask=mask, max_new_tokens=14, pad_token_id=0,
+                             return_dict_in_generate=True, **cache, **kwargs)  # fmt: skip
+        return out.sequences, getattr(out, "cache", getattr(out, "past_key_values", None))
 
-    with_cache_means = run()
-    monkeypatch.setattr(attention_module, "as_ssa_cache", lambda cache: None)
-    from_keys = run()
+    with_cache_means, built = run()
+    from_keys, given = run(**cache_kwargs(DynamicCache()))
+    assert isinstance(built, SSACache) and type(given) is DynamicCache
     assert torch.equal(with_cache_means, from_keys)
+
+
+def test_unload_restores_transformers_cache():
+    """generate() of an unloaded model builds transformers' own DynamicCache again."""
+    model = ssa_adapt.unload(ssa_adapt.convert(tiny_model("llama", 3, layers=2), CONFIG))
+    out = model.generate(token_batch(1, 10), max_new_tokens=2, pad_token_id=0, return_dict_in_generate=True)
+    assert type(getattr(out, "cache", getattr(out, "past_key_values", None))) is DynamicCache

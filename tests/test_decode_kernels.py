@@ -1,4 +1,4 @@
-"""The decode kernels (`ssa_adapt/ops/triton/decode.py`: selection from cached block means, split-KV attention)
+"""The decode kernels (`ssa_adapt/ops/triton/decode/`: selection from cached block means, split-KV attention)
 against the PyTorch reference, on odd shapes with left padding, by exact index equality (up to importance ties)
 and relative RMS error, with poisoned outputs and NaN garbage in the block means past each row's complete blocks.
 
@@ -178,7 +178,8 @@ def rel_rms(x, ref) -> float:
 def run_case(c, device, options) -> dict:
     """All checks of one case -> {name: value}. options: the `KernelOptions` every call starts from (the tests:
     poisoned); the variants replace some of its decode options."""
-    from ssa_adapt.ops.triton import decode, decode_attend, decode_select
+    from ssa_adapt.ops.triton import decode_attend, decode_select
+    from ssa_adapt.ops.triton.decode import select as decode
 
     q, k, v, ds, means = make_inputs(c, device)
     B, T, TK = c["B"], c["T"], c["TK"]
@@ -212,7 +213,7 @@ def run_case(c, device, options) -> dict:
         ("lanes", decoding(finish="row", finish_blocks=8)),
     ]
     # the finishing kernels read the splits' statistics a chunk at a time: 5 splits in chunks of 2 (a partial one);
-    # the chunked finishing's scratch buffers are kept (a spy on decode._workspace), so the candidates' keys it
+    # the chunked finishing's scratch buffers are kept (a spy on the selection's workspace), so the candidates' keys it
     # wrote can be checked: each carries its block's importance
     variants += [
         ("row-stats-chunks", decoding(stats_chunk=2, finish="row")),
@@ -224,8 +225,8 @@ def run_case(c, device, options) -> dict:
         variants += [("precision", decoding(score_precision=other))]
     kept = []
 
-    def keep(device, poison, *words, ws=decode._workspace):
-        """decode._workspace that keeps its buffers, every word -1 (NaN as float32): keys never written read -1"""
+    def keep(device, poison, *words, ws=decode.workspace):
+        """the selection's workspace that keeps its buffers, every word -1 (NaN as float32): keys never written read -1"""
         bufs = ws(device, poison, *words)
         for b in bufs:
             b.view(torch.int32).fill_(-1)
@@ -243,11 +244,11 @@ def run_case(c, device, options) -> dict:
         elif how == "splits":
             got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=arg, options=options, **sel)
         elif how == "chunks-stats-chunks":  # scratch buffers: logits, stats, candidates, survivors
-            workspace, decode._workspace = decode._workspace, keep
+            workspace, decode.workspace = decode.workspace, keep
             try:
                 got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=splits_of[how], options=arg, **sel)
             finally:
-                decode._workspace = workspace
+                decode.workspace = workspace
             keys = kept[-2].view(torch.int64).view(units, -1)
             res["importance_err"] = max(res.get("importance_err", 0.0), keys_error(keys, imp, units))
         else:
@@ -384,7 +385,8 @@ def test_decode_kernels_compile_for_sm90(G):
         from triton.backends.compiler import GPUTarget
     except ImportError:
         pytest.skip("this triton has no GPUTarget for ahead-of-time compilation")
-    from ssa_adapt.ops.triton import decode as d
+    from ssa_adapt.ops.triton.decode import attend as d_attend
+    from ssa_adapt.ops.triton.decode import select as d
     from ssa_adapt.ops.triton.options import DEFAULT_OPTIONS
 
     o = DEFAULT_OPTIONS.decode
@@ -429,7 +431,7 @@ def test_decode_kernels_compile_for_sm90(G):
     for one in (True, False):
         kernels.append(
             (
-                d._decode_attend_kernel,
+                d_attend._decode_attend_kernel,
                 dict(ptr, q="*bf16", k="*bf16", v="*bf16", block_indices="*i32", o="*bf16", part_o="*fp32",
                      part_ml="*fp32", scale_log2="fp32"),
                 dict(common, GR=16, S=16, NBK=2, ONE_SPLIT=one, HAS_POS=not one, DOT_PREC="tf32"),
@@ -437,7 +439,12 @@ def test_decode_kernels_compile_for_sm90(G):
             )
         )  # fmt: skip
     kernels.append(
-        (d._decode_combine_kernel, dict(part_o="*fp32", part_ml="*fp32", o="*bf16"), dict(G=G, GP=16, D=64, BD=64), 4)
+        (
+            d_attend._decode_combine_kernel,
+            dict(part_o="*fp32", part_ml="*fp32", o="*bf16"),
+            dict(G=G, GP=16, D=64, BD=64),
+            4,
+        )
     )
     for fn, types, consts, warps in kernels:
         compiled = compile_(fn, types, consts, warps)
@@ -488,7 +495,7 @@ def teacher_forced(device, prompt=600, total=700, dtype=torch.float32, backend="
     from tiny_models import cache_kwargs, tiny_model, token_batch
 
     import ssa_adapt
-    from ssa_adapt.cache import SSACache
+    from ssa_adapt import SSACache
 
     model = tiny_model("llama", 3, kv_heads=2, layers=2, head_dim=64, max_position_embeddings=2 * total)
     config = ssa_adapt.SSAConfig(block_size=16, block_count=block_count, backend=backend)
@@ -546,7 +553,7 @@ def test_smollm2_cached_decoding_equals_no_cache_forward_gpu(dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import ssa_adapt
-    from ssa_adapt.cache import SSACache
+    from ssa_adapt import SSACache
 
     try:
         path, novels = assets.smollm2_path(), assets.austen_texts()

@@ -277,7 +277,7 @@ def test_attend_interpreted(interpreted, case):
 
 
 def test_cu_seqlens_round_trip():
-    from ssa_adapt.ops.triton.fla_nsa import cu_seqlens_from_doc_start
+    from ssa_adapt.ops.fla_nsa import cu_seqlens_from_doc_start
 
     cu = torch.tensor([0, 5, 17, 18, 40])
     assert cu_seqlens_from_doc_start(doc_start_from_cu_seqlens(cu, 40)).tolist() == cu.tolist()
@@ -288,7 +288,7 @@ def test_cu_seqlens_round_trip():
 @pytest.mark.parametrize("TK", [150, 200])
 def test_flex_block_lists(TK, docs, window):
     """The FlexAttention block mask lists every key block a query block sees, and calls full only full blocks."""
-    from ssa_adapt.ops.triton import flex
+    from ssa_adapt.ops import flex
 
     T, BS = 150, flex.FLEX_BLOCK
     upper = (torch.arange(T) + TK - T).expand(1, T)

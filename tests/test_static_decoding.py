@@ -1,4 +1,4 @@
-"""`static_generate`: a static KV cache and CUDA-graph decode steps (ssa_adapt/static_decoding.py).
+"""`static_generate`: a static KV cache and CUDA-graph decode steps (ssa_adapt/decoding/static.py).
 
 CPU (CI): the static cache's eager path (PyTorch reference) against `generate()`, token for token; the kernels'
 device-side positions (decode_attend's q_pos, the block-mean update's key_len) interpreted in subprocesses
@@ -112,8 +112,8 @@ def run_kernel_case(name: str) -> dict:
     same calls on the buffer cut to the written keys (where TK says where the query is); poisoned outputs."""
     from interpreted import POISONED
 
+    from ssa_adapt.ops.triton import decode_attend
     from ssa_adapt.ops.triton.cache_means import append_block_means
-    from ssa_adapt.ops.triton.decode import decode_attend
 
     B, HQ, H, D, BS, starts, n, L = KERNEL_CASES[name]
     g = torch.Generator().manual_seed(0)

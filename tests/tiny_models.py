@@ -3,6 +3,10 @@
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from ssa_adapt.compat import cache_kwargs
+
+__all__ = ["ARCHS", "GROUPS", "tiny_config", "tiny_model", "token_batch", "cache_kwargs"]
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 GROUPS = (1, 2, 3, 4, 7)
 
@@ -40,14 +44,3 @@ def tiny_model(arch: str = "llama", group: int = 2, seed: int = 0, **overrides):
 
 def token_batch(batch: int = 2, length: int = 80, vocab: int = 97, seed: int = 1):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def cache_kwargs(cache) -> dict:
-    """The forward keyword of a KV cache: `cache` in transformers >= 5.2x, `past_key_values` before (the GPU image
-    has 5.17)."""
-    import inspect
-
-    from transformers import LlamaForCausalLM
-
-    name = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-    return {name: cache}

@@ -29,34 +29,24 @@ from lm_eval.models.huggingface import HFLM
 from ..config import SSAConfig
 from ..local_paths import require_local_path
 from ..modeling import AutoSSAModelForCausalLM
-from ..patching.convert import CONFIG_KEY, convert, get_controller, set_inference
+from ..patching.controller import get_controller
+from ..patching.convert import convert, reconfigure
 from .perplexity import apply_rope_scaling
 
 __all__ = ["SSALM"]
 
 logger = logging.getLogger(__name__)
 
-SSA_ARGS = ("inference_mode", "block_size", "block_count", "sink_blocks", "local_blocks", "backend")
-
-
-def _ssa_config_for(saved: dict | None, overrides: dict) -> SSAConfig:
-    """The checkpoint's SSAConfig (or the default for a plain one) with the lm-eval arguments applied."""
-    config = SSAConfig.from_dict(saved) if saved else SSAConfig()
-    return config.replace(**overrides) if overrides else config
-
 
 class _SSALoader:
-    """Stands in for `AutoModelForCausalLM` inside HFLM's loader: loads and converts with the requested SSAConfig."""
+    """Stands in for `AutoModelForCausalLM` inside HFLM's loader: loads and converts with the SSA overrides."""
 
     def __init__(self, overrides: dict):
         self.overrides = overrides
 
     def from_pretrained(self, path, **kwargs):
-        hub = {k: kwargs[k] for k in ("revision", "subfolder", "trust_remote_code", "token") if kwargs.get(k)}
-        config = transformers.AutoConfig.from_pretrained(path, **hub)
-        ssa_config = _ssa_config_for(getattr(config, CONFIG_KEY, None), self.overrides)
         kwargs = {k: v for k, v in kwargs.items() if not (k in ("gguf_file", "quantization_config") and v is None)}
-        return AutoSSAModelForCausalLM.from_pretrained(path, ssa_config=ssa_config, **kwargs)
+        return AutoSSAModelForCausalLM.from_pretrained(path, ssa_overrides=self.overrides, **kwargs)
 
 
 @register_model("ssa")
@@ -105,11 +95,9 @@ class SSALM(HFLM):
     def _prepare_loaded(self, model) -> None:
         """Convert an already-loaded plain model, or apply the overrides to a converted one."""
         if get_controller(model) is None:
-            convert(model, _ssa_config_for(None, self._ssa_overrides))
+            convert(model, SSAConfig().replace(**self._ssa_overrides))
         elif self._ssa_overrides:
-            set_inference(
-                model, **{("mode" if k == "inference_mode" else k): v for k, v in self._ssa_overrides.items()}
-            )
+            reconfigure(model, **self._ssa_overrides)
         self._apply_rope(model)
 
     def _apply_rope(self, model) -> None:

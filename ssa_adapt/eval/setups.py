@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SSAConfig
-from ..patching.convert import convert, get_controller, set_inference, unload
+from ..patching.controller import get_controller
+from ..patching.convert import convert, set_inference, unload
 from .attention_stats import Budget
 
 __all__ = ["EvalSetup", "parse_setup", "parse_setups", "apply_setup", "load_model"]
@@ -90,10 +91,9 @@ def load_model(
 ):
     """(model, tokenizer) for evaluation: a converted checkpoint comes back converted, a plain one plain (apply a
     setup to convert it). `path` defaults to SmolLM2-135M-Instruct from ``ssa_adapt.assets.smollm2_path()``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from ..modeling import AutoSSAModelForCausalLM
-    from ..patching.convert import CONFIG_KEY
+    from ..modeling import load_causal_lm
     from .perplexity import apply_rope_scaling
 
     if path is None:
@@ -101,9 +101,7 @@ def load_model(
 
         path = str(smollm2_path())
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    loader = AutoSSAModelForCausalLM if getattr(AutoConfig.from_pretrained(path), CONFIG_KEY, None) else None
-    loader = loader or AutoModelForCausalLM
-    model = loader.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    model = load_causal_lm(path, dtype=torch_dtype).to(device).eval()
     if rope_scaling_factor:
         apply_rope_scaling(
             model, rope_scaling_factor, original_max_position_embeddings=rope_original_max_position_embeddings

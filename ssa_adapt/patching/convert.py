@@ -1,4 +1,5 @@
-"""`convert`, `unload`, `set_inference`, `set_stream` and the loss helpers: the lifecycle of a converted model."""
+"""`convert`, `unload`, `set_inference`, `set_stream`, `reconfigure` and the loss helpers: the lifecycle of a
+converted model."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from ..config import SSAConfig
-from .attention import ATTN_IMPLEMENTATION, SSAController, SSALayerState, ssa_attention_forward
+from ..config import STRUCTURAL_FIELDS, SSAConfig
+from ..decoding.cache import build_ssa_caches
+from .attention import ATTN_IMPLEMENTATION, ssa_attention_forward
+from .controller import (
+    CONFIG_KEY,
+    SSAController,
+    SSALayerState,
+    controller_owner,
+    get_controller,
+    require_controller,
+)
 from .registry import find_attention_layers, get_architecture, layer_sliding_window
 
 __all__ = [
@@ -20,6 +30,7 @@ __all__ = [
     "unload",
     "set_inference",
     "set_stream",
+    "reconfigure",
     "get_controller",
     "is_converted",
     "alignment_loss",
@@ -44,29 +55,9 @@ def ssa_attention_mask(
 AttentionInterface.register(ATTN_IMPLEMENTATION, ssa_attention_forward)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ssa_attention_mask)
 
-CONFIG_KEY = "ssa_config"  # where the SSAConfig lives inside the model's config.json
-
-
-def get_controller(model: nn.Module) -> SSAController | None:
-    """The SSAController of a converted model (also found through PEFT wrappers), or None."""
-    for module in model.modules():
-        ctrl = module.__dict__.get("ssa_controller")
-        if ctrl is not None:
-            return ctrl
-    return None
-
 
 def is_converted(model: nn.Module) -> bool:
     return get_controller(model) is not None
-
-
-def _require_controller(model: nn.Module) -> SSAController:
-    ctrl = get_controller(model)
-    if ctrl is None:
-        raise ValueError(
-            "This model has no SSA attention: convert it first with ssa_adapt.convert(model, SSAConfig(...))."
-        )
-    return ctrl
 
 
 def _pass_inputs(module, args, kwargs):
@@ -137,6 +128,7 @@ def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0)
     for attn in layers.values():  # every layer: the unconverted ones also need the cache (see attention._written)
         ctrl.handles.append(attn.register_forward_pre_hook(_pass_inputs, with_kwargs=True))
     ctrl.handles.append(model.register_forward_pre_hook(lambda module, args: ctrl.begin_forward(module.training)))
+    ctrl.handles.append(build_ssa_caches(model))  # generate() builds SSACache / SSAStaticCache
     model.ssa_controller = ctrl
     hf_config.ssa_config = config.to_dict()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -145,8 +137,8 @@ def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0)
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove SSA from a converted model, in place: the original attention, state dict and config come back."""
-    ctrl = _require_controller(model)
-    owner = next(m for m in model.modules() if m.__dict__.get("ssa_controller") is ctrl)
+    ctrl = require_controller(model)
+    owner = controller_owner(model, ctrl)
     for handle in ctrl.handles:
         handle.remove()
     for module in owner.modules():
@@ -180,7 +172,6 @@ def set_inference(
     To train with the budget the model was trained with, set it back first, e.g.
     `set_inference(model, block_count=16)`.
     """
-    ctrl = _require_controller(model)
     changes = dict(
         inference_mode=mode,
         block_size=block_size,
@@ -189,14 +180,29 @@ def set_inference(
         local_blocks=local_blocks,
         backend=backend,
     )
-    ctrl.config = ctrl.config.replace(**{k: v for k, v in changes.items() if v is not None})
-    ctrl.note_inference_selection()
-    _owner_config(model, ctrl).ssa_config = ctrl.config.to_dict()
+    return _apply(model, {k: v for k, v in changes.items() if v is not None}, for_inference=True)
+
+
+def reconfigure(model: nn.Module, **changes) -> SSAConfig:
+    """Change any field of a converted model's SSAConfig but those that decide which weights and layers exist
+    (`gate`, `layers`: convert the plain model again for those); returns the new, validated SSAConfig, which
+    `save_pretrained` saves. For inference-time changes, `set_inference`."""
+    ctrl = require_controller(model)
+    structural = [k for k in STRUCTURAL_FIELDS if k in changes and changes[k] != getattr(ctrl.config, k)]
+    if structural:
+        what = ", ".join(f"{k}={changes[k]!r} (converted with {getattr(ctrl.config, k)!r})" for k in structural)
+        raise ValueError(
+            f"reconfigure: {what} would change which weights and layers exist. Leave them as converted, or "
+            "ssa_adapt.unload(model) and convert it again."
+        )
+    return _apply(model, changes)
+
+
+def _apply(model: nn.Module, changes: dict, for_inference: bool = False) -> SSAConfig:
+    ctrl = require_controller(model)
+    ctrl.reconfigure(ctrl.config.replace(**changes), for_inference=for_inference)
+    setattr(controller_owner(model, ctrl).config, CONFIG_KEY, ctrl.config.to_dict())
     return ctrl.config
-
-
-def _owner_config(model: nn.Module, ctrl: SSAController):
-    return next(m for m in model.modules() if m.__dict__.get("ssa_controller") is ctrl).config
 
 
 def set_stream(model: nn.Module, stream: str | None) -> None:
@@ -204,12 +210,12 @@ def set_stream(model: nn.Module, stream: str | None) -> None:
     to draw one per forward pass with probability `full_prob` (from the seed given to `convert`)."""
     if stream not in (None, "full", "sparse"):
         raise ValueError(f"stream={stream!r}: use 'full', 'sparse' or None (draw per forward pass).")
-    _require_controller(model).stream = stream
+    require_controller(model).stream = stream
 
 
 def alignment_loss(model: nn.Module) -> torch.Tensor | None:
     """Mean over converted layers of the alignment loss recorded by the last SSA-training forward pass, or None."""
-    losses = _require_controller(model).align_losses
+    losses = require_controller(model).align_losses
     if not losses:
         return None
     values = list(losses.values())
@@ -233,14 +239,14 @@ def ssa_loss(model: nn.Module, lm_loss: torch.Tensor) -> torch.Tensor:
     align = alignment_loss(model)
     if align is None:
         return lm_loss
-    return lm_loss + _require_controller(model).config.align_weight * align.to(lm_loss.device)
+    return lm_loss + require_controller(model).config.align_weight * align.to(lm_loss.device)
 
 
 @contextlib.contextmanager
 def record_attention_sparsity(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
     """Within the block, every forward pass records per converted layer the mean AttnSparsity (full attention
     mass inside the selected blocks) into the yielded dict {layer_idx: scalar tensor}."""
-    ctrl = _require_controller(model)
+    ctrl = require_controller(model)
     ctrl.sparsity = {}
     try:
         yield ctrl.sparsity

@@ -4,8 +4,10 @@ A static cache layer hands the attention its whole buffers [B, H, max_cache_len,
 positions hold keys. Eagerly the attention takes the written keys (`written`). A compiled decode step cannot
 (n is a device value there), so it attends over the whole buffers with the queries' positions as tensors
 (`compiled_static_attention`): the PyTorch reference on the CPU; on CUDA the decode kernels (custom ops), the
-sparse stream selecting from block means kept beside the cache (`SSAStaticCache`, built by the eager prefill and
-updated in place by each compiled step).
+sparse stream selecting from block means kept beside the cache (`SSAStaticCache`, which a converted model's
+`generate()` builds: filled by the eager prefill and updated in place by each compiled step). transformers' own
+`StaticCache`, passed in by hand, works too: its sparse layers on the kernels then run eagerly inside the compiled
+step.
 """
 
 from __future__ import annotations
@@ -14,13 +16,11 @@ import torch
 from torch import nn
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
-from ..cache import SSACache, as_ssa_static_cache
-from ..ops import resolve_backend
+from ..ops import block_means, kernels_run, static_cache_decode
 from ..ops.reference import static_cache_attention
+from .gate import gated
 
 __all__ = ["static_layer", "written", "refresh_block_means", "traceable", "compiled_static_attention"]
-
-SELECTION = ("block_size", "block_count", "sink_blocks", "local_blocks")
 
 
 def static_layer(module: nn.Module, cache) -> StaticLayer | None:
@@ -49,10 +49,7 @@ def written(layer: StaticLayer, key, value, attention_mask) -> tuple:
 
 def _kernels(module: nn.Module, query: torch.Tensor) -> bool:
     state = getattr(module, "ssa_state", None)
-    if state is None:
-        return False
-    backend = state.controller.config.backend
-    return resolve_backend("auto" if backend == "fla" else backend, query) == "triton"
+    return state is not None and kernels_run(state.controller.config.backend, query)
 
 
 def _first_real_key(attention_mask, B: int, device) -> torch.Tensor:
@@ -69,16 +66,11 @@ def refresh_block_means(module: nn.Module, cache, layer: StaticLayer, key, atten
     state = getattr(module, "ssa_state", None)
     if state is None or module.training or state.controller.config.inference_mode != "sparse":
         return
-    if not _kernels(module, key):
+    if not _kernels(module, key) or not hasattr(cache, "ssa_means"):  # an SSAStaticCache keeps them
         return
-    cache = as_ssa_static_cache(cache)
     bs = state.controller.config.block_size
-    B, H, _, D = key.shape
-    start = _first_real_key(attention_mask, B, key.device)
-    found = SSACache._recompute(key.transpose(1, 2), start, bs).means
-    means = key.new_zeros(B, layer.max_cache_len // bs + 1, H, D, dtype=torch.float32)
-    blocks = min(found.shape[1], means.shape[1])
-    means[:, :blocks] = found[:, :blocks]
+    start = _first_real_key(attention_mask, key.shape[0], key.device)
+    means = block_means(key.transpose(1, 2), start, bs, layer.max_cache_len // bs + 1)
     for buffer in (means, start):  # as transformers does for the cache's own buffers: CUDA graphs keep them
         torch._dynamo.mark_static_address(buffer)
     cache.ssa_means[module.layer_idx] = (means, start)
@@ -108,8 +100,6 @@ def compiled_static_attention(module, layer, query, key, value, attention_mask, 
     """A compiled decode step over a static cache layer's whole buffers key / value [B, H, L, D]: the queries
     are the last T of the n keys written (n: the 2D mask's length, else the layer's count; both may be device
     values), each row's document begins at its first real key (left padding) -> ([B, T, HQ, D], None)."""
-    from .attention import _gate_values
-
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if not (q.dtype == k.dtype == v.dtype):
         q, k = q.to(v.dtype), k.to(v.dtype)
@@ -123,28 +113,14 @@ def compiled_static_attention(module, layer, query, key, value, attention_mask, 
     state = getattr(module, "ssa_state", None)
     cfg = state.controller.config if state is not None else None
     mode = cfg.inference_mode if cfg is not None else "full"
-    selection = {} if cfg is None else {name: getattr(cfg, name) for name in SELECTION}
-    if _kernels(module, q):
-        out = _kernel_decode(module, kwargs.get("ssa_cache"), layer, q, k, v, start, q_pos, mode, scaling, selection)
-    else:
+    selection = {} if cfg is None else cfg.selection_kwargs()
+    if not _kernels(module, q):
         out = static_cache_attention(q, k, v, start, q_pos, mode=mode, scale=scaling, **selection)
-    if getattr(module, "ssa_gate", None) is not None:
-        out = out * _gate_values(module, kwargs.get("ssa_hidden"), 1, out.dtype)[:, :, 0]
-    return out, None
-
-
-def _kernel_decode(module, cache, layer, q, k, v, start, q_pos, mode, scale, selection) -> torch.Tensor:
-    """The decode kernels (custom ops) with the queries' positions on the device: full mode attends over every
-    block of the row; sparse mode updates the cache's block means with the newest key and selects from them."""
-    from ..ops.triton import library as lib
-
-    B, H, bs = q.shape[0], k.shape[2], selection["block_size"]
-    if mode == "full":
-        n = k.shape[1] // bs + 1
-        every = torch.arange(n, dtype=torch.int32, device=q.device).expand(B, q.shape[1], H, n).contiguous()
-        return lib.decode_attend(q, k, v, every, start, q_pos, bs, scale, "")
-    means, row_start = cache.ssa_means[module.layer_idx]
-    lib.append_block_means(means, row_start, k, bs, layer.cumulative_length.reshape(1).to(torch.int64))
-    indices = lib.decode_select(q, means, q_pos, None, None, bs, selection["block_count"], selection["sink_blocks"],
-                                selection["local_blocks"], scale, "")  # fmt: skip
-    return lib.decode_attend(q, k, v, indices, start, q_pos, bs, scale, "")
+    elif mode == "full":
+        out = static_cache_decode(q, k, v, start, q_pos, mode="full", scale=scaling, **selection)
+    else:
+        means, row_start = kwargs.get("ssa_cache").ssa_means[module.layer_idx]
+        key_len = layer.cumulative_length.reshape(1).to(torch.int64)
+        out = static_cache_decode(q, k, v, start, q_pos, mode="sparse", scale=scaling, block_means=means,
+                                  row_start=row_start, key_len=key_len, **selection)  # fmt: skip
+    return gated(module, kwargs.get("ssa_hidden"), out), None

@@ -9,6 +9,7 @@ from typing import Any
 
 from trl import SFTConfig
 
+from ..compat import checkpointing_prefix, hand_over_checkpointing
 from ..config import SSAConfig
 
 __all__ = ["SSATrainingConfig", "SSA_FIELDS"]
@@ -65,12 +66,7 @@ class SSATrainingConfig(_SSAFields, SFTConfig):
     )
 
     def __post_init__(self):
-        # TRL sets gradient_checkpointing (True by default); transformers >= 5.24 names it activation_checkpointing
-        # and warns about the old name whenever only that one is set, even when nobody set it: hand it over.
-        if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is not None:
-            self.activation_checkpointing = self.gradient_checkpointing
-            if self.activation_checkpointing_kwargs is None:
-                self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+        hand_over_checkpointing(self)
         super().__post_init__()
         # The choices and ranges are SSAConfig's own checks (the combined ones wait for the model's config).
         SSAConfig(**{k: getattr(self, k) for k in _SELF_CONTAINED if getattr(self, k) is not None})
@@ -78,8 +74,7 @@ class SSATrainingConfig(_SSAFields, SFTConfig):
             raise ValueError(
                 f"attn_sparsity_steps={self.attn_sparsity_steps}: use a step interval >= 1, or 0 for none."
             )
-        # transformers >= 5.24 names it activation_checkpointing (gradient_checkpointing mirrors it); 5.17 does not
-        prefix = "activation" if hasattr(self, "activation_checkpointing_kwargs") else "gradient"
+        prefix = checkpointing_prefix(self)
         if getattr(self, f"{prefix}_checkpointing"):
             kwargs = dict(getattr(self, f"{prefix}_checkpointing_kwargs") or {})
             if kwargs.get("use_reentrant") and self.train_mode in (None, "ssa"):

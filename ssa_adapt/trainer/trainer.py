@@ -13,26 +13,16 @@ import logging
 
 import numpy as np
 import torch
-from transformers import AutoConfig, PreTrainedModel, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from ..config import SSAConfig
-from ..local_paths import require_local_path
 from ..modeling import AutoSSAModelForCausalLM
-from ..patching.convert import (
-    CONFIG_KEY,
-    alignment_loss,
-    convert,
-    get_controller,
-    record_attention_sparsity,
-    set_stream,
-)
+from ..patching.controller import get_controller
+from ..patching.convert import alignment_loss, convert, reconfigure, record_attention_sparsity, set_stream
 from .checkpoints import check_resumable, last_checkpoint
 from .config import SSATrainingConfig
 
 __all__ = ["SSATrainer", "draw_stream"]
-
-_STRUCTURAL = ("gate", "layers")  # fields that decide which weights and layers exist
 
 
 def draw_stream(seed: int, step: int, micro_step: int, full_prob: float) -> str:
@@ -55,40 +45,17 @@ def _load_model(name: str, args: SSATrainingConfig) -> PreTrainedModel:
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"model_init_kwargs dtype={dtype!r}: use 'auto', 'bfloat16', 'float16' or 'float32'.")
         kwargs["dtype"] = getattr(torch, dtype)
-    hub = {k: kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir") if k in kwargs}
-    require_local_path(name, "model")
-    saved = getattr(AutoConfig.from_pretrained(name, **hub), CONFIG_KEY, None)
-    base = SSAConfig.from_dict(saved) if saved is not None else None
-    ssa_config = args.to_ssa_config(base)
-    if base is not None:
-        _check_structure(base, ssa_config, name)
-    return AutoSSAModelForCausalLM.from_pretrained(name, ssa_config=ssa_config, **kwargs)
-
-
-def _check_structure(old: SSAConfig, new: SSAConfig, where: str) -> None:
-    for name in _STRUCTURAL:
-        if getattr(old, name) != getattr(new, name):
-            raise ValueError(
-                f"{where} was converted with {name}={getattr(old, name)!r}; the training config asks for "
-                f"{name}={getattr(new, name)!r}, which would change its weights. Leave {name} unset, or start from "
-                "the plain model."
-            )
+    return AutoSSAModelForCausalLM.from_pretrained(name, ssa_overrides=args.ssa_overrides(), **kwargs)
 
 
 def _prepare_model(model: PreTrainedModel, args: SSATrainingConfig) -> PreTrainedModel:
     """Convert a plain model (or the base of a PEFT model) with the SSA fields of `args`, or apply those fields to
     an already converted one."""
-    ctrl = get_controller(model)
-    if ctrl is None:
+    if get_controller(model) is None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         convert(base, args.to_ssa_config(), seed=args.seed)
-        return model
-    new = args.to_ssa_config(ctrl.config)
-    if new != ctrl.config:
-        _check_structure(ctrl.config, new, "The model")
-        ctrl.config = new
-        owner = next(m for m in model.modules() if m.__dict__.get("ssa_controller") is ctrl)
-        setattr(owner.config, CONFIG_KEY, new.to_dict())
+    elif args.ssa_overrides():
+        reconfigure(model, **args.ssa_overrides())
     return model
 
 

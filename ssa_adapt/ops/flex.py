@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import check_qkv
-from .utils import check_doc_start
+from .reference import check_qkv
+from .triton.utils import check_doc_start
 
 __all__ = ["full_attention", "visible_block_mask"]
 

@@ -1,6 +1,4 @@
-"""Decode kernels for the sparse stream when each row has few queries (T <= 4; a decode step has T == 1).
-
-Inference only: no autograd (the dispatcher routes calls that need gradients to the prefill kernels).
+"""Selection for decode steps (T <= 4 queries per row, inference only, no gradient): `decode_select`.
 
 `decode_select` scores the cached complete-block key means of an `SSACache` (block_means [B, NB, H, D] float32,
 relative to each row's document start) in two launches:
@@ -18,16 +16,6 @@ relative to each row's document start) in two launches:
    survive or some lane's third key is chosen (its fourth might then belong too): those rows take an exact
    fallback, a bisection over the float bits of the importance written to a scratch row (31 counting passes).
    `DecodeOptions.finish = "auto"` (the default) runs `_decode_finish_chunks_kernel` instead while the grid stays
-   small: grid (B * T * H, chunks of `chunk_blocks` blocks), each chunk keeping its own best keys, the row's last
-   chunk to finish (an atomic count, reset after) merging them into the output row; still two launches.
-
-The tunables are `options.DecodeOptions` (`KernelOptions.decode`), passed to the host functions as `options`.
-
-`decode_attend` is split-KV attention ("flash-decoding") over the selected blocks: programs over (query, KV head,
-split of the selected blocks) compute the partial softmax statistics and un-normalised outputs of the G heads of
-the group (padded to 16 rows for the tensor cores), and a combine kernel merges the splits (one split: the
-partial kernel writes the output itself and the combine is skipped). Only the selected blocks' keys are read, and
-k, v may be strided views (HF's cache is [B, H, TK, D]; transposing it costs no copy here).
 """
 
 from __future__ import annotations
@@ -38,22 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import check_qkv
-from . import utils
-from .options import DEFAULT_OPTIONS, KernelOptions
-from .utils import cdiv, check_block_size, check_doc_start, next_pow2, num_programs
+from .. import utils
+from ..options import DEFAULT_OPTIONS, KernelOptions
+from ..utils import cdiv, check_block_size, check_doc_start, next_pow2, num_programs
+from .launch import PER_STEP, last_dim_contiguous, split_count, workspace
 
-__all__ = ["decode_select", "decode_attend", "MAX_DECODE_T"]
-
-MAX_DECODE_T = 4  # the dispatcher sends calls with at most this many queries per row here
+__all__ = ["decode_select"]
 
 
-# The key length grows by one every decode step: left unspecialised (Triton would otherwise compile each kernel again
-# for key lengths divisible by 16, in the middle of a `generate` call)
-_PER_STEP = ["TK"]
-
-
-@triton.jit(do_not_specialize=_PER_STEP)
+@triton.jit(do_not_specialize=PER_STEP)
 def _decode_score_kernel(
     q,  # [B, T, HQ, D] (strided)
     kbar,  # [B, NB, H, D] float32 (strided, last dim contiguous)
@@ -222,7 +203,7 @@ def _store_ascending(p_o, b_c, chosen, n_sink, n_local, l_lo, S: tl.constexpr, S
     tl.store(p_o + o_s, tl.full([SP], -1, dtype=tl.int32), mask=(o_s >= n_keep) & (o_s < S))
 
 
-@triton.jit(do_not_specialize=_PER_STEP)
+@triton.jit(do_not_specialize=PER_STEP)
 def _decode_finish_kernel(
     logits,  # [B * T * H, G, NB] float32 (log2 domain)
     stats,  # [B * T * H, NSPLIT, 2, GP] float32
@@ -419,7 +400,7 @@ def _chunk_threshold(key, budget, LG: tl.constexpr, CAP: tl.constexpr, SMALL: tl
     return tau
 
 
-@triton.jit(do_not_specialize=_PER_STEP)
+@triton.jit(do_not_specialize=PER_STEP)
 def _decode_finish_chunks_kernel(
     logits,  # [B * T * H, G, NB] float32 (log2 domain)
     stats,  # [B * T * H, NSPLIT, 2, GS] float32
@@ -492,156 +473,6 @@ def _decode_finish_chunks_kernel(
         tl.atomic_xchg(count + i_bth, 0)
 
 
-@triton.jit(do_not_specialize=_PER_STEP)
-def _decode_attend_kernel(
-    q,  # [B, T, HQ, D] (strided)
-    k,  # [B, TK, H, D] (strided)
-    v,  # [B, TK, H, D] (strided)
-    block_indices,  # [B, T, H, S] int32, contiguous
-    doc_start,  # [B, T] int64 or None
-    q_pos,  # [B, T] int64 or None: each query's position inside its document (else from TK)
-    o,  # [B, T, HQ, D] out (ONE_SPLIT)
-    part_o,  # [B * T * H, NSPLIT, G, D] float32 out: un-normalised outputs per split
-    part_ml,  # [B * T * H, NSPLIT, 2, G] float32 out: max (log2 domain), normaliser
-    scale_log2,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    T,
-    TK,
-    NSPLIT,
-    SPB,  # selected slots per split (a multiple of NBK)
-    H: tl.constexpr,
-    G: tl.constexpr,
-    GR: tl.constexpr,
-    D: tl.constexpr,
-    BD: tl.constexpr,
-    BS: tl.constexpr,
-    S: tl.constexpr,
-    NBK: tl.constexpr,  # blocks side by side per step
-    HAS_DOCS: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    ONE_SPLIT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    i_bth = tl.program_id(0).to(tl.int64)
-    i_sp = tl.program_id(1)
-    i_bt = i_bth // H
-    i_h = i_bth % H
-    i_b = i_bt // T
-    i_t = i_bt % T
-    HQ: tl.constexpr = H * G
-    BK: tl.constexpr = NBK * BS
-    o_g = tl.arange(0, GR)
-    o_d = tl.arange(0, BD)
-    m_g = o_g < G
-    m_d = o_d < D
-    p_q = q + i_b * stride_qb + i_t * stride_qt + (i_h * G + o_g)[:, None] * stride_qh + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_g[:, None] & m_d[None, :], other=0.0)
-    if HAS_DOCS:
-        ds = tl.load(doc_start + i_bt).to(tl.int32)
-    else:
-        ds = 0
-    if HAS_POS:  # static caches: the key buffer is longer than the keys written so far
-        p_t = ds + tl.load(q_pos + i_bt).to(tl.int32)  # the query's key index
-    else:
-        p_t = (i_t + TK - T).to(tl.int32)
-    p_k = k + i_b * stride_kb + i_h * stride_kh
-    p_v = v + i_b * stride_vb + i_h * stride_vh
-    p_i = block_indices + i_bth * S
-    o_k = tl.arange(0, BK)
-    b_m = tl.full([GR], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([GR], dtype=tl.float32)
-    b_acc = tl.zeros([GR, BD], dtype=tl.float32)
-    lo = i_sp * SPB
-    hi = tl.minimum(lo + SPB, S)
-    for s0 in range(lo, hi, NBK):
-        slot = s0 + o_k // BS
-        b_j = tl.load(p_i + slot, mask=slot < hi, other=-1)
-        kpos = ds + b_j * BS + o_k % BS
-        m_k = (b_j >= 0) & (kpos <= p_t)  # causal inside the query's own block
-        kpos = tl.where(m_k, kpos, 0).to(tl.int64)
-        m_kd = m_k[:, None] & m_d[None, :]
-        # [BK, BD]
-        b_k = tl.load(p_k + kpos[:, None] * stride_kt + o_d[None, :], mask=m_kd, other=0.0)
-        b_v = tl.load(p_v + kpos[:, None] * stride_vt + o_d[None, :], mask=m_kd, other=0.0)
-        # [GR, BK]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale_log2
-        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(b_m - m_use)
-        b_p = tl.exp2(b_s - m_use[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-        b_m = m_new
-    m_od = m_g[:, None] & m_d[None, :]
-    if ONE_SPLIT:
-        # rows that see no key get 0, like the prefill kernel
-        b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
-        row = i_bt * HQ + i_h * G + o_g
-        tl.store(o + row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_od)
-    else:
-        base = i_bth * NSPLIT + i_sp
-        tl.store(part_o + (base * G + o_g)[:, None] * D + o_d[None, :], b_acc, mask=m_od)
-        tl.store(part_ml + base * 2 * G + o_g, b_m, mask=m_g)
-        tl.store(part_ml + base * 2 * G + G + o_g, b_l, mask=m_g)
-
-
-@triton.jit
-def _decode_combine_kernel(
-    part_o,  # [B * T * H, NSPLIT, G, D] float32
-    part_ml,  # [B * T * H, NSPLIT, 2, G] float32
-    o,  # [B, T, HQ, D] out
-    NSPLIT,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
-    BD: tl.constexpr,
-):
-    i_bth = tl.program_id(0).to(tl.int64)  # == (b * T + t) * H + h, and o's rows are ((b * T + t) * H + h) * G + g
-    o_g = tl.arange(0, GP)
-    o_d = tl.arange(0, BD)
-    m_g = o_g < G
-    m_od = m_g[:, None] & (o_d < D)[None, :]
-    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
-    for i in range(0, NSPLIT):
-        b_m = tl.maximum(b_m, tl.load(part_ml + (i_bth * NSPLIT + i) * 2 * G + o_g, mask=m_g, other=float("-inf")))
-    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
-    b_l = tl.zeros([GP], dtype=tl.float32)
-    b_acc = tl.zeros([GP, BD], dtype=tl.float32)
-    for i in range(0, NSPLIT):
-        base = i_bth * NSPLIT + i
-        m_i = tl.load(part_ml + base * 2 * G + o_g, mask=m_g, other=float("-inf"))
-        l_i = tl.load(part_ml + base * 2 * G + G + o_g, mask=m_g, other=0.0)
-        w = tl.where(l_i > 0, tl.exp2(m_i - b_m), 0.0)
-        b_l += l_i * w
-        b_acc += tl.load(part_o + (base * G + o_g)[:, None] * D + o_d[None, :], mask=m_od, other=0.0) * w[:, None]
-    b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
-    tl.store(o + (i_bth * G + o_g)[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_od)
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _workspace(device: torch.device, poison: bool, *words: int) -> list[torch.Tensor]:
-    """Flat float32 scratch buffers of the given sizes, carved from one allocation (16-byte aligned)."""
-    sizes = [-(-w // 4) * 4 for w in words]
-    buf = utils.new_empty((max(sum(sizes), 4),), torch.float32, device, poison)
-    out, start = [], 0
-    for w, n in zip(words, sizes):
-        out.append(buf[start : start + w])
-        start += n
-    return out
-
-
 _COUNTS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -661,13 +492,6 @@ def _stats_chunk(nsplit: int, G: int, chunk: int | None) -> int:
     if chunk is not None:
         return max(2, chunk)
     return max(2, min(next_pow2(nsplit), 2048 // max(2, next_pow2(G))))
-
-
-def _splits(units: int, pieces: int, device: torch.device, splits: int | None, per_sm: int) -> int:
-    """How many programs share one (query, KV head): enough for `per_sm` per SM, at most `pieces`."""
-    if splits is None:
-        splits = cdiv(num_programs(device, per_sm), max(units, 1))
-    return max(1, min(splits, pieces))
 
 
 @torch.no_grad()
@@ -730,13 +554,13 @@ def decode_select(
     out = utils.new_empty((B, T, H, S), torch.int32, q.device, poison)
     if out.numel() == 0:
         return out
-    q = _last_dim_contiguous(q)
+    q = last_dim_contiguous(q)
     kbar = block_means if block_means.dtype == torch.float32 else block_means.float()
-    kbar = _last_dim_contiguous(kbar)
+    kbar = last_dim_contiguous(kbar)
     GP = max(16, next_pow2(G))
     BD = max(16, next_pow2(D))
     units = B * T * H
-    nsplit = _splits(units, cdiv(max(NB, 1), opt.score_blocks), q.device, num_splits, opt.programs_per_sm)
+    nsplit = split_count(units, cdiv(max(NB, 1), opt.score_blocks), q.device, num_splits, opt.programs_per_sm)
     bps = cdiv(cdiv(max(NB, 1), nsplit), opt.score_blocks) * opt.score_blocks
     nsplit = cdiv(max(NB, 1), bps)
     nb = max(NB, 1)
@@ -751,7 +575,7 @@ def decode_select(
     # [units, caps, CAP] int64
     imp_words = 2 * units * nch * SP if chunks else units * nb
     caps = nch if chunks else 1
-    logits, stats, imp, comp = _workspace(
+    logits, stats, imp, comp = workspace(
         q.device, poison, units * G * nb, units * nsplit * 2 * GP, imp_words, 2 * units * caps * opt.finish_cap
     )
     comp = comp.view(torch.int64)
@@ -830,105 +654,4 @@ def decode_select(
         num_warps=opt.finish_warps,
         **common,
     )
-    return out
-
-
-@torch.no_grad()
-def decode_attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_indices: torch.Tensor,
-    *,
-    block_size: int = 16,
-    scale: float | None = None,
-    doc_start: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    q_pos: torch.Tensor | None = None,
-    options: KernelOptions | None = None,
-) -> torch.Tensor:
-    """Block-sparse attention for few queries per row, split over the selected blocks (inference only: no
-    autograd; `attend_blocks` in `attend.py` is the differentiable version).
-
-    q [B, T, HQ, D], k, v [B, TK, H, D] (any strides with a contiguous last dim), block_indices [B, T, H, S]
-    int32 (relative to each query's document start, -1 unused), doc_start [B, T] or None -> o [B, T, HQ, D].
-    Query t (key index TK - T + t) attends to keys doc_start[b, t] + j * BS + i (i < BS, key <= query) of each
-    selected block j. num_splits: programs per (query, KV head) (default: fill the GPU; 1 skips the combine).
-    q_pos [B, T] int64 (static caches, whose key buffer is longer than the keys written): query t sits at key
-    doc_start[b, t] + q_pos[b, t] instead, read on the device (a CUDA graph can replay the call as keys grow).
-    options: `KernelOptions` (None: the defaults); reads `options.decode` and `options.poison`.
-    """
-    B, T, TK, HQ, H, D = check_qkv(q, k, v)
-    check_block_size(block_size)
-    if block_indices.shape[:3] != (B, T, H):
-        raise ValueError(
-            f"block_indices must be [B, T, H, S] with (B, T, H) = {(B, T, H)}; got {tuple(block_indices.shape)}."
-        )
-    scale = D**-0.5 if scale is None else scale
-    ds = check_doc_start(doc_start, B, T, q.device)
-    idx = block_indices.to(device=q.device, dtype=torch.int32).contiguous()
-    if q_pos is not None:
-        if q_pos.shape != (B, T):
-            raise ValueError(f"q_pos must be [B, T] = {(B, T)}; got {tuple(q_pos.shape)}.")
-        q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    S = idx.shape[3]
-    G = HQ // H
-    options = DEFAULT_OPTIONS if options is None else options
-    opt = options.decode
-    out = utils.new_empty((B, T, HQ, D), q.dtype, q.device, options.poison)
-    if out.numel() == 0:
-        return out
-    if S == 0:
-        return out.zero_()
-    nbk = max(1, opt.attend_keys // block_size)
-    units = B * T * H
-    nsplit = _splits(units, cdiv(S, nbk), q.device, num_splits, opt.programs_per_sm)
-    spb = cdiv(cdiv(S, nsplit), nbk) * nbk
-    nsplit = cdiv(S, spb)
-    one = nsplit == 1
-    part_o = part_ml = None
-    if not one:  # partial outputs [units, nsplit, G, D] and statistics [units, nsplit, 2, G], one allocation
-        part_o, part_ml = _workspace(q.device, options.poison, units * nsplit * G * D, units * nsplit * 2 * G)
-    BD = max(16, next_pow2(D))
-    _decode_attend_kernel[(units, nsplit)](
-        q,
-        k,
-        v,
-        idx,
-        ds,
-        q_pos,
-        out,
-        part_o,
-        part_ml,
-        scale * math.log2(math.e),
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        T,
-        TK,
-        nsplit,
-        spb,
-        H=H,
-        G=G,
-        GR=max(16, next_pow2(G)),
-        D=D,
-        BD=BD,
-        BS=block_size,
-        S=S,
-        NBK=nbk,
-        HAS_DOCS=ds is not None,
-        HAS_POS=q_pos is not None,
-        ONE_SPLIT=one,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=opt.attend_warps,
-    )
-    if not one:
-        _decode_combine_kernel[(units,)](part_o, part_ml, out, nsplit, G=G, GP=max(2, next_pow2(G)), D=D, BD=BD)
     return out

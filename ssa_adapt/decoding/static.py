@@ -22,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .cache import SSACache, _LayerMeans
-from .ops import _triton_ops, sparse_attention
+from ..compat import CACHE_KEYWORD
+from ..config import SSAConfig
+from ..ops import append_block_means, block_means, kernels_run, sparse_attention, static_cache_decode
+from ..patching.controller import require_controller
+from .cache import SSACache
 
 __all__ = ["StaticSSACache", "static_generate"]
 
@@ -32,22 +35,21 @@ class StaticSSACache(DynamicCache):
     """A DynamicCache whose layers hold fixed-size buffers: keys / values [B, H, L, D], block means
     [B, L // BS + 1, H, D] float32 (relative to each row's start). `index` [1] int64 is the buffer position the next
     key goes to (the same for every row: prompts are left-padded), `start` [B] int64 each row's first real key.
-    Built from a prefilled cache by `from_prefill`; takes one token per row per forward pass."""
+    Takes one token per row per forward pass; the attention of each converted layer asks it (`attend`)."""
 
-    @classmethod
-    def from_prefill(
-        cls, cache: DynamicCache, length: int, start: torch.Tensor, block_size: int, sparse_layers
-    ) -> StaticSSACache:
-        """Turn the prefilled `cache` (its keys [B, H, P, D] per layer) into a static one of `length` positions,
-        in place; block means are computed for the layers in `sparse_layers`."""
-        prompt = cache.layers[0].keys.shape[2]
+    def __init__(self, prefilled: DynamicCache, length: int, start: torch.Tensor, block_size: int, sparse_layers):
+        """A static cache of `length` positions holding the keys and values of the prefilled cache (its keys
+        [B, H, P, D] per layer; its layers are taken over, so it is spent); block means are computed for the layers
+        in `sparse_layers`."""
+        super().__init__()
+        prompt = prefilled.layers[0].keys.shape[2]
         if length <= prompt:
             raise ValueError(f"static cache length {length} must exceed the prompt's {prompt} tokens.")
-        cache.__class__ = cls
-        cache.block_size = block_size
-        cache.start = start.to(torch.int64)
-        cache.means = {}
-        for i, layer in enumerate(cache.layers):
+        self.block_size = block_size
+        self.start = start.to(torch.int64)
+        self.means: dict[int, torch.Tensor] = {}
+        self.layers = prefilled.layers
+        for i, layer in enumerate(self.layers):
             keys, values = layer.keys, layer.values
             B, H, _, D = keys.shape
             layer.keys = keys.new_zeros(B, H, length, D)
@@ -55,16 +57,11 @@ class StaticSSACache(DynamicCache):
             layer.keys[:, :, :prompt] = keys
             layer.values[:, :, :prompt] = values
             if i in sparse_layers:
-                means = keys.new_zeros(B, length // block_size + 1, H, D, dtype=torch.float32)
-                found = SSACache._recompute(keys.transpose(1, 2), cache.start, block_size).means
-                n = min(found.shape[1], means.shape[1])
-                means[:, :n] = found[:, :n]
-                cache.means[i] = means
-        cache.length = length
-        cache._all_blocks = None
-        cache.index = torch.full((1,), prompt, dtype=torch.int64, device=start.device)
-        cache.begin_step()
-        return cache
+                self.means[i] = block_means(keys.transpose(1, 2), self.start, block_size, length // block_size + 1)
+        self.length = length
+        self._all_blocks = None
+        self.index = torch.full((1,), prompt, dtype=torch.int64, device=start.device)
+        self.begin_step()
 
     def begin_step(self) -> None:
         """Per-step tensors every layer reads, derived on the device from `index` (captured with the step)."""
@@ -86,39 +83,32 @@ class StaticSSACache(DynamicCache):
         layer.values.index_copy_(2, self.index, value_states)
         return layer.keys, layer.values
 
-    def attend(self, layer_idx: int, q, k, v, *, mode: str, scale, selection: dict) -> torch.Tensor:
-        """One decode step of layer `layer_idx`: q [B, 1, HQ, D], k, v [B, L, H, D] (the buffers, transposed views)
-        -> o [B, 1, HQ, D]; mode "full" (SDPA over the written keys) or "sparse" (SSA's selection)."""
-        bs = self.block_size
-        kernels = q.is_cuda and _triton_ops() is not None
-        if mode == "full":
-            if not kernels:
-                return _masked_decode_attention(q, k, v, self.key_mask, scale)
-            from .ops.triton.decode import decode_attend
-
-            # every block of the row: split-KV attention over the written keys (the query's position masks the
-            # rest); SDPA with a mask over the whole buffer does not split the keys and is ~20x slower at 128k
-            B, H = q.shape[0], k.shape[2]
-            if self._all_blocks is None or self._all_blocks.shape[2] != H:
-                n = self.length // bs + 1
-                self._all_blocks = torch.arange(n, dtype=torch.int32, device=q.device).expand(B, 1, H, n).contiguous()
-            return decode_attend(q, k, v, self._all_blocks, block_size=bs, scale=scale,
-                                 doc_start=self.start[:, None], q_pos=self.q_pos)  # fmt: skip
-        means = self.means[layer_idx]
-        if kernels:
-            from .ops.triton.cache_means import append_block_means
-            from .ops.triton.decode import decode_attend, decode_select
-
-            append_block_means(means, self.start, k, bs, key_len=self.key_len)
-            sel = {n: selection[n] for n in ("block_size", "block_count", "sink_blocks", "local_blocks", "scale")}
-            indices = decode_select(q, means, self.q_pos, **sel)
-            return decode_attend(q, k, v, indices, block_size=bs, scale=scale, doc_start=self.start[:, None],
-                                 q_pos=self.q_pos)  # fmt: skip
-        # eager path (CPU reference): the written keys, known on the host; SSACache's own update of the means
-        n = int(self.key_len)
-        SSACache._append(_LayerMeans(means, self.start, n - 1), k[:, :n], bs)  # in place: means holds every block
-        sel = dict(selection, doc_start=self.start[:, None], backend="reference")
-        return sparse_attention(q, k[:, :n], v[:, :n], block_means=means[:, : n // bs], **sel)
+    def attend(self, layer_idx: int, q, k, v, *, config: SSAConfig, scale: float | None) -> torch.Tensor:
+        """One decode step of layer `layer_idx` in the model's inference mode: q [B, 1, HQ, D], k, v [B, L, H, D]
+        (the buffers, transposed views) -> o [B, 1, HQ, D]; full (every written key) or sparse (SSA's selection
+        from the cache's block means)."""
+        bs, doc_start = self.block_size, self.start[:, None]
+        if kernels_run("auto", q):  # the positions on the device: one CUDA graph serves every step
+            if config.inference_mode == "full":
+                # every block of the row: split-KV attention over the written keys (the query's position masks the
+                # rest); SDPA with a mask over the whole buffer does not split the keys and is ~20x slower at 128k
+                B, H = q.shape[0], k.shape[2]
+                if self._all_blocks is None or self._all_blocks.shape[2] != H:
+                    n = self.length // bs + 1
+                    every = torch.arange(n, dtype=torch.int32, device=q.device)
+                    self._all_blocks = every.expand(B, 1, H, n).contiguous()
+                return static_cache_decode(q, k, v, doc_start, self.q_pos, mode="full", block_size=bs, scale=scale,
+                                           all_blocks=self._all_blocks)  # fmt: skip
+            return static_cache_decode(q, k, v, doc_start, self.q_pos, mode="sparse", scale=scale,
+                                       block_means=self.means[layer_idx], row_start=self.start, key_len=self.key_len,
+                                       **config.selection_kwargs())  # fmt: skip
+        if config.inference_mode == "full":
+            return _masked_decode_attention(q, k, v, self.key_mask, scale)
+        # eager path (CPU reference): the written keys, known on the host
+        n, means = int(self.key_len), self.means[layer_idx]
+        append_block_means(means, self.start, k[:, :n], bs)  # in place: means holds every block
+        return sparse_attention(q, k[:, :n], v[:, :n], block_means=means[:, : n // bs], doc_start=doc_start,
+                                scale=scale, backend="reference", **config.selection_kwargs())  # fmt: skip
 
     def reorder_cache(self, beam_idx):
         raise NotImplementedError("StaticSSACache does not take beam search: use generate() with an SSACache.")
@@ -132,13 +122,6 @@ def _masked_decode_attention(q, k, v, key_mask, scale) -> torch.Tensor:
     qg = q.reshape(B, H, HQ // H, D)
     out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask, scale=scale)
     return out.reshape(B, 1, HQ, D)
-
-
-def _cache_keyword(model) -> str:
-    """The forward keyword of the KV cache: `cache` in newer transformers 5.x, `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, generator) -> torch.Tensor:
@@ -174,9 +157,7 @@ def static_generate(
     CUDA graph (default: on CUDA). Rows that produced `eos_token_id` continue with `pad_token_id` (default: eos);
     decoding stops early once every row has. Beam search and other `generate()` options: use `generate()`.
     """
-    from .patching.convert import _require_controller
-
-    ctrl = _require_controller(model)
+    ctrl = require_controller(model)
     if model.training:
         raise ValueError("static_generate decodes in eval mode: call model.eval() first.")
     cfg = ctrl.config
@@ -210,19 +191,17 @@ def static_generate(
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     pad = eos_token_id if pad_token_id is None else pad_token_id
 
-    cache = SSACache()
-    name = _cache_keyword(model)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **{name: cache}
-    ).logits[:, -1]  # fmt: skip
-    cache = StaticSSACache.from_prefill(cache, P + max_new_tokens, start, cfg.block_size, set(ctrl.layers))
+    prefilled = SSACache()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                   **{CACHE_KEYWORD: prefilled}).logits[:, -1]  # fmt: skip
+    cache = StaticSSACache(prefilled, P + max_new_tokens, start, cfg.block_size, set(ctrl.layers))
     ids = torch.empty(B, 1, dtype=torch.long, device=device)
     tokens = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     def step() -> torch.Tensor:
         cache.begin_step()
-        out = model(input_ids=ids, position_ids=cache.q_pos, use_cache=True, **{name: cache}).logits[:, -1]
+        out = model(input_ids=ids, position_ids=cache.q_pos, use_cache=True, **{CACHE_KEYWORD: cache}).logits[:, -1]
         cache.index.add_(1)
         return out
 

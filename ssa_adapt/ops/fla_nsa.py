@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import check_qkv
-from .utils import check_doc_start
+from .reference import check_qkv
+from .triton.utils import check_doc_start
 
 __all__ = ["attend_blocks", "cu_seqlens_from_doc_start"]
 
