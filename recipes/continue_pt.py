@@ -22,10 +22,12 @@ folder: the step count, optimizer, schedule and stream draws continue where they
 
 import argparse
 
+from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ssa_adapt import SSAConfig, get_controller
 from ssa_adapt.assets import DEBIAN_DOC_PACKAGES
+from ssa_adapt.compat import end_training
 from ssa_adapt.trainer import SSATrainer, SSATrainingConfig, load_text_dataset, resolve_model_name
 
 ASSETS = f"""offline assets (fetched and cached on first use, see ssa_adapt.assets):
@@ -50,10 +52,16 @@ def next_steps(out: str, config: SSAConfig) -> str:
     return f"""Next steps:
   load it:       python -c "from ssa_adapt import AutoSSAModelForCausalLM; print(AutoSSAModelForCausalLM.from_pretrained('{out}').config.ssa_config)"
   generate:      python examples/generate.py {out}      # sparse and full mode
-  perplexity:    python recipes/eval_perplexity.py --model {out} --setups full,{setup} --lengths 512 --span 2048"""
+  perplexity:    python recipes/eval_perplexity.py --model {out} --setups full {setup} --lengths 512 --span 2048"""
 
 
-def main(script_args: ScriptArguments, training_args: SSATrainingConfig, model_args: ModelConfig) -> None:
+def main(
+    script_args: ScriptArguments,
+    training_args: SSATrainingConfig,
+    model_args: ModelConfig,
+    callbacks: list[TrainerCallback] | None = None,
+) -> SSATrainer:
+    """Train, save and return the trainer; `callbacks` go to the trainer (e.g. a time budget)."""
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
@@ -76,14 +84,15 @@ def main(script_args: ScriptArguments, training_args: SSATrainingConfig, model_a
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # "last": the newest complete one
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved to {training_args.output_dir}")
     if not model_args.use_peft:  # a full model, not an adapter
         trainer.accelerator.print(next_steps(training_args.output_dir, get_controller(trainer.model).config))
-    if hasattr(trainer, "end"):  # transformers >= 5.18: close the trackers and the process group
-        trainer.end()
+    end_training(trainer)
+    return trainer
 
 
 if __name__ == "__main__":

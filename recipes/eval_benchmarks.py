@@ -1,7 +1,7 @@
 """Benchmarks through lm-eval for each setup of one loaded model (local offline tasks by default).
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python recipes/eval_benchmarks.py \\
-        --setups original,sparse-16x16-sink1 --tasks ssa_hellaswag,ssa_piqa,ssa_arc_easy,ssa_arc_challenge
+        --setups original sparse-16x16-sink1 --tasks ssa_hellaswag ssa_piqa ssa_arc_easy ssa_arc_challenge
 
 A sparse setup whose receptive field holds every request of a task reuses the full-attention scores (equal by
 construction) after re-running --check items sparse. The same from lm-eval's CLI, one setup per run:
@@ -23,13 +23,16 @@ from transformers import HfArgumentParser
 from ssa_adapt.assets import benchmark_tasks
 from ssa_adapt.eval import load_model, parse_setups
 from ssa_adapt.eval.harness import benchmarks_for_setups
+from ssa_adapt.eval.stages import REPORT_TASKS
 
 
 @dataclass
 class Args:
     model: str | None = field(default=None, metadata={"help": "Checkpoint; default SmolLM2-135M."})
-    setups: str = field(default="original,sparse-16x16-sink1", metadata={"help": "Comma-separated setups."})
-    tasks: str = field(default="ssa_hellaswag,ssa_piqa,ssa_arc_easy,ssa_arc_challenge", metadata={"help": "Tasks."})
+    setups: list[str] = field(
+        default_factory=lambda: ["original", "sparse-16x16-sink1"], metadata={"help": "Setups, in order."}
+    )
+    tasks: list[str] = field(default_factory=lambda: list(REPORT_TASKS), metadata={"help": "lm-eval tasks."})
     limit: int | None = field(default=None, metadata={"help": "Items per task; None = all."})
     batch_size: int = field(default=16, metadata={"help": "lm-eval batch size."})
     check: int = field(default=50, metadata={"help": "Items re-run sparse before reusing full scores."})
@@ -40,12 +43,11 @@ class Args:
 
 def main(args: Args) -> None:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    tasks = args.tasks.split(",")
     scores = benchmarks_for_setups(
         model,
         tok,
         parse_setups(args.setups),
-        tasks,
+        args.tasks,
         include_path=benchmark_tasks(),
         limit=args.limit,
         batch_size=args.batch_size,

@@ -16,15 +16,16 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser
 
-from ssa_adapt.eval import apply_setup, load_model, parse_setups
+from ssa_adapt.eval import apply_setup, load_model
 from ssa_adapt.eval.harness import check_longbench_available, longbench
+from ssa_adapt.eval.setups import parse_setup
 
 
 @dataclass
 class Args:
     model: str | None = field(default=None, metadata={"help": "Checkpoint; default SmolLM2-135M."})
     setup: str = field(default="sparse-16x16-sink1", metadata={"help": "One setup."})
-    tasks: str = field(default="longbench", metadata={"help": "lm-eval LongBench group or task names."})
+    tasks: list[str] = field(default_factory=lambda: ["longbench"], metadata={"help": "LongBench group or tasks."})
     limit: int | None = field(default=None, metadata={"help": "Items per task."})
     max_length: int = field(default=32768, metadata={"help": "Prompt length lm-eval truncates to (left)."})
     rope_scaling_factor: float | None = field(default=None, metadata={"help": "llama3 RoPE scaling factor."})
@@ -40,9 +41,9 @@ def main(args: Args) -> None:
     model, tok = load_model(
         args.model, dtype=args.dtype, device=args.device, rope_scaling_factor=args.rope_scaling_factor
     )
-    apply_setup(model, parse_setups(args.setup)[0])
+    apply_setup(model, parse_setup(args.setup))
     lm = SSALM(pretrained=model, tokenizer=tok, batch_size=1, max_length=args.max_length)
-    results = longbench(lm, args.tasks.split(","), limit=args.limit)
+    results = longbench(lm, args.tasks, limit=args.limit)
     for task, metrics in results.items():
         print(task, {k: v for k, v in metrics.items() if isinstance(v, float)})
     if args.out:

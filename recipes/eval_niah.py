@@ -1,7 +1,7 @@
 """Needle in a haystack (Paul Graham essays) for each setup, with a heatmap PNG; optionally lm-eval's RULER niah.
 
     python recipes/eval_niah.py --lengths 2048,4096,8192 --depths 0,0.25,0.5,0.75,1 \\
-        --setups original,sparse-16x16-sink1,sparse-16x16-sink0 --png docs/niah-smollm2.png
+        --setups original sparse-16x16-sink1 sparse-16x16-sink0 --png docs/niah-smollm2.png
     python recipes/eval_niah.py --ruler_lengths 4096,8192 --ruler_limit 20      # adds RULER niah_single_1
 """
 
@@ -20,11 +20,13 @@ from ssa_adapt.eval.niah import essay_haystack_ids
 @dataclass
 class Args:
     model: str | None = field(default=None, metadata={"help": "Checkpoint; default SmolLM2-135M."})
-    setups: str = field(default="original,sparse-16x16-sink1", metadata={"help": "Comma-separated setups."})
-    lengths: str = field(default="2048,4096,8192", metadata={"help": "Context lengths."})
-    depths: str = field(default="0,0.25,0.5,0.75,1", metadata={"help": "Needle depths (fractions)."})
+    setups: list[str] = field(
+        default_factory=lambda: ["original", "sparse-16x16-sink1"], metadata={"help": "Setups, in order."}
+    )
+    lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192], metadata={"help": "Context lengths."})
+    depths: list[float] = field(default_factory=lambda: [0, 0.25, 0.5, 0.75, 1], metadata={"help": "Needle depths."})
     samples: int = field(default=1, metadata={"help": "Prompts per cell."})
-    ruler_lengths: str = field(default="", metadata={"help": "Also run RULER niah_single_1 at these (>= 4096)."})
+    ruler_lengths: list[int] = field(default_factory=list, metadata={"help": "RULER niah_single_1 at these too."})
     ruler_limit: int = field(default=20, metadata={"help": "RULER prompts per length."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype."})
@@ -35,11 +37,12 @@ class Args:
 def main(args: Args) -> None:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     hay = essay_haystack_ids(tok)
-    lengths, depths = [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")]
     setups, results = parse_setups(args.setups), {}
     for s in setups:
         apply_setup(model, s)
-        r = run_niah(model, tok, lengths, depths, samples_per_cell=args.samples, haystack_ids=hay, desc=s.name)
+        r = run_niah(
+            model, tok, args.lengths, args.depths, samples_per_cell=args.samples, haystack_ids=hay, desc=s.name
+        )
         results[s.name] = r.to_dict()
         print(s.label, {k: round(v, 2) for k, v in r.by_length().items()})
         if args.ruler_lengths:
@@ -48,10 +51,9 @@ def main(args: Args) -> None:
             from ssa_adapt.assets import smollm2_path
             from ssa_adapt.eval.harness import ruler_niah
 
-            ruler_lengths = [int(x) for x in args.ruler_lengths.split(",")]
             lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
             results[s.name]["ruler"] = ruler_niah(
-                lm, args.model or str(smollm2_path()), ruler_lengths, limit=args.ruler_limit
+                lm, args.model or str(smollm2_path()), args.ruler_lengths, limit=args.ruler_limit
             )
             print("  RULER", results[s.name]["ruler"])
     plot_niah_heatmaps({s.label: results[s.name] for s in setups}, args.png)

@@ -22,10 +22,13 @@ from ssa_adapt.eval import attention_statistics, austen_windows, load_model, par
 @dataclass
 class Args:
     model: str | None = field(default=None, metadata={"help": "Checkpoint; default SmolLM2-135M."})
-    budgets: str = field(default="16x16-sink1,16x16-sink0,16x64-sink1", metadata={"help": "BSxBC[-sinkN][-localN]."})
+    budgets: list[str] = field(
+        default_factory=lambda: ["16x16-sink1", "16x16-sink0", "16x64-sink1"],
+        metadata={"help": "BSxBC[-sinkN][-localN]."},
+    )
     length: int = field(default=8192, metadata={"help": "Window length."})
     windows: int = field(default=2, metadata={"help": "Windows, one per Austen novel."})
-    layers: str = field(default="", metadata={"help": "Comma-separated layer indices to measure; empty = all."})
+    layers: list[int] = field(default_factory=list, metadata={"help": "Layer indices to measure; none given: all."})
     mode: str = field(default="full", metadata={"help": "For a converted model: the stream it runs (full, sparse)."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype."})
@@ -36,11 +39,10 @@ def main(args: Args) -> None:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if get_controller(model) is not None:
         set_inference(model, args.mode)
-    budgets = [s.budget for s in parse_setups(",".join(f"sparse-{b}" for b in args.budgets.split(",")))]
+    budgets = [s.budget for s in parse_setups([f"sparse-{b}" for b in args.budgets])]
     novels = sorted(austen_texts())[: args.windows]
-    layers = [int(x) for x in args.layers.split(",") if x] or None
     windows = austen_windows(tok, args.length, span=args.length, novels=novels)
-    stats = attention_statistics(model, windows, budgets, layers=layers)
+    stats = attention_statistics(model, windows, budgets, layers=args.layers or None)
     for name, s in stats.items():
         beyond = s["sparsity_beyond_rf"]
         print(

@@ -182,7 +182,7 @@ def test_theorem1_bound_holds_on_real_activations_and_matches_recorded_sparsity(
 
 def test_setups_convert_switch_and_unload(tokenizer):
     model = _model(tokenizer)
-    original, full, sparse = parse_setups("original,full,sparse-4x4-sink1")
+    original, full, sparse = parse_setups(["original", "full", "sparse-4x4-sink1"])
     ids = _windows(1, 48, len(tokenizer))
     with torch.no_grad():
         ref = model(ids).logits
@@ -198,7 +198,7 @@ def test_setups_convert_switch_and_unload(tokenizer):
     assert not torch.allclose(out_sparse, ref, atol=1e-4)
     assert sparse.label == "sparse 4x4, 1 sink"
     with pytest.raises(ValueError, match="sparse-<block_size>"):
-        parse_setups("sparse-16")
+        parse_setups(["sparse-16"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def test_benchmarks_for_setups_reuses_full_scores_only_when_every_request_fits(t
 
     _, _, tasks = lm_eval_setup
     model = _model(tokenizer)
-    setups = parse_setups("original,sparse-4x2-sink1,sparse-16x16-sink1")
+    setups = parse_setups(["original", "sparse-4x2-sink1", "sparse-16x16-sink1"])
     scores = benchmarks_for_setups(
         model, tokenizer, setups, ["tiny_mc"], include_path=tasks, limit={"tiny_mc": 12}, check_items=4, batch_size=4
     )

@@ -110,5 +110,5 @@ def test_demo_command_prints_no_false_warnings_and_the_next_steps(tmp_path):
     for noise in ("model_init_kwargs", "is deprecated", "had defaults used instead", "Warning"):
         assert noise not in printed, printed[-3000:]
     assert f"python examples/generate.py {out}" in printed
-    setups = re.search(rf"eval_perplexity.py --model {re.escape(str(out))} --setups (\S+)", printed).group(1)
-    assert [s.name for s in parse_setups(setups)] == ["full", "sparse-4x4-sink1"]
+    setups = re.search(rf"eval_perplexity.py --model {re.escape(str(out))} --setups (\S+ \S+)", printed).group(1)
+    assert [s.name for s in parse_setups(setups.split())] == ["full", "sparse-4x4-sink1"]

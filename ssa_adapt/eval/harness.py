@@ -278,13 +278,6 @@ def longbench(
     return evaluate_tasks(lm, tasks, limit=limit, gen_kwargs=gen)["results"]
 
 
-def task_limits(tasks: Sequence[str], limit: int | None, overrides: str = "") -> dict[str, int | None]:
-    """Items per task: `limit` for every task, then "task=N,task=N" overrides -> {task: limit}."""
-    limits: dict[str, int | None] = {t: limit for t in tasks}
-    limits.update({k: int(v) for k, v in (x.split("=") for x in overrides.split(",") if x)})
-    return limits
-
-
 def record_benchmarks(result: dict, model, tokenizer, setups, tasks: Sequence[str], limits: dict, **kwargs) -> None:
     """`benchmarks_for_setups(model, tokenizer, setups, tasks, limit=limits, **kwargs)` filed into an eval-suite
     result: result["setups"][name]["benchmarks"], result["settings"]["benchmarks"], and a note in result["notes"]

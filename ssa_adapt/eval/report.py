@@ -13,7 +13,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["run_info", "merge_results", "markdown_table", "write_report", "BENCHMARK_COLUMNS"]
+__all__ = [
+    "run_info",
+    "merge_results",
+    "markdown_table",
+    "write_report",
+    "plot_budget_curves",
+    "study_report",
+    "BENCHMARK_COLUMNS",
+]
 
 # (column title, task, metric): lm-eval's usual headline metric of each benchmark
 BENCHMARK_COLUMNS = (
@@ -134,3 +142,146 @@ def write_report(result: dict, json_path: str | Path, md_path: str | Path | None
     if md_path is not None:
         Path(md_path).write_text(text)
     return text
+
+
+def plot_budget_curves(
+    curves: dict[str, list[tuple[int, float]]], context_len: int, path: Path, budgets: dict[int, str] | None = None
+) -> Path:
+    """Perplexity at `context_len` against the receptive field (block_size x block_count; full = context_len),
+    one line per model, log2 x axis; `budgets` names the sparse ticks ({256: "16x16"})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ticks: set[int] = set()
+    for label, points in curves.items():
+        points = sorted(p for p in points if p[1] is not None)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ticks.update(p[0] for p in points)
+    ax.set_xscale("log", base=2)
+    ticks_sorted = sorted(ticks)
+    names = budgets or {}
+    labels = [f"full\n({t})" if t == context_len else f"{t}\n{names.get(t, '')}".strip() for t in ticks_sorted]
+    ax.set_xticks(ticks_sorted, labels)
+    ax.set_xlabel("receptive field (tokens attended per query)")
+    ax.set_ylabel(f"held-out perplexity @ {context_len}")
+    ax.set_title("SmolLM2-135M retrofit: perplexity vs sparse budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _ppl(entry: dict | None, setup: str | None, length: int) -> float | None:
+    if entry is None or setup is None:
+        return None
+    return entry["setups"].get(setup, {}).get("ppl", {}).get(str(length), {}).get("ppl")
+
+
+def _window_nll(entry: dict | None, setup: str | None, length: int) -> list[float] | None:
+    if entry is None or setup is None:
+        return None
+    return entry["setups"].get(setup, {}).get("ppl", {}).get(str(length), {}).get("window_nll")
+
+
+def study_report(
+    evals: dict[str, dict | None],
+    trains: dict[str, dict | None],
+    names: dict[str, str],
+    png: Path,
+    out: Path,
+    *,
+    target_length: int | None = None,
+    target_setup: str | None = None,
+) -> tuple[dict, str]:
+    """The retrofit study's report from its summaries -> (JSON-ready dict, markdown); writes the plot to `png`.
+
+    evals: {model: eval result or None} for the models of `names` ({"original": "Original", "full": "Full-Full",
+    "sparse": "Sparse-Sparse", "ssa": "SSA"}); trains: {mode: `run_summary` (+ "segments") or None}; out: where
+    the JSON and markdown go (the markdown links the plot relative to it). The targets
+    are checked at `target_length` (default: the longest perplexity length) in `target_setup` (default: the first
+    sparse setup, the trained budget)."""
+    from .setups import parse_setup
+    from .targets import check_targets, verdict_row
+
+    missing = [f"eval-{m}" for m, e in evals.items() if e is None] + [
+        f"train-{m}" for m, t in trains.items() if t is None
+    ]
+    found = {m: e for m, e in evals.items() if e is not None}
+    setups = list(dict.fromkeys(s for e in found.values() for s in e["setups"]))
+    sparse_setups = [s for s in setups if parse_setup(s).mode == "sparse"]
+    trained = target_setup or sparse_setups[0]
+    lengths = sorted({int(n) for e in found.values() for s in e["setups"].values() for n in s.get("ppl", {})})
+    length = target_length or lengths[-1]
+    ppl = {m: {"full": _ppl(e, "full", length), "sparse": _ppl(e, trained, length)} for m, e in evals.items()}
+    sparsity = {m: (e["setups"].get(trained, {}).get("sparsity") or {}).get("sparsity") for m, e in found.items()}
+    windows = {
+        m: {"full": _window_nll(e, "full", length), "sparse": _window_nll(e, trained, length)}
+        for m, e in evals.items()
+    }
+    targets = check_targets(ppl, sparsity, windows=windows)
+    rows, curves = {}, {}
+    for m, e in found.items():
+        curves[names[m]] = [
+            (length if s == "full" else parse_setup(s).budget.receptive_field, _ppl(e, s, length)) for s in setups
+        ]
+        for s, entry in e["setups"].items():
+            rows[f"{m}/{s}"] = {**entry, "label": f"{names[m]}, {entry.get('label', s)}"}
+    settings = next(iter(found.values()))["settings"]
+    budgets = {parse_setup(s).budget.receptive_field: s.split("-")[1] for s in sparse_setups}
+    plot_budget_curves(curves, length, png, budgets)
+    result = {
+        "target_length": length,
+        "target_setup": trained,
+        "targets": targets,
+        "all_targets_met": all(t["met"] for t in targets) if all(t["met"] is not None for t in targets) else None,
+        "ppl_vs_budget": {k: [{"receptive_field": x, "ppl": y} for x, y in v] for k, v in curves.items()},
+        "training": trains,
+        "models": evals,
+        "missing": missing,
+        "png": str(png),
+    }
+    md = [f"Targets (SPEC section 4), held-out Austen perplexity at {length} tokens, sparse = `{trained}`:", ""]
+    md += ["| target | SSA | reference | margin | verdict |", "|---|---|---|---|---|"]
+    md += [verdict_row(t) for t in targets]
+    md += [
+        "",
+        f"![perplexity vs sparse budget]({os.path.relpath(png, out.parent)})",
+        "",
+        markdown_table({"setups": rows, "settings": settings}),
+    ]
+    md += ["", "Training (same config, data, steps, seed and schedule; `--train_mode` alone differs):", ""]
+    md += ["| mode | steps | tokens | final loss (CE) | calls |", "|---|---|---|---|---|"]
+    for m, t in trains.items():
+        ce = f"{t['final_lm_loss']:.3f}" if t and t.get("final_lm_loss") is not None else "—"
+        md.append(
+            f"| {m} | {t['steps']} | {t['tokens']:,} | {ce} | {len(t['segments'])} |"
+            if t
+            else f"| {m} | not run | | | |"
+        )
+    notes = list(dict.fromkeys(n for e in found.values() for n in e.get("notes", [])))
+    md += ["", *[f"- {n}" for n in notes]]
+    md.append("- Rows: model, evaluation mode. Full->Sparse = the Full-Full model evaluated sparse; other sparse budgets "
+              "are evaluated without retraining.")  # fmt: skip
+    md.append(f"- AttnSparsity: full-attention mass inside the selected blocks, on each model's own full attention "
+              f"({settings.get('sparsity', {}).get('novels')}).")  # fmt: skip
+    md += [
+        f"- Settings: {json.dumps({k: v for k, v in settings.items() if k != 'niah'}, default=str)}",
+        "",
+        "Runs:",
+        "",
+    ]
+    for m, e in found.items():
+        md += [
+            f"- eval {m}: {', '.join(r['stages'])}: {r['device']}, {r['date']}, `{r['command']}`" for r in e["runs"]
+        ]
+    for m, t in trains.items():
+        for seg in (t or {}).get("segments", []):
+            md.append(f"- train {m} to step {seg['to_step']} ({seg['seconds']:.0f} s): {seg['device']}, {seg['date']}, "
+                      f"`{seg['command']}`")  # fmt: skip
+    return result, "\n".join(md) + "\n"

@@ -59,10 +59,11 @@ def parse_setup(spec: str) -> EvalSetup:
     return EvalSetup(spec, "sparse", budget)
 
 
-def parse_setups(specs: str | Sequence[str]) -> list[EvalSetup]:
-    """Comma-separated string or list of setup names -> setups, in order."""
-    items = specs.split(",") if isinstance(specs, str) else list(specs)
-    return [parse_setup(s) for s in items if s.strip()]
+def parse_setups(specs: Sequence[str]) -> list[EvalSetup]:
+    """Setup names -> setups, in order."""
+    if isinstance(specs, str):
+        raise TypeError(f"parse_setups takes a list of setup names, not the string {specs!r}.")
+    return [parse_setup(s) for s in specs]
 
 
 def apply_setup(model: torch.nn.Module, setup: EvalSetup, *, backend: str | None = None) -> torch.nn.Module:

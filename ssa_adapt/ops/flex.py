@@ -7,6 +7,8 @@ t + TK - T) sees keys in [lower(t), t + TK - T] with lower(t) = max(doc_start, k
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .reference import check_qkv
@@ -15,16 +17,14 @@ from .triton.utils import check_doc_start
 __all__ = ["full_attention", "visible_block_mask"]
 
 FLEX_BLOCK = 128
-_compiled = None
 
 
+@functools.cache
 def _flex():
-    global _compiled
-    if _compiled is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    """FlexAttention compiled once (its eager form materialises the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled = torch.compile(flex_attention)
-    return _compiled
+    return torch.compile(flex_attention)
 
 
 def _block_lists(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

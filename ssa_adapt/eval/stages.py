@@ -1,0 +1,248 @@
+"""The evaluation runner both eval recipes use (`recipes/eval_suite.py`, `recipes/retrofit_study.py eval`): one
+model under several setups, unit by unit, into one result dict.
+
+Units, in order: perplexity per (setup, length), AttnSparsity (every sparse budget at once, on the model's own
+full attention), the lm-eval benchmarks (every benchmark setup at once), needle in a haystack per (setup, length),
+RULER per setup. A unit already in the result is skipped, so a run interrupted (or stopped by its time budget)
+continues where it stopped when handed its saved result again. `EvalPlan`'s fields are also the recipes' flags.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .setups import EvalSetup, apply_setup, parse_setups
+
+__all__ = ["EvalPlan", "Unit", "pending_units", "run_evaluation", "new_result", "STAGES"]
+
+STAGES = ("ppl", "sparsity", "benchmarks", "niah", "ruler")
+REPORT_TASKS = ["ssa_hellaswag", "ssa_piqa", "ssa_arc_easy", "ssa_arc_challenge"]
+
+
+@dataclass
+class EvalPlan:
+    """What to evaluate, and how (every field is a command-line flag of the eval recipes)."""
+
+    setups: list[str] = field(
+        default_factory=lambda: ["original", "sparse-16x16-sink1", "sparse-16x16-sink0", "sparse-16x64-sink1"],
+        metadata={"help": "Setups, evaluated in order: original, full, sparse-<BS>x<BC>[-sink<n>][-local<n>]."},
+    )
+    stages: list[str] = field(
+        default_factory=lambda: ["ppl", "sparsity", "benchmarks", "niah"], metadata={"help": f"Among {STAGES}."}
+    )
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16, float16."})
+    backend: str = field(default="auto", metadata={"help": "SSA kernels: auto, reference, triton, fla."})
+    ppl_lengths: list[int] = field(default_factory=lambda: [2048, 8192], metadata={"help": "Perplexity lengths."})
+    ppl_span: int = field(default=8192, metadata={"help": "Tokens scored per novel (a multiple of every length)."})
+    ppl_novels: list[str] = field(default_factory=list, metadata={"help": "Austen titles; none given: all six."})
+    sparsity_len: int = field(default=8192, metadata={"help": "Window length of the attention statistics."})
+    sparsity_windows: int = field(default=2, metadata={"help": "Windows (one per novel) for the statistics."})
+    tasks: list[str] = field(default_factory=lambda: list(REPORT_TASKS), metadata={"help": "lm-eval tasks."})
+    include_path: str | None = field(default=None, metadata={"help": "lm-eval task folder; default the assets'."})
+    limit: int | None = field(default=None, metadata={"help": "Items per benchmark task; default all."})
+    task_limits: list[str] = field(default_factory=list, metadata={"help": "Per-task items: ssa_hellaswag=2000 ..."})
+    batch_size: int = field(default=16, metadata={"help": "lm-eval batch size."})
+    benchmark_check: int = field(default=50, metadata={"help": "Items re-run sparse to confirm a reused score."})
+    benchmark_setups: list[str] = field(default_factory=list, metadata={"help": "Setups scored; none given: all."})
+    niah_lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192], metadata={"help": "NIAH lengths."})
+    niah_depths: list[float] = field(default_factory=lambda: [0, 0.25, 0.5, 0.75, 1], metadata={"help": "Depths."})
+    niah_samples: int = field(default=1, metadata={"help": "Prompts per (length, depth) cell."})
+    ruler_lengths: list[int] = field(default_factory=lambda: [4096, 8192], metadata={"help": "RULER lengths."})
+    ruler_limit: int = field(default=20, metadata={"help": "RULER prompts per length."})
+    time_budget_s: float | None = field(default=None, metadata={"help": "Start no unit after this many seconds."})
+    redo: list[str] = field(default_factory=list, metadata={"help": "Stages to compute again although saved."})
+
+    def __post_init__(self):
+        unknown = sorted(set(self.stages) - set(STAGES))
+        if unknown:
+            raise ValueError(f"stages {unknown}: choose among {list(STAGES)}.")
+
+    def parsed_setups(self) -> list[EvalSetup]:
+        return parse_setups(self.setups)
+
+    def scored_setups(self) -> list[EvalSetup]:
+        """The setups the benchmarks score."""
+        return [s for s in self.parsed_setups() if not self.benchmark_setups or s.name in self.benchmark_setups]
+
+    def items_per_task(self) -> dict[str, int | None]:
+        """{task: items}: `limit` for every task, then the `task_limits` entries (task=N)."""
+        limits: dict[str, int | None] = {t: self.limit for t in self.tasks}
+        for entry in self.task_limits:
+            task, _, n = entry.partition("=")
+            if not n.isdigit():
+                raise ValueError(f"task_limits entry {entry!r}: write task=N, e.g. ssa_hellaswag=2000.")
+            limits[task] = int(n)
+        return limits
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One step of an evaluation: `stage` for `setup` (None: every setup at once) at `length` (None: none)."""
+
+    stage: str
+    setup: EvalSetup | None = None
+    length: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.stage}{' ' + self.setup.name if self.setup else ''}{' @ ' + str(self.length) if self.length else ''}"
+
+
+def new_result(model: str, plan: EvalPlan) -> dict:
+    """An empty result of `model` for `plan`: one entry per setup."""
+    result = {"model": model, "runs": [], "settings": {}, "setups": {}, "notes": []}
+    return _with_setups(result, plan)
+
+
+def _with_setups(result: dict, plan: EvalPlan) -> dict:
+    for key, empty in (("runs", []), ("settings", {}), ("setups", {}), ("notes", [])):
+        result.setdefault(key, empty)
+    for s in plan.parsed_setups():
+        result["setups"].setdefault(s.name, {}).update(label=s.label, mode=s.mode)
+    return result
+
+
+def _units(plan: EvalPlan) -> list[Unit]:
+    setups = plan.parsed_setups()
+    units = {
+        "ppl": [Unit("ppl", s, n) for s in setups for n in plan.ppl_lengths],
+        "sparsity": [Unit("sparsity")] if any(s.mode == "sparse" for s in setups) else [],
+        "benchmarks": [Unit("benchmarks")],
+        "niah": [Unit("niah", s, n) for s in setups for n in plan.niah_lengths],
+        "ruler": [Unit("ruler", s) for s in setups],
+    }
+    return [u for stage in STAGES if stage in plan.stages for u in units[stage]]
+
+
+def _done(unit: Unit, plan: EvalPlan, entries: dict) -> bool:
+    if unit.stage == "ppl":
+        return str(unit.length) in entries[unit.setup.name].get("ppl", {})
+    if unit.stage == "sparsity":
+        return all("sparsity" in entries[s.name] for s in plan.parsed_setups() if s.mode == "sparse")
+    if unit.stage == "benchmarks":
+        return all("benchmarks" in entries[s.name] for s in plan.scored_setups())
+    if unit.stage == "niah":
+        return unit.length in entries[unit.setup.name].get("niah", {}).get("context_lengths", [])
+    return "ruler" in entries[unit.setup.name]
+
+
+def pending_units(plan: EvalPlan, result: dict) -> list[Unit]:
+    """The units of `plan` that `result` does not hold yet (after forgetting the stages in `plan.redo`)."""
+    _with_setups(result, plan)
+    for entry in result["setups"].values():
+        for stage in plan.redo:
+            entry.pop(stage, None)
+    return [u for u in _units(plan) if not _done(u, plan, result["setups"])]
+
+
+def run_evaluation(
+    plan: EvalPlan, result: dict, load: Callable[[], tuple], save: Callable[[dict, list[str]], None]
+) -> bool:
+    """Run the pending units of `plan` into `result`; `load()` -> (model, tokenizer) is called only if some are
+    pending; `save(result, finished)` after every unit (finished: the labels and seconds of this call's units).
+    Every call finishes at least one unit, so a short time budget still makes progress. Returns whether every unit
+    is done."""
+    todo = pending_units(plan, result)
+    if not todo:
+        return True
+    start, finished = time.monotonic(), []
+    model, tokenizer = load()
+    context = _Context(plan, model, tokenizer)
+    for unit in todo:
+        if finished and plan.time_budget_s is not None and time.monotonic() - start > plan.time_budget_s:
+            break
+        t0 = time.monotonic()
+        _RUNNERS[unit.stage](context, unit, result)
+        result["settings"].update(dtype=plan.dtype, backend=plan.backend)
+        finished.append(f"{unit} ({time.monotonic() - t0:.0f} s)")
+        save(result, finished)
+    return not pending_units(plan, result)
+
+
+class _Context:
+    """What the units share: the plan, the model and tokenizer, and the NIAH haystack (tokenized once)."""
+
+    def __init__(self, plan: EvalPlan, model, tokenizer):
+        self.plan, self.model, self.tokenizer = plan, model, tokenizer
+        self._haystack = None
+
+    def setup(self, setup: EvalSetup):
+        return apply_setup(self.model, setup, backend=self.plan.backend)
+
+    def haystack(self) -> list[int]:
+        if self._haystack is None:
+            from .niah import essay_haystack_ids
+
+            self._haystack = essay_haystack_ids(self.tokenizer)
+        return self._haystack
+
+
+def _ppl(c: _Context, unit: Unit, result: dict) -> None:
+    from .perplexity import austen_windows, perplexity
+
+    plan = c.plan
+    windows = austen_windows(c.tokenizer, unit.length, span=plan.ppl_span, novels=plan.ppl_novels or None)
+    r = perplexity(c.setup(unit.setup), windows.to(plan.device), desc=f"ppl {unit.setup.name} @ {unit.length}")
+    result["setups"][unit.setup.name].setdefault("ppl", {})[str(unit.length)] = r.to_dict()
+    result["settings"]["ppl"] = {"span": plan.ppl_span, "novels": plan.ppl_novels or "all six"}
+
+
+def _sparsity(c: _Context, unit: Unit, result: dict) -> None:
+    from ..assets import austen_texts
+    from .attention_stats import attention_statistics
+    from .perplexity import austen_windows
+
+    plan = c.plan
+    sparse = [s for s in plan.parsed_setups() if s.mode == "sparse"]
+    titles = sorted(austen_texts())[: plan.sparsity_windows]
+    windows = austen_windows(c.tokenizer, plan.sparsity_len, span=plan.sparsity_len, novels=titles)
+    budgets = list(dict.fromkeys(s.budget for s in sparse))
+    stats = attention_statistics(c.setup(EvalSetup("full", "full")), windows, budgets, backend=plan.backend)
+    for s in sparse:
+        result["setups"][s.name]["sparsity"] = stats[s.budget.name]
+    result["settings"]["sparsity"] = {
+        "context_len": plan.sparsity_len,
+        "novels": titles,
+        "measured_on": "the model's own full attention (converted, full mode)",
+    }
+
+
+def _benchmarks(c: _Context, unit: Unit, result: dict) -> None:
+    from ..assets import benchmark_tasks
+    from .harness import record_benchmarks
+
+    plan = c.plan
+    record_benchmarks(result, c.model, c.tokenizer, plan.scored_setups(), plan.tasks, plan.items_per_task(),
+                      include_path=plan.include_path or benchmark_tasks(), batch_size=plan.batch_size,
+                      check_items=plan.benchmark_check, backend=plan.backend)  # fmt: skip
+
+
+def _niah(c: _Context, unit: Unit, result: dict) -> None:
+    from .niah import NIAHResult, run_niah
+
+    plan, name = c.plan, unit.setup.name
+    r = run_niah(c.setup(unit.setup), c.tokenizer, [unit.length], plan.niah_depths, samples_per_cell=plan.niah_samples,
+                 haystack_ids=c.haystack(), desc=f"niah {name} @ {unit.length}")  # fmt: skip
+    old = result["setups"][name].get("niah") or {"context_lengths": [], "scores": {}, "samples": []}
+    merged = NIAHResult(old["context_lengths"] + [unit.length], plan.niah_depths, {**old["scores"], **r.scores},
+                        old["samples"] + r.samples)  # fmt: skip
+    result["setups"][name]["niah"] = merged.to_dict()
+    result["settings"]["niah"] = {"samples_per_cell": plan.niah_samples, "depths": plan.niah_depths,
+                                  "max_new_tokens": 12}  # fmt: skip
+
+
+def _ruler(c: _Context, unit: Unit, result: dict) -> None:
+    from lm_eval.models.huggingface import HFLM
+
+    from .harness import ruler_niah
+
+    lm = HFLM(pretrained=c.setup(unit.setup), tokenizer=c.tokenizer, batch_size=1)
+    scores = ruler_niah(lm, c.tokenizer.name_or_path, c.plan.ruler_lengths, limit=c.plan.ruler_limit)
+    result["setups"][unit.setup.name]["ruler"] = scores
+
+
+_RUNNERS = {"ppl": _ppl, "sparsity": _sparsity, "benchmarks": _benchmarks, "niah": _niah, "ruler": _ruler}
