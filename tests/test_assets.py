@@ -109,6 +109,7 @@ def test_benchmark_tasks_rows_and_yamls():
         assert data == str(folder / f"{task}.jsonl")
 
 
+@pytest.mark.slow
 def test_lm_eval_runs_the_tasks_offline(tmp_path):
     """All six YAMLs load in lm-eval and score 20 items each with its `hf` model on a tiny random Llama."""
     lm_eval = pytest.importorskip("lm_eval")

@@ -89,7 +89,6 @@ def test_kernel_checks_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: the kernel runs compiled there")
 @pytest.mark.parametrize("case", list(CASES))
 def test_cache_means_kernel_gpu(case):
     r = _steps(CASES[case], "cuda", use_kernel=True)

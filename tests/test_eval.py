@@ -7,6 +7,7 @@ The model is a tiny random Llama with a word-level tokenizer built here (no down
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -234,15 +235,29 @@ def test_niah_scorer_gives_known_good_one_and_wrong_zero():
     assert score_niah("", "4817263") == 0.0
 
 
-def test_run_niah_grid_and_heatmap(tokenizer, tmp_path):
+def test_run_niah_scores_what_the_model_retrieves(tokenizer, tmp_path, monkeypatch):
+    """Each cell scores whether the greedy answer holds the needle's number: a model that answers with the first
+    seven-digit number in the first half of its prompt finds the needle at depth 0 and misses it at depth 1, at
+    every length, and the grid, the per-length means and the samples say so."""
     model = _model(tokenizer)
     ssa_adapt.convert(model, SSAConfig(block_size=4, block_count=4, sink_blocks=1))
+    spaced = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: spaced(ids, **kw).replace(" ", ""))  # "1234567"
+
+    def first_half_reader(ids, **kwargs):
+        head = " ".join(tokenizer.convert_ids_to_tokens(ids[0, : ids.shape[1] // 2].tolist()))
+        found = re.search(r"(?:\d ){6}\d", head)
+        answer = tokenizer(found.group(0) if found else "no", add_special_tokens=False, return_tensors="pt")
+        return torch.cat([ids, answer.input_ids], 1)
+
+    monkeypatch.setattr(model, "generate", first_half_reader)
     hay = tokenizer(HAYSTACK, add_special_tokens=False).input_ids
     result = run_niah(model, tokenizer, (64, 96), (0.0, 1.0), haystack_ids=hay, max_new_tokens=4, progress=False)
-    assert set(result.scores) == {"64@0", "64@1", "96@0", "96@1"}
-    assert all(s in (0.0, 1.0) for s in result.scores.values()) and len(result.samples) == 4
-    png = plot_niah_heatmaps({"sparse 4x4": result, "again": result.to_dict()}, tmp_path / "niah.png")
-    assert png.stat().st_size > 1000
+    assert result.grid() == [[1.0, 1.0], [0.0, 0.0]]  # [depth][length]
+    assert result.by_length() == {64: 0.5, 96: 0.5}
+    assert [(s["depth"], s["answer"] in s["generated"]) for s in result.samples] == [(0.0, True), (1.0, False)] * 2
+    png = plot_niah_heatmaps({"first half": result, "again": result.to_dict()}, tmp_path / "niah.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -322,18 +322,14 @@ def test_flex_block_lists(TK, docs, window):
 # GPU: compiled kernels at realistic shapes
 # ------------------------------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: the kernels run compiled there")
-
 
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
 @pytest.mark.gpu
-@needs_cuda
 def test_kernels_gpu(case):
     check(run_case(case, "cuda"), case)
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_dispatch_and_sparse_equals_full_gpu():
     """backend='auto' on CUDA runs the kernels; within the budget the sparse stream is full attention."""
     q, k, v, _ = make_inputs(_case(1, 250, 2, 4, 64, "bfloat16", S=16), "cuda")
@@ -345,7 +341,6 @@ def test_dispatch_and_sparse_equals_full_gpu():
 
 @pytest.mark.parametrize("variant", ["documents", "window", "prefill"])
 @pytest.mark.gpu
-@needs_cuda
 def test_full_attention_flex_gpu(variant):
     """The document-masked full stream (FlexAttention) against the reference, forward and backward; one shape
     (TK > T) for all variants so that FlexAttention compiles once."""
@@ -364,7 +359,6 @@ def test_full_attention_flex_gpu(variant):
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="fla-core is not installed")
 def test_fla_backend_gpu():
     """backend='fla' (fla-core's NSA kernel on our indices) agrees with ours at G = 16 and refuses G = 4."""

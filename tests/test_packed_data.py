@@ -66,6 +66,7 @@ def test_resume_after_interruption_gives_identical_files(tmp_path):
         assert (part / name).read_bytes() == (whole / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_cache_data_script_with_real_tokenizer(tmp_path):
     assets = pytest.importorskip("ssa_adapt.assets")
     try:

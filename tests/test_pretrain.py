@@ -19,6 +19,8 @@ pretrain = importlib.util.module_from_spec(spec)
 sys.modules["pretrain"] = pretrain
 spec.loader.exec_module(pretrain)
 
+pytestmark = pytest.mark.slow  # the recipe saves its model with the real SmolLM2 tokenizer
+
 
 @pytest.fixture(scope="module")
 def token_cache(tmp_path_factory):

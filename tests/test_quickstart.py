@@ -36,6 +36,7 @@ def smollm2():
         pytest.skip(f"SmolLM2 cannot be had here: {err}")
 
 
+@pytest.mark.slow
 def test_quickstart_runs_offline_and_its_model_generates(smollm2, tmp_path, monkeypatch, capsys):
     out = tmp_path / "quickstart"
     assert run_script(QUICKSTART, monkeypatch, "--tokens", "64", "--out", str(out)) == 0

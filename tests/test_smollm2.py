@@ -10,6 +10,7 @@ import ssa_adapt
 from ssa_adapt import SSAConfig
 
 assets = pytest.importorskip("ssa_adapt.assets")
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from tiny_models import tiny_model, token_batch
 import ssa_adapt
 from ssa_adapt import SSAConfig
 
-HAS_CUDA = torch.cuda.is_available()
 CONFIG = SSAConfig(block_size=4, block_count=4)
 
 
@@ -166,7 +165,6 @@ def test_device_positions_equal_cut_buffers_interpreted(interpreted_kernels, nam
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: CUDA graphs and compiled kernels")
 @pytest.mark.parametrize("mode", ["sparse", "full"])
 def test_graph_replay_equals_eager_steps_and_generate_gpu(mode):
     """16 x 16 blocks over 700-token prompts: replaying one captured step gives the same tokens as running the
