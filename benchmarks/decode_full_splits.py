@@ -5,7 +5,7 @@ block of a static buffer of TK + 32 keys (the query position read on the device,
 with its default split count and with 16 / 64 / 256 blocks per split. bf16, shapes (9, 3, 64) and (32, 8, 64),
 TK 8k / 32k / 128k, batch 1 and 8; ms (median of do_bench) and each variant's relative RMS error against SDPA.
 
-    python benchmarks/decode_full_splits.py --out benchmarks/results/decode-h200-full-all-blocks.json
+    python benchmarks/decode_full_splits.py --out benchmarks/results/decode-full-splits.json
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def bench(HQ: int, H: int, D: int, TK: int, B: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="benchmarks/results/decode-h200-full-all-blocks.json")
+    p.add_argument("--out", default="benchmarks/results/decode-full-splits.json")
     args = p.parse_args()
     result = {
         "benchmark": __doc__.split("\n\n")[1].replace("\n", " "),

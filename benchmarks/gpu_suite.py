@@ -36,7 +36,7 @@ def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
     jobs = {
         "tests": [[py, "-m", "pytest", "-q", "-s", "-m", "gpu", str(REPO / "tests")]],
         "attention": [[py, bench("attention.py"), "--sweep", "--T", "32768", "65536", "8192", "16384", "131072",
-                       "--out", str(out / "attention-h200.json"), "--md", str(out / "attention-h200.md"),
+                       "--out", str(out / "attention.json"), "--md", str(out / "attention.md"),
                        "--budget-s", str(a.attention_budget_s)]],
         "decode": [[py, bench("decode.py"), "--sweep", "--skip-generate", "--out", str(out / "decode-layer.json")],
                    [py, bench("decode.py"), "--profile", "--contexts", "131072", "--out",
@@ -47,11 +47,11 @@ def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
                   str(out / "attention-real.md")] + (["--tokens", a.tokens] if a.tokens else [])],
         "prefill": [[py, bench("prefill.py"), "--out", str(out / "prefill.json"), "--md", str(out / "prefill.md")]],
         "pretrain": [[py, bench("pretrain_throughput.py"), "run", "--token_cache", a.token_cache, "--tokenizer",
-                      a.token_cache, "--out", str(out / "pretrain-h200.json")]],
+                      a.token_cache, "--out", str(out / "pretrain.json")]],
         "train": [[py, bench("train_throughput.py"), "run", "--stage", a.stage, "--dtype", "float32", "--steps",
-                   str(a.train_steps), "--out", str(out / "train-h200.json")] + (["--model", a.model] if a.model else [])],
+                   str(a.train_steps), "--out", str(out / "train.json")] + (["--model", a.model] if a.model else [])],
         "multi": [[py, bench("multi_gpu.py"), "--model", str(a.model), "--data", str(a.data), "--out",
-                   str(out / "multi-gpu-h200.json")]],
+                   str(out / "multi-gpu.json")]],
     }  # fmt: skip
     return {name: jobs[name] for name in a.jobs}
 

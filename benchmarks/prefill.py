@@ -1,6 +1,6 @@
 """Model-level prefill: a converted model in sparse mode against the unconverted model on SDPA cuDNN.
 
-    python benchmarks/prefill.py --out benchmarks/results/prefill-h100.json --md benchmarks/results/prefill-h100.md
+    python benchmarks/prefill.py --out benchmarks/results/prefill.json --md benchmarks/results/prefill.md
 
 A random-weight bf16 Llama of Llama-3.2-1B's shape (16 layers, hidden 2048, 32 heads, 8 KV heads, head_dim 64,
 MLP 8192, vocab 128256, tied embeddings, rope_theta 5e5) prefills one row of T tokens with a KV cache, keeping only
@@ -75,8 +75,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results/prefill-h100.json")
-    p.add_argument("--md", default="benchmarks/results/prefill-h100.md")
+    p.add_argument("--out", default="benchmarks/results/prefill.json")
+    p.add_argument("--md", default="benchmarks/results/prefill.md")
     p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse here)")
     a = p.parse_args()
     if not torch.cuda.is_available():

@@ -4,7 +4,7 @@
     python benchmarks/pretrain_throughput.py prepare --out .stage/pt
     # on the GPU machine (trl and datasets travel as wheels):
     python benchmarks/pretrain_throughput.py run --token_cache .stage/pt --tokenizer .stage/pt \\
-        --out $OUT/pretrain-h200.json
+        --out $OUT/pretrain.json
 
 Each mode (`full` = FullAttn, `sparse` = MoBA / Sparse-Sparse, `nsa`, `ssa`) runs `recipes/pretrain.py` itself
 with `recipes/configs/ssa-1b.yaml` (fresh random weights from the same seed, gate on, 16 x 16 blocks, no sink,
@@ -237,7 +237,7 @@ def main() -> None:
     r.add_argument("--config", default=str(REPO / "recipes/configs/ssa-1b.yaml"))
     r.add_argument("--token_cache", default=".stage/pt")
     r.add_argument("--tokenizer", default=".stage/pt")
-    r.add_argument("--out", default="benchmarks/results/pretrain-h200.json")
+    r.add_argument("--out", default="benchmarks/results/pretrain.json")
     r.add_argument("--modes", nargs="+", default=["full", "sparse", "nsa", "ssa"])
     r.add_argument("--steps", type=int, default=30)
     r.add_argument("--batch", type=int, default=4)

@@ -1,7 +1,7 @@
 """Selection alone at one length for many group sizes, with pass 1's unmasked interior chunks on, off and "auto"
 (`SelectOptions.interior`).
 
-    python benchmarks/select_groups.py --out benchmarks/results/select-groups-h200.json
+    python benchmarks/select_groups.py --out benchmarks/results/select-groups.json
 
 `ssa_adapt.ops.triton.select.select_blocks` (16 x 16 blocks, one sink, one local block) on bf16 random normal q / k,
 B = 1, milliseconds as the median of triton.testing.do_bench; `equal` says whether interior on and off chose the
@@ -30,7 +30,7 @@ SHAPES = [(32, 32, 64), (32, 16, 64), (32, 8, 64), (9, 3, 64), (14, 2, 64), (32,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, default=32768)
-    p.add_argument("--out", default="benchmarks/results/select-groups-h200.json")
+    p.add_argument("--out", default="benchmarks/results/select-groups.json")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("select_groups.py needs a CUDA device (the kernels run compiled).")

@@ -3,7 +3,7 @@
     # here (CPU): tokenize the Debian docs corpus to uint16 and stage SmolLM2's config and tokenizer (no weights)
     python benchmarks/train_throughput.py prepare --stage .stage/train
     # on the GPU machine (trl and datasets travel as wheels in .stage/train/whl):
-    python benchmarks/train_throughput.py run --stage .stage/train --out $OUT/train-h200.json
+    python benchmarks/train_throughput.py run --stage .stage/train --out $OUT/train.json
 
 The model is SmolLM2-135M (30 layers, 9 heads, 3 KV heads, head_dim 64): its weights with `--model FOLDER`, else
 its architecture (config.json) with random weights from a fixed seed (throughput does not depend on the weights;
@@ -277,7 +277,7 @@ def main() -> None:
     p.add_argument("--wheels", default=".whl", help="folder of wheels to pick trl, datasets and their needs from")
     r = sub.add_parser("run")
     r.add_argument("--stage", default=".stage/train")
-    r.add_argument("--out", default="benchmarks/results/train-h200.json")
+    r.add_argument("--out", default="benchmarks/results/train.json")
     r.add_argument("--modes", nargs="+", default=["full", "ssa"])
     r.add_argument("--model", default=None, help="a model folder: train its weights (default: random weights)")
     r.add_argument("--steps", type=int, default=150)

@@ -34,8 +34,26 @@ BENCHMARK_COLUMNS = (
 )
 
 
+def git_commit() -> str:
+    """The short hash of the checkout ssa_adapt runs from, "+dirty" when it has uncommitted changes; "unknown"
+    outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "ssa_adapt"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def run_info(stages, device: str | torch.device) -> dict:
-    """Where, when and how a run was made."""
+    """Where, when and how a run was made: device, date, command, commit, stages, versions."""
     device = torch.device(device)
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
@@ -58,6 +76,7 @@ def run_info(stages, device: str | torch.device) -> dict:
         "device": hardware,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "commit": git_commit(),
         "stages": list(stages),
         "host_cpus": os.cpu_count(),
         "versions": versions,
@@ -137,7 +156,9 @@ def write_report(result: dict, json_path: str | Path, md_path: str | Path | None
         md.append(f"- {note}")
     md += ["", "Runs:", ""]
     for r in result.get("runs", []):
-        md.append(f"- {', '.join(r['stages'])}: {r['device']}, {r['date']}, `{r['command']}`")
+        md.append(
+            f"- {', '.join(r['stages'])}: {r['device']}, {r['date']}, commit {r.get('commit', 'not recorded')}, `{r['command']}`"
+        )
     text = "\n".join(md) + "\n"
     if md_path is not None:
         Path(md_path).write_text(text)
@@ -283,5 +304,5 @@ def study_report(
     for m, t in trains.items():
         for seg in (t or {}).get("segments", []):
             md.append(f"- train {m} to step {seg['to_step']} ({seg['seconds']:.0f} s): {seg['device']}, {seg['date']}, "
-                      f"`{seg['command']}`")  # fmt: skip
+                      f"commit {seg.get('commit', 'not recorded')}, `{seg['command']}`")  # fmt: skip
     return result, "\n".join(md) + "\n"

@@ -109,7 +109,7 @@ class DecodeOptions:
     chunk_small: int = 32  # a chunk's survivors up to this many are ranked in a 32 x 32 comparison (else finish_cap)
     chunk_pairs: int = 256  # merged candidates up to this many are ranked by pairwise comparison, more by bisection
     # Blocks per chunk of the row finisher's passes (its lanes): swept on the H200 2026-12-02
-    # (decode-h200-sweep-tf32x3.json), 1024 beat 512 and 2048. Warps of both finishing kernels.
+    # (decode-h200-sweep-tf32x3.json, in git history), 1024 beat 512 and 2048. Warps of both finishing kernels.
     finish_blocks: int = 1024
     finish_warps: int = 8
     finish_groups: int = 64  # lane groups whose maxima bound the threshold from below
@@ -122,7 +122,7 @@ class DecodeOptions:
     attend_keys: int = 32
     attend_warps: int = 4
     # Programs per SM the split heuristics (scoring and attention) aim at: swept on the H200
-    # (decode-h200-sweep.json), 8 beat 2
+    # (decode-h200-sweep.json, in git history), 8 beat 2
     programs_per_sm: int = 8
 
     def __post_init__(self):
