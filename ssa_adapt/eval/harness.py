@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,7 @@ from pathlib import Path
 __all__ = [
     "LONGBENCH_DATASET",
     "LongBenchUnavailable",
+    "task_manager",
     "evaluate_tasks",
     "benchmark_scores",
     "max_request_tokens",
@@ -41,6 +44,19 @@ class LongBenchUnavailable(RuntimeError):
     """LongBench's data cannot be had here (no Hub access and no local cache)."""
 
 
+def task_manager(include_path: str | Path | None = None, metadata: dict | None = None):
+    """lm-eval's TaskManager for `include_path` and `metadata`, made once per process: making one indexes every task
+    YAML lm-eval ships (~10k files, seconds), and an evaluation of several setups asks for the same one each time."""
+    return _task_manager(str(include_path) if include_path else None, json.dumps(metadata, sort_keys=True))
+
+
+@functools.cache
+def _task_manager(include_path: str | None, metadata: str):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, metadata=json.loads(metadata))
+
+
 def evaluate_tasks(
     lm,
     tasks: Sequence[str],
@@ -55,11 +71,10 @@ def evaluate_tasks(
 ) -> dict:
     """lm_eval.simple_evaluate on `lm` (an lm-eval LM, e.g. `SSALM(...)`); returns lm-eval's full results dict."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from . import lm_eval_model  # noqa: F401  (registers "ssa" for string model names)
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=metadata)
+    manager = task_manager(include_path, metadata)
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=list(tasks),
@@ -96,9 +111,9 @@ def max_request_tokens(
     (block_size x block_count) every block is selected and the sparse model scores it exactly as full attention
     does (SPEC section 1): that setup's scores on the task are the full model's.
     """
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = task_manager(include_path)
     out: dict[str, int | None] = {}
     for name, task in get_task_dict(list(tasks), manager).items():
         name = getattr(name, "group_name", name)
