@@ -186,7 +186,7 @@ def sweep_settings(args, variants=SWEEP_VARIANTS) -> tuple[list[dict], KernelOpt
     """Time the whole sparse step (CUDA graph) for each variant (SWEEP_BASE with its changes) over the shapes and
     batches at 128k -> (every (variant, shape, batch) time, so that a per-shape choice can be read off later; the
     options of the variant with the lowest total, which the layer rows and profiles of the run then use)."""
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    shapes = args.shapes
     totals, rows = [], []
     for change in variants:
         options = KernelOptions(decode=dataclasses.replace(SWEEP_BASE, **change))
@@ -353,12 +353,23 @@ def model_for(path, shape):
     return path if own == tuple(shape) else None
 
 
+def head_shape(text: str) -> tuple[int, int, int]:
+    """ "HQ,H,D" -> (query heads, KV heads, head dim), the --shapes argument type."""
+    try:
+        HQ, H, D = (int(x) for x in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write query heads, KV heads, head dim as HQ,H,D (e.g. 9,3,64)"
+        ) from err
+    return HQ, H, D
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/decode.json")
     p.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
     p.add_argument("--batch", type=int, nargs="+", default=BATCHES)
-    p.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES], help="HQ,H,D ...")
+    p.add_argument("--shapes", nargs="+", type=head_shape, default=list(SHAPES), help="HQ,H,D ...")
     p.add_argument("--layers", type=int, default=4, help="layers of the random generate models")
     p.add_argument(
         "--model", default=None, help="a real model folder (e.g. SmolLM2) for the generate rows of its shape"
@@ -383,13 +394,13 @@ def main():
     args = p.parse_args()
     sweep_rows, options = sweep_settings(args) if args.sweep else ([], DEFAULT_OPTIONS)
     if args.profile:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+        shapes = args.shapes
         out = {f"B{B}-TK{TK}-{HQ},{H},{D}": profile_layer(B, TK, HQ, H, D, options=options) for HQ, H, D in shapes
                for TK in args.contexts for B in args.batch}  # fmt: skip
         Path(args.out).write_text(json.dumps(out, indent=1))
         return
     if args.cprofile:
-        shape = tuple(int(x) for x in args.shapes[0].split(","))
+        shape = args.shapes[0]
         model = model_for(args.model, shape)
         bench_generate(None, args.batch[0], args.contexts[0], *shape, args.layers, args.new_tokens, model, True)
         return
@@ -406,7 +417,7 @@ def main():
     rec = Recorder(Path(args.out), meta)
     for row in sweep_rows:
         rec.add(**row)
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    shapes = args.shapes
     jobs = []
     if not args.skip_layer:
         jobs += [

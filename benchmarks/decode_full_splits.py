@@ -5,7 +5,8 @@ block of a static buffer of TK + 32 keys (the query position read on the device,
 with its default split count and with 16 / 64 / 256 blocks per split. bf16, shapes (9, 3, 64) and (32, 8, 64),
 TK 8k / 32k / 128k, batch 1 and 8; ms (median of do_bench) and each variant's relative RMS error against SDPA.
 
-    python benchmarks/decode_full_splits.py --out benchmarks/results/decode-full-splits.json
+    python benchmarks/decode_full_splits.py --out benchmarks/results/decode-full-splits.json \\
+        --md benchmarks/results/decode-full-splits.md
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode import graphed  # noqa: E402
+from run_info import git_commit, markdown_header  # noqa: E402
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops.triton import decode_attend  # noqa: E402
@@ -58,6 +60,8 @@ def bench(HQ: int, H: int, D: int, TK: int, B: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/decode-full-splits.json")
+    p.add_argument("--md", default="benchmarks/results/decode-full-splits.md")
+    p.add_argument("--commit", default=None, help="The commit measured (a copy of the tree without .git).")
     args = p.parse_args()
     result = {
         "benchmark": __doc__.split("\n\n")[1].replace("\n", " "),
@@ -66,6 +70,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "commit": git_commit(args.commit),
         "decode_options": dataclasses.asdict(DEFAULT_OPTIONS.decode),  # decode_attend's (the defaults)
         "rows": [],
     }
@@ -77,6 +82,25 @@ def main() -> None:
                     json.dumps({a: round(b, 4) if isinstance(b, float) else b for a, b in result["rows"][-1].items()})
                 )
                 Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.md).write_text(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    """The report: SDPA and every decode_attend variant in microseconds, one row per (shape, TK, batch)."""
+    keys = [k for k in result["rows"][0] if k not in ("HQ", "H", "D", "TK", "B", "sdpa") and not k.endswith("_err")]
+    table = ["| (HQ, H, D) | TK | batch | SDPA | " + " | ".join(f"decode_attend {k}" for k in keys) + " |"]
+    table.append("|" + "---|" * (4 + len(keys)))
+    for r in result["rows"]:
+        cells = [f"({r['HQ']}, {r['H']}, {r['D']})", str(r["TK"]), str(r["B"])] + [
+            f"{r[k] * 1000:.1f}" for k in ["sdpa", *keys]
+        ]
+        table.append("| " + " | ".join(cells) + " |")
+    worst = max(v for r in result["rows"] for k, v in r.items() if k.endswith("_err"))
+    head = markdown_header("Full-mode decode step over a static buffer: SDPA against the split-KV kernel", result)
+    text = (
+        f"\n{result['benchmark']}\n\nMicroseconds; the kernel's relative RMS against SDPA is at most {worst:.1e}.\n\n"
+    )
+    return head + text + "\n".join(table) + "\n"
 
 
 if __name__ == "__main__":

@@ -15,3 +15,12 @@ def git_commit(given: str | None = None) -> str:
     except OSError:
         return "unknown"
     return out.stdout.strip() or "unknown"
+
+
+def markdown_header(title: str, result: dict) -> str:
+    """The top of a benchmark's markdown: the title, then the card, date, commit and command of `result` (its
+    "device", "date", "commit" and "command" entries)."""
+    return (
+        f"# {title}\n\n{result['device']}, {result['date']}, commit {result.get('commit', 'not recorded')}.\n\n"
+        f"Command: `{result['command']}`\n"
+    )
