@@ -17,7 +17,7 @@ from interpreted import run_interpreted, write_interpreted
 pytest.importorskip("triton")
 
 from ssa_adapt import ops  # noqa: E402
-from ssa_adapt.ops import reference  # noqa: E402
+from ssa_adapt.ops import cached_means as reference  # noqa: E402  (the PyTorch path)
 
 HAS_CUDA = torch.cuda.is_available()
 # (B, H, D, block size, document starts, first key length, decode steps)

@@ -11,6 +11,7 @@ from tiny_models import tiny_model, token_batch
 import ssa_adapt
 from ssa_adapt import SSAConfig
 from ssa_adapt.ops import reference as R
+from ssa_adapt.ops.cached_means import block_means
 
 SMALL = SSAConfig(block_size=4, block_count=4)  # receptive field 16 tokens: 40-token inputs go sparse
 
@@ -140,7 +141,7 @@ def test_traced_reference_equals_segments(monkeypatch):
     doc_start[2] = torch.minimum(torch.arange(T) + 8, torch.tensor(13))  # padding queries, then a document at 13
     cfg = dict(block_size=4, block_count=4, sink_blocks=1, local_blocks=1)
     row_start = torch.tensor([[0], [7], [13]])
-    means = R.block_means(k, row_start[:, 0], 4, TK // 4)
+    means = block_means(k, row_start[:, 0], 4, TK // 4)
 
     def run():
         idx = R.select_blocks(q, k, doc_start=doc_start, **cfg)

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import cached_means, reference
 from .documents import doc_start_from_cu_seqlens, doc_start_from_position_ids
 from .reference import attention_sparsity, check_qkv, compressed_attention
 
@@ -259,8 +259,8 @@ def full_attention(q, k, v, *, scale=None, doc_start=None, sliding_window=None, 
 
 def block_means(keys: torch.Tensor, start: torch.Tensor, block_size: int, capacity: int) -> torch.Tensor:
     """The mean key of every complete block of each row from its document start, what a KV cache keeps for sparse
-    decoding: keys [B, TK, H, D], start [B] int64 -> [B, capacity, H, D] float32 (see `reference.block_means`)."""
-    return reference.block_means(keys, start, block_size, capacity)
+    decoding: keys [B, TK, H, D], start [B] int64 -> [B, capacity, H, D] float32 (see `ops/cached_means.py`)."""
+    return cached_means.block_means(keys, start, block_size, capacity)
 
 
 def append_block_means(
@@ -276,7 +276,7 @@ def append_block_means(
         from .triton.cache_means import append_block_means as kernel
 
         return kernel(means, start, keys, block_size, key_len=key_len)
-    reference.append_block_means(means, start, keys, block_size)
+    cached_means.append_block_means(means, start, keys, block_size)
 
 
 def static_cache_decode(
