@@ -82,3 +82,26 @@ def test_time_budget_leaves_units_for_the_next_call(tiny):
     assert saved == [[saved[0][0]]] and saved[0][0].startswith("ppl original @ 32")
     assert run_evaluation(plan, result, load, lambda r, finished: saved.append(list(finished)))
     assert set(result["setups"]["original"]["ppl"]) == {"32", "64"} and pending_units(plan, result) == []
+
+
+def test_niah_kinds_are_units_of_their_own(tiny):
+    """Each needle kind is its own unit and result entry ("niah" for the magic number, "niah-<kind>" else), with
+    Wilson intervals per cell; saved kinds are skipped and `redo niah` forgets every kind."""
+    _run(tiny, tiny / "kinds.json", "--stages", "niah", "--niah_lengths", "160", "--niah_kinds", "magic",
+         "multikey", "--niah_samples", "3", "--niah_batch", "2")  # fmt: skip
+    result = json.loads((tiny / "kinds.json").read_text())
+    for name in ("original", "sparse-4x4-sink1"):
+        entry = result["setups"][name]
+        assert entry["niah"]["kind"] == "magic" and entry["niah-multikey"]["kind"] == "multikey"
+        cells = entry["niah-multikey"]["trials"]
+        assert cells == {"160@0": 3, "160@1": 3} and set(entry["niah-multikey"]["intervals"]) == set(cells)
+        assert len(entry["niah-multikey"]["samples"]) == 6
+    plan = EvalPlan(setups=["original", "sparse-4x4-sink1"], stages=["niah"], niah_lengths=[160],
+                    niah_kinds=["magic", "multikey"])  # fmt: skip
+    assert pending_units(plan, result) == []
+    redo = EvalPlan(**{**plan.__dict__, "redo": ["niah"]})
+    assert [str(u) for u in pending_units(redo, result)] == [
+        f"niah {kind} {name} @ 160" for kind in ("magic", "multikey") for name in ("original", "sparse-4x4-sink1")
+    ]
+    with pytest.raises(ValueError, match="niah_kinds"):
+        EvalPlan(niah_kinds=["haystack"])

@@ -52,6 +52,10 @@ class EvalPlan:
     niah_lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192], metadata={"help": "NIAH lengths."})
     niah_depths: list[float] = field(default_factory=lambda: [0, 0.25, 0.5, 0.75, 1], metadata={"help": "Depths."})
     niah_samples: int = field(default=1, metadata={"help": "Prompts per (length, depth) cell."})
+    niah_kinds: list[str] = field(
+        default_factory=lambda: ["magic"], metadata={"help": "Needle kinds: magic, single, multikey, multivalue."}
+    )
+    niah_batch: int = field(default=1, metadata={"help": "NIAH prompts per generate call."})
     ruler_lengths: list[int] = field(default_factory=lambda: [4096, 8192], metadata={"help": "RULER lengths."})
     ruler_limit: int = field(default=20, metadata={"help": "RULER prompts per length."})
     time_budget_s: float | None = field(default=None, metadata={"help": "Start no unit after this many seconds."})
@@ -61,6 +65,11 @@ class EvalPlan:
         unknown = sorted(set(self.stages) - set(STAGES))
         if unknown:
             raise ValueError(f"stages {unknown}: choose among {list(STAGES)}.")
+        from .niah import KINDS
+
+        unknown = sorted(set(self.niah_kinds) - set(KINDS))
+        if unknown:
+            raise ValueError(f"niah_kinds {unknown}: choose among {list(KINDS)}.")
 
     def parsed_setups(self) -> list[EvalSetup]:
         return parse_setups(self.setups)
@@ -82,14 +91,22 @@ class EvalPlan:
 
 @dataclass(frozen=True)
 class Unit:
-    """One step of an evaluation: `stage` for `setup` (None: every setup at once) at `length` (None: none)."""
+    """One step of an evaluation: `stage` for `setup` (None: every setup at once) at `length` (None: none); NIAH
+    units also name their needle `kind`."""
 
     stage: str
     setup: EvalSetup | None = None
     length: int | None = None
+    kind: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.stage}{' ' + self.setup.name if self.setup else ''}{' @ ' + str(self.length) if self.length else ''}"
+        kind = f" {self.kind}" if self.kind else ""
+        return f"{self.stage}{kind}{' ' + self.setup.name if self.setup else ''}{' @ ' + str(self.length) if self.length else ''}"
+
+    @property
+    def key(self) -> str:
+        """The entry of a setup's result that holds this unit: "niah" for the magic needle, "niah-<kind>" else."""
+        return self.stage if self.kind in (None, "magic") else f"{self.stage}-{self.kind}"
 
 
 def new_result(model: str, plan: EvalPlan) -> dict:
@@ -112,7 +129,7 @@ def _units(plan: EvalPlan) -> list[Unit]:
         "ppl": [Unit("ppl", s, n) for s in setups for n in plan.ppl_lengths],
         "sparsity": [Unit("sparsity")] if any(s.mode == "sparse" for s in setups) else [],
         "benchmarks": [Unit("benchmarks")],
-        "niah": [Unit("niah", s, n) for s in setups for n in plan.niah_lengths],
+        "niah": [Unit("niah", s, n, kind) for kind in plan.niah_kinds for s in setups for n in plan.niah_lengths],
         "ruler": [Unit("ruler", s) for s in setups],
     }
     return [u for stage in STAGES if stage in plan.stages for u in units[stage]]
@@ -126,7 +143,7 @@ def _done(unit: Unit, plan: EvalPlan, entries: dict) -> bool:
     if unit.stage == "benchmarks":
         return all("benchmarks" in entries[s.name] for s in plan.scored_setups())
     if unit.stage == "niah":
-        return unit.length in entries[unit.setup.name].get("niah", {}).get("context_lengths", [])
+        return unit.length in entries[unit.setup.name].get(unit.key, {}).get("context_lengths", [])
     return "ruler" in entries[unit.setup.name]
 
 
@@ -135,7 +152,8 @@ def pending_units(plan: EvalPlan, result: dict) -> list[Unit]:
     _with_setups(result, plan)
     for entry in result["setups"].values():
         for stage in plan.redo:
-            entry.pop(stage, None)
+            for key in [k for k in entry if k == stage or k.startswith(f"{stage}-")]:
+                entry.pop(key)
     return [u for u in _units(plan) if not _done(u, plan, result["setups"])]
 
 
@@ -222,17 +240,18 @@ def _benchmarks(c: _Context, unit: Unit, result: dict) -> None:
 
 
 def _niah(c: _Context, unit: Unit, result: dict) -> None:
-    from .niah import NIAHResult, run_niah
+    from .niah import MAX_NEW_TOKENS, NIAHResult, run_niah
 
-    plan, name = c.plan, unit.setup.name
+    plan, name, kind = c.plan, unit.setup.name, unit.kind or "magic"
     r = run_niah(c.setup(unit.setup), c.tokenizer, [unit.length], plan.niah_depths, samples_per_cell=plan.niah_samples,
-                 haystack_ids=c.haystack(), desc=f"niah {name} @ {unit.length}")  # fmt: skip
-    old = result["setups"][name].get("niah") or {"context_lengths": [], "scores": {}, "samples": []}
+                 kind=kind, batch_size=plan.niah_batch, haystack_ids=c.haystack(), desc=str(unit))  # fmt: skip
+    old = result["setups"][name].get(unit.key) or {"context_lengths": [], "scores": {}, "samples": []}
     merged = NIAHResult(old["context_lengths"] + [unit.length], plan.niah_depths, {**old["scores"], **r.scores},
-                        old["samples"] + r.samples)  # fmt: skip
-    result["setups"][name]["niah"] = merged.to_dict()
+                        old["samples"] + r.samples, kind, {**old.get("intervals", {}), **r.intervals},
+                        {**old.get("trials", {}), **r.trials})  # fmt: skip
+    result["setups"][name][unit.key] = merged.to_dict()
     result["settings"]["niah"] = {"samples_per_cell": plan.niah_samples, "depths": plan.niah_depths,
-                                  "max_new_tokens": 12}  # fmt: skip
+                                  "kinds": plan.niah_kinds, "max_new_tokens": MAX_NEW_TOKENS}  # fmt: skip
 
 
 def _ruler(c: _Context, unit: Unit, result: dict) -> None:
