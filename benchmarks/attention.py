@@ -181,10 +181,8 @@ SWEEP = {
         SelectOptions(rows=128, warps=8),
         SelectOptions(lanes=64),
         SelectOptions(blocks=128),
-        SelectOptions(prune=True),
         SelectOptions(pass1_lanes=True),
-        SelectOptions(pass1_lanes=True, prune=True),
-        SelectOptions(pass1_lanes=True, prune=True, blocks=32),
+        SelectOptions(pass1_lanes=True, blocks=32),
     ],
     "fwd": [
         AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)

@@ -31,8 +31,7 @@ class SelectOptions:
     of every token of the tile run without masks (True, False, or "auto": on for padded groups of at least
     `interior_min_group` rows, where it was faster on the H200); pass1_lanes: the lower bound's candidates are
     picked during pass 1 (one per token and column of its chunks, by importance under the statistics so far) and
-    scored from their kept logits, instead of by a second pass over all blocks; prune: pass 3 skips the
-    exponentials of chunks where no logit can reach its token's bound."""
+    scored from their kept logits, instead of by a second pass over all blocks."""
 
     rows: int = 64
     blocks: int = 64
@@ -43,12 +42,10 @@ class SelectOptions:
     interior: bool | str = "auto"
     interior_min_group: int = 16
     pass1_lanes: bool = False
-    prune: bool = False
 
     def __post_init__(self):
-        for name in ("pass1_lanes", "prune"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"SelectOptions.{name}={getattr(self, name)!r}: must be True or False.")
+        if not isinstance(self.pass1_lanes, bool):
+            raise ValueError(f"SelectOptions.pass1_lanes={self.pass1_lanes!r}: must be True or False.")
         _check_positive(self, ("rows", "blocks", "lanes", "cap", "warps", "means_slots", "interior_min_group"))
         if self.interior not in (True, False, "auto"):
             raise ValueError(f"SelectOptions.interior={self.interior!r}: use True, False or 'auto'.")

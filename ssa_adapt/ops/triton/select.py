@@ -240,8 +240,7 @@ def _select_kernel(
     LANES: tl.constexpr,
     CAP: tl.constexpr,
     ROW: tl.constexpr,
-    PASS1_LANES: tl.constexpr,
-    PRUNE: tl.constexpr,  # pass 3 skips the exponentials of chunks that cannot reach any token's bound  # the bound's lanes picked in pass 1 (False: pass 2)
+    PASS1_LANES: tl.constexpr,  # the bound's lanes picked in pass 1 (False: pass 2)
     INTERIOR: tl.constexpr,  # pass 1's chunks inside every row's range skip the masks (False: every chunk masked)
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -345,26 +344,16 @@ def _select_kernel(
     # bit: same chunks, same code) go to the token's scratch row, a cumsum giving their columns (one pointer tensor
     # for both stores: 168 registers instead of 190 at G = 4 with Triton 3.6, three programs per SM instead of two)
     cnt = tl.zeros([BT], dtype=tl.int32)
-    if PRUNE:
-        # a block at or above its token's bound has some row g with p_g >= bound / G, i.e. a logit of at least
-        # m_g + log2(bound * l_g / G); chunks where every logit is below that (less 1 for rounding) skip the
-        # exponentials. [M]: +inf for rows without a normaliser, -inf where the bound is 0 (every candidate kept)
-        r_bound = tl.reshape(tl.broadcast_to(bound[:, None], [BT, GP]), [M])
-        b_tau = tl.where(b_il > 0, b_m + tl.log2(r_bound / tl.where(b_il > 0, b_il, 1.0) / G) - 1.0, float("inf"))
     for s0 in range(lo2, hi2, LANES):
         b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD, LANES, DOT_PREC)
-        hit = True
-        if PRUNE:
-            hit = tl.max(tl.max(b_s - b_tau[:, None], 1), 0) >= 0
-        if hit:
-            b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_hi, BT, GP, LANES, SINK)
-            keep = b_i >= bound[:, None]
-            at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
-            m_st = keep & (at < CAP)
-            p_at = p_sf[:, None] + at
-            tl.store(p_at, b_i, mask=m_st)
-            tl.store(p_at + ROW, jt.to(tl.float32, bitcast=True), mask=m_st)
-            cnt += tl.sum(keep.to(tl.int32), 1)
+        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_hi, BT, GP, LANES, SINK)
+        keep = b_i >= bound[:, None]
+        at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+        m_st = keep & (at < CAP)
+        p_at = p_sf[:, None] + at
+        tl.store(p_at, b_i, mask=m_st)
+        tl.store(p_at + ROW, jt.to(tl.float32, bitcast=True), mask=m_st)
+        cnt += tl.sum(keep.to(tl.int32), 1)
     tl.debug_barrier()
     if tl.max(cnt, 0) > CAP:
         j_top = _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, scale_log2, b_m, b_il, t_base, t_hi, bound,
@@ -491,7 +480,6 @@ def select_blocks(
         CAP=cap,
         ROW=row,
         PASS1_LANES=opt.pass1_lanes,
-        PRUNE=opt.prune,
         INTERIOR=interior,
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
