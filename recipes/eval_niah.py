@@ -1,10 +1,10 @@
 """Needle in a haystack (Paul Graham essays) for each setup, with a heatmap PNG; optionally lm-eval's RULER niah.
 
-    python recipes/eval_niah.py --lengths 2048,4096,8192 --depths 0,0.25,0.5,0.75,1 \\
+    python recipes/eval_niah.py --lengths 2048 4096 8192 --depths 0 0.25 0.5 0.75 1 \\
         --setups original sparse-16x16-sink1 sparse-16x16-sink0 --png docs/niah-smollm2.png
     python recipes/eval_niah.py --kinds single multikey multivalue --samples 40 --batch_size 8 \
         --lengths 4096 8192 16384 32768 --out niah.json           # keyed needles with Wilson intervals
-    python recipes/eval_niah.py --ruler_lengths 4096,8192 --ruler_limit 20      # adds RULER niah_single_1
+    python recipes/eval_niah.py --ruler_lengths 4096 8192 --ruler_limit 20      # adds RULER niah_single_1
 """
 
 from __future__ import annotations

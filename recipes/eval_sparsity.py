@@ -1,6 +1,6 @@
 """Attention statistics per layer and head on real activations: AttnSparsity, dropped mass, Theorem 1.
 
-    python recipes/eval_sparsity.py --budgets 16x16-sink1,16x16-sink0,16x64-sink1 --length 8192 --windows 2
+    python recipes/eval_sparsity.py --budgets 16x16-sink1 16x16-sink0 16x64-sink1 --length 8192 --windows 2
 
 The model runs as loaded (a plain model, or a converted one in --mode full / sparse); each budget's selection is
 applied to the captured q, k, v. Prints per-layer means and writes every per-head number to --out.
