@@ -196,3 +196,38 @@ def test_peft_on_the_output_gate_reaches_the_attention(how):
         ssa_adapt.ssa_loss(peft_model, out.loss).backward()
         grads = [p.grad for n, p in peft_model.named_parameters() if "ssa_gate" in n and p.requires_grad]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), stream
+
+
+def test_load_causal_lm_applies_overrides_and_keeps_plain_checkpoints_plain(tmp_path):
+    """The one load-or-convert: a converted checkpoint comes back with its SSAConfig and the overrides over it (never
+    a change of gate or layers, which decide its weights); a plain one stays plain unless overrides convert it."""
+    from ssa_adapt.modeling import load_causal_lm
+
+    plain, converted = tmp_path / "plain", tmp_path / "converted"
+    tiny_model("llama", 2).save_pretrained(plain)
+    ssa_adapt.convert(tiny_model("llama", 2), SSAConfig(block_size=4, block_count=4, gate=True)).save_pretrained(
+        converted
+    )
+    assert not ssa_adapt.is_converted(load_causal_lm(str(plain)))
+    model = load_causal_lm(str(plain), ssa_overrides={"block_count": 8})
+    assert ssa_adapt.get_controller(model).config == SSAConfig(block_count=8)
+    model = load_causal_lm(str(converted), ssa_overrides={"inference_mode": "full", "block_count": 6})
+    config = ssa_adapt.get_controller(model).config
+    assert (config.gate, config.block_size, config.block_count, config.inference_mode) == (True, 4, 6, "full")
+    assert json.loads(json.dumps(model.config.ssa_config))["block_count"] == 6  # what save_pretrained writes
+    with pytest.raises(ValueError, match="converted with gate=True; the overrides ask for gate=False"):
+        load_causal_lm(str(converted), ssa_overrides={"gate": False})
+    with pytest.raises(ValueError, match="ssa_config .* or ssa_overrides"):
+        load_causal_lm(str(converted), ssa_config=SSAConfig(), ssa_overrides={})
+
+
+def test_reconfigure_changes_the_config_but_not_which_weights_exist():
+    model = ssa_adapt.convert(tiny_model("llama", 2), SSAConfig(block_size=4, block_count=4))
+    config = ssa_adapt.reconfigure(model, full_prob=0.25, align_weight=5.0)
+    assert ssa_adapt.get_controller(model).config is config and (config.full_prob, config.align_weight) == (0.25, 5.0)
+    assert model.config.ssa_config["full_prob"] == 0.25
+    with pytest.raises(ValueError, match=r"gate=True \(converted with False\)"):
+        ssa_adapt.reconfigure(model, gate=True)
+    with pytest.raises(ValueError, match="full_prob"):
+        ssa_adapt.reconfigure(model, full_prob=2.0)
+    assert ssa_adapt.get_controller(model).config.full_prob == 0.25  # a refused change leaves the config as it was

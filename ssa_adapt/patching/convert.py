@@ -125,7 +125,7 @@ def convert(model: nn.Module, config: SSAConfig | None = None, *, seed: int = 0)
                 attn.q_proj.in_features, heads, bias=False, device=weight.device, dtype=weight.dtype
             )
             nn.init.zeros_(attn.ssa_gate.weight)  # gamma = 0.5 at start
-    for attn in layers.values():  # every layer: the unconverted ones also need the cache (see attention._written)
+    for attn in layers.values():  # every layer: the unconverted ones also need the cache (see static_cache.written)
         ctrl.handles.append(attn.register_forward_pre_hook(_pass_inputs, with_kwargs=True))
     ctrl.handles.append(model.register_forward_pre_hook(lambda module, args: ctrl.begin_forward(module.training)))
     ctrl.handles.append(build_ssa_caches(model))  # generate() builds SSACache / SSAStaticCache
