@@ -14,9 +14,7 @@ network needs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,10 +22,10 @@ from transformers import HfArgumentParser
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from ssa_adapt.eval import load_model
-from ssa_adapt.eval.report import run_info, study_report
+from ssa_adapt.eval.report import read_json, run_info, study_report, write_json
 from ssa_adapt.eval.stages import EvalPlan, new_result, run_evaluation
 from ssa_adapt.trainer import SSATrainingConfig
-from ssa_adapt.trainer.runs import TimeBudgetCallback, run_summary
+from ssa_adapt.trainer.runs import train_resumably
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -43,40 +41,22 @@ STUDY_PLAN = ["--setups", "full", "sparse-16x16-sink1", "sparse-16x64-sink1", "-
               "sparse-16x16-sink1", "--niah_lengths", "4096", "8192", "--niah_samples", "3"]  # fmt: skip
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(data, indent=1, default=float) + "\n")
-    path.with_suffix(".tmp").replace(path)  # atomic: an interrupted write never leaves half a summary
-
-
 def train(mode: str, run_dir: Path, config: Path, time_budget_s: float | None, flags: Sequence[str]) -> int:
     """continue_pt.py in-process with the study's config, resuming; 0 when finished, UNFINISHED when stopped."""
     summary_path = run_dir / "summary" / f"train-{mode}.json"
     if summary_path.is_file():
         print(f"train {mode}: already finished ({summary_path}); delete it to train again.")
         return 0
-    stop = TimeBudgetCallback(time_budget_s)  # loading and tokenizing count too
     out = run_dir / mode
     argv = ["--config", str(config), "--train_mode", mode, "--output_dir", str(out)]
     args = TrlParser((ScriptArguments, SSATrainingConfig, ModelConfig)).parse_args_and_config(
         args=[*argv, "--resume_from_checkpoint", "last", *flags]
     )
-    started = time.monotonic()
-    trainer = continue_pt.main(*args, callbacks=[stop])
-    segments_path = out / "retrofit_segments.json"
-    segments = (read_json(segments_path) or {"segments": []})["segments"]
-    segments.append({**run_info([f"train {mode}"], trainer.args.device), "to_step": trainer.state.global_step,
-                     "seconds": round(time.monotonic() - started, 1)})  # fmt: skip
-    write_json(segments_path, {"segments": segments})
-    if stop.stopped or trainer.state.global_step < trainer.args.max_steps:
-        print(f"train {mode}: stopped at step {trainer.state.global_step} (time budget); run it again to resume.")
+    extra = {"mode": mode, "config": str(config), "output_dir": str(out)}
+    summary = train_resumably(continue_pt.main, args, summary_path, time_budget_s=time_budget_s, extra=extra)
+    if summary is None:
+        print(f"train {mode}: stopped by the time budget; run it again to resume.")
         return UNFINISHED
-    summary = {"mode": mode, "config": str(config), "output_dir": str(out), **run_summary(trainer), "segments": segments}  # fmt: skip
-    write_json(summary_path, summary)
     print(f"train {mode}: finished, {summary['tokens']:,} tokens -> {out}; summary {summary_path}")
     return 0
 

@@ -58,23 +58,30 @@ def _tasks(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Train (3 modes), eval (4 models) and report; returns (run_dir, report JSON path, return codes)."""
+def _original_and_corpus(root: Path, **config) -> tuple[Path, Path]:
+    """A tiny random Llama with the word-level tokenizer saved as <root>/original, and a 40-document corpus of
+    stand-in prose as <root>/corpus.jsonl; `config`: tiny_config overrides."""
     from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("retrofit")
     tok = _tokenizer()
     torch.manual_seed(0)
-    config = tiny_config(
-        "llama", group=2, layers=2, vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=3
-    )
+    config = tiny_config("llama", group=2, layers=2, vocab_size=len(tok), bos_token_id=1, eos_token_id=2,
+                         pad_token_id=3, **config)  # fmt: skip
     original = root / "original"
     AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").save_pretrained(original)
     tok.save_pretrained(original)
     rng = random.Random(1)
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": _prose(rng, 6)}) + "\n" for _ in range(40)))
+    return original, corpus
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Train (3 modes), eval (4 models) and report; returns (run_dir, report JSON path, return codes)."""
+
+    root = tmp_path_factory.mktemp("retrofit")
+    original, corpus = _original_and_corpus(root)
     recipe = {
         "model_name_or_path": str(original),
         "dataset_name": str(corpus),
@@ -118,7 +125,7 @@ def pipeline(tmp_path_factory):
         codes["train ssa again"] = study.main([*base, "train", "--mode", "ssa", "--config", str(config_path)])
         tiny = [
             *("--original", str(original), "--device", "cpu", "--setups", *SETUPS, "--ppl_lengths", "32", "128"),
-            *("--ppl_span", "128", "--sparsity_len", "128", "--include_path", str(task_dir), "--limit", "6"),
+            *("--ppl_span", "128", "--sparsity_lengths", "128", "--include_path", str(task_dir), "--limit", "6"),
             *("--batch_size", "8", "--benchmark_check", "3", "--benchmark_setups", "full", "sparse-4x4-sink1"),
             *("--niah_lengths", "64", "128", "--niah_depths", "0", "1", "--niah_samples", "2"),
         ]
@@ -170,7 +177,9 @@ def test_pipeline_evaluates_every_model_and_metric(pipeline):
             assert entry["niah"]["context_lengths"] == [64, 128]
             assert ("sparsity" in entry) == (name != "full")
         assert (
-            0 < setups["sparse-4x4-sink1"]["sparsity"]["sparsity"] < setups["sparse-4x8-sink1"]["sparsity"]["sparsity"]
+            0
+            < setups["sparse-4x4-sink1"]["sparsity"]["128"]["sparsity"]
+            < setups["sparse-4x8-sink1"]["sparsity"]["128"]["sparsity"]
         )
         for name in ("full", "sparse-4x4-sink1"):
             assert set(setups[name]["benchmarks"]) == set(TASKS)
@@ -187,7 +196,9 @@ def test_report_json_table_plot_and_verdicts(pipeline):
     assert report["missing"] == [] and report["target_length"] == 128 and report["target_setup"] == "sparse-4x4-sink1"
     assert {"device", "date", "command"} <= set(report["runs"][0])
     ppl = {m: {s: e["ppl"]["128"]["ppl"] for s, e in report["models"][m]["setups"].items()} for m in study.MODELS}
-    sparsity = {m: report["models"][m]["setups"]["sparse-4x4-sink1"]["sparsity"]["sparsity"] for m in study.MODELS}
+    sparsity = {
+        m: report["models"][m]["setups"]["sparse-4x4-sink1"]["sparsity"]["128"]["sparsity"] for m in study.MODELS
+    }
     # each verdict follows from the models' own numbers: (value, reference, met) of the five targets
     expected = [
         (ppl["ssa"]["sparse-4x4-sink1"], ppl["full"]["full"], lambda v, r: v / r - 1 <= 0.01),

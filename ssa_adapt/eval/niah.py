@@ -14,7 +14,7 @@ boundaries, then a question whose answer prefix the model completes. Kinds (`KIN
 
 A value scores when the generated text contains it as a whole number (not inside a longer digit string). The grid
 is context lengths x depths; each cell keeps its mean and a Wilson 95% interval (`binomial_interval`) over its
-values; `plot_niah_heatmaps` draws one panel per model setup.
+values; `plot_niah_heatmaps` draws one panel per model setup, `plot_niah_grid` rows of panels (say one per kind).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ __all__ = [
     "random_keys",
     "score_answers",
     "plot_niah_heatmaps",
+    "plot_niah_grid",
     "essay_haystack_ids",
 ]
 
@@ -391,28 +392,43 @@ def run_niah(
 
 def plot_niah_heatmaps(results: dict[str, NIAHResult | dict], path, *, title: str | None = None):
     """One heatmap panel per setup (depth x context length, green = retrieved), saved as a PNG at `path`."""
+    return plot_niah_grid({"": results}, path, title=title)
+
+
+def plot_niah_grid(rows: dict[str, dict[str, NIAHResult | dict]], path, *, title: str | None = None):
+    """Heatmap panels side by side, one row of panels per entry of `rows` ({row label: {panel title: result}}, say
+    one row per needle kind and one panel per model and mode); each panel depth x context length, green =
+    retrieved, the cell's rate written in it. Saved as a PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    items = [(name, r if isinstance(r, dict) else r.to_dict()) for name, r in results.items()]
-    fig, axes = plt.subplots(1, len(items), figsize=(3.2 * len(items) + 1, 3.6), squeeze=False)
+    columns = max(len(r) for r in rows.values())
+    fig, axes = plt.subplots(len(rows), columns, figsize=(3.2 * columns + 1, 3.0 * len(rows) + 0.6), squeeze=False)
     image = None
-    for i_ax, (ax, (name, r)) in enumerate(zip(axes[0], items)):
-        lengths, depths = r["context_lengths"], r["depths"]
-        grid = [[r["scores"][f"{c}@{float(d):g}"] for c in lengths] for d in depths]
-        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(lengths)), [f"{c // 1024}k" if c % 1024 == 0 else str(c) for c in lengths])
-        ax.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths] if i_ax == 0 else [])
-        ax.set_xlabel("context length")
-        ax.set_title(name, fontsize=9)
-        for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7)
-    axes[0][0].set_ylabel("needle depth")
+    for i_row, (ax_row, (row_label, results)) in enumerate(zip(axes, rows.items())):
+        for i_ax, ax in enumerate(ax_row):
+            if i_ax >= len(results):
+                ax.axis("off")
+                continue
+            name, r = list(results.items())[i_ax]
+            r = r if isinstance(r, dict) else r.to_dict()
+            lengths, depths = r["context_lengths"], r["depths"]
+            grid = [[r["scores"].get(f"{c}@{float(d):g}", float("nan")) for c in lengths] for d in depths]
+            image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            ax.set_xticks(range(len(lengths)), [f"{c // 1024}k" if c % 1024 == 0 else str(c) for c in lengths])
+            ax.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths] if i_ax == 0 else [])
+            if i_row == len(rows) - 1:
+                ax.set_xlabel("context length")
+            if i_row == 0 or len({tuple(r) for r in rows.values()}) > 1:  # titles once where the panels repeat
+                ax.set_title(name, fontsize=9)
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7)
+        ax_row[0].set_ylabel(f"{row_label}\nneedle depth" if row_label else "needle depth")
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="retrieved")
+        fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.03, label="retrieved")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")

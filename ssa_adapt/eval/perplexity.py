@@ -12,15 +12,17 @@ through the output head `chunk` positions at a time.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "perplexity", "token_windows", "austen_windows", "apply_rope_scaling"]
+__all__ = ["PerplexityResult", "perplexity", "token_windows", "austen_windows", "apply_rope_scaling", "rope_scaled"]
 
 
 @dataclass
@@ -182,15 +184,37 @@ def apply_rope_scaling(
         high_freq_factor=float(high_freq_factor),
         original_max_position_embeddings=original,
     )
+    rotary = _rotary_modules(base)
+    if not rotary:
+        raise TypeError(f"No rotary embedding module found in {type(base).__name__}; cannot apply RoPE scaling.")
     config.rope_parameters = params
     config.max_position_embeddings = int(round(original * factor))
-    rebuilt = 0
-    for parent in base.modules():
-        for name, child in list(parent.named_children()):
-            if type(child).__name__.endswith("RotaryEmbedding") and hasattr(child, "inv_freq"):
-                fresh = type(child)(config=config).to(child.inv_freq.device)
-                setattr(parent, name, fresh)
-                rebuilt += 1
-    if not rebuilt:
-        raise TypeError(f"No rotary embedding module found in {type(base).__name__}; cannot apply RoPE scaling.")
+    for parent, name, child in rotary:
+        setattr(parent, name, type(child)(config=config).to(child.inv_freq.device))
     return params
+
+
+def _rotary_modules(base: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute, module) of every rotary embedding module of `base`."""
+    return [
+        (parent, name, child)
+        for parent in base.modules()
+        for name, child in list(parent.named_children())
+        if type(child).__name__.endswith("RotaryEmbedding") and hasattr(child, "inv_freq")
+    ]
+
+
+@contextlib.contextmanager
+def rope_scaled(model: torch.nn.Module, factor: float, **kwargs) -> Iterator[dict]:
+    """`apply_rope_scaling(model, factor, **kwargs)` for the duration of the block (yields its `rope_parameters`);
+    the model's own RoPE (config and rotary modules) comes back afterwards, also after an error."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    saved = copy.deepcopy(getattr(config, "rope_parameters", None)), config.max_position_embeddings
+    rotary = _rotary_modules(base)
+    try:
+        yield apply_rope_scaling(model, factor, **kwargs)
+    finally:
+        config.rope_parameters, config.max_position_embeddings = saved
+        for parent, name, child in rotary:
+            setattr(parent, name, child)

@@ -8,6 +8,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +20,11 @@ __all__ = [
     "markdown_table",
     "write_report",
     "plot_budget_curves",
+    "draw_budget_curves",
     "study_report",
+    "sparsity_at",
+    "read_json",
+    "write_json",
     "BENCHMARK_COLUMNS",
 ]
 
@@ -35,10 +40,13 @@ BENCHMARK_COLUMNS = (
 
 
 def git_commit() -> str:
-    """The short hash of the checkout ssa_adapt runs from, "+dirty" when it has uncommitted changes; "unknown"
-    outside a git checkout."""
+    """`$SSA_ADAPT_COMMIT` when set (a copy of the tree without .git, as a lent GPU machine gets, cannot say), else
+    the short hash of the checkout ssa_adapt runs from, "+dirty" when it has uncommitted changes; "unknown" outside
+    a git checkout."""
     import subprocess
 
+    if os.environ.get("SSA_ADAPT_COMMIT"):
+        return os.environ["SSA_ADAPT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
@@ -83,6 +91,23 @@ def run_info(stages, device: str | torch.device) -> dict:
     }
 
 
+def read_json(path: Path) -> dict | None:
+    """The JSON object at `path`, None when there is no file."""
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+
+
+def write_json(path: Path, data: dict, *, mirror: Path | None = None) -> None:
+    """Write `data` to `path` atomically (an interrupted write never leaves half a file), and a copy into the folder
+    `mirror` if given (say the folder whose files come back from a machine that is about to go away)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(data, indent=1, default=float) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    if mirror is not None:
+        Path(mirror).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(mirror) / path.name)
+
+
 def _deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for key, value in b.items():
@@ -115,26 +140,33 @@ def _fmt(value, digits=2, pct=False) -> str:
     return f"{100 * value:.1f}" if pct else f"{value:.{digits}f}"
 
 
+def sparsity_at(entry: dict, length: int | None = None) -> float | None:
+    """Mean AttnSparsity of one setup's result entry at `length` tokens (None: the shortest length measured)."""
+    by_length = entry.get("sparsity") or {}
+    if not by_length:
+        return None
+    key = str(length) if length is not None else str(min(int(n) for n in by_length))
+    return (by_length.get(key) or {}).get("sparsity")
+
+
 def markdown_table(result: dict) -> str:
-    """The headline table: PPL per length, AttnSparsity, benchmarks, NIAH per length, one row per setup."""
+    """The headline table: PPL per length, AttnSparsity per length, benchmarks, NIAH per length, one row per setup."""
     setups = result["setups"]
     lengths = sorted({int(n) for s in setups.values() for n in s.get("ppl", {})})
     niah_lengths = sorted({int(n) for s in setups.values() for n in s.get("niah", {}).get("by_length", {})})
     bench = [c for c in BENCHMARK_COLUMNS if any(c[1] in s.get("benchmarks", {}) for s in setups.values())]
-    stats_len = result.get("settings", {}).get("sparsity", {}).get("context_len")
-    has_sparsity = any("sparsity" in s for s in setups.values())
+    stats_lengths = sorted({int(n) for s in setups.values() for n in s.get("sparsity", {})})
     head = ["setup"] + [f"PPL {_k(n)}" for n in lengths]
-    if has_sparsity:
-        head.append("AttnSparsity" + (f" @{_k(stats_len)}" if stats_len else ""))
+    head += [f"AttnSparsity @{_k(n)}" for n in stats_lengths]
     head += [f"{title} ({metric})" for title, _, metric in bench]
     head += [f"NIAH {_k(n)}" for n in niah_lengths]
     rows = []
     for s in setups.values():
         row = [s.get("label", "?")]
         row += [_fmt(s.get("ppl", {}).get(str(n), {}).get("ppl")) for n in lengths]
-        if has_sparsity:
-            sp = s.get("sparsity")
-            row.append(_fmt(sp["sparsity"], 3) if sp else ("1 (all)" if s.get("mode") != "sparse" else "—"))
+        for n in stats_lengths:
+            value = sparsity_at(s, n)
+            row.append(_fmt(value, 3) if value is not None else ("1 (all)" if s.get("mode") != "sparse" else "—"))
         for _, task, metric in bench:
             b = s.get("benchmarks", {}).get(task)
             mark = "*" if b and b.get("reused_from") else ""
@@ -176,6 +208,18 @@ def plot_budget_curves(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    draw_budget_curves(ax, curves, context_len, budgets)
+    ax.set_title("SmolLM2-135M retrofit: perplexity vs sparse budget")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def draw_budget_curves(
+    ax, curves: dict[str, list[tuple[int, float | None]]], context_len: int, budgets: dict[int, str] | None = None
+) -> None:
+    """`plot_budget_curves`' lines on a matplotlib axis `ax` ({label: [(receptive field, PPL)]})."""
     ticks: set[int] = set()
     for label, points in curves.items():
         points = sorted(p for p in points if p[1] is not None)
@@ -189,13 +233,8 @@ def plot_budget_curves(
     ax.set_xticks(ticks_sorted, labels)
     ax.set_xlabel("receptive field (tokens attended per query)")
     ax.set_ylabel(f"held-out perplexity @ {context_len}")
-    ax.set_title("SmolLM2-135M retrofit: perplexity vs sparse budget")
     ax.grid(alpha=0.3)
-    ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    ax.legend(fontsize=8)
 
 
 def _ppl(entry: dict | None, setup: str | None, length: int) -> float | None:
@@ -240,7 +279,7 @@ def study_report(
     lengths = sorted({int(n) for e in found.values() for s in e["setups"].values() for n in s.get("ppl", {})})
     length = target_length or lengths[-1]
     ppl = {m: {"full": _ppl(e, "full", length), "sparse": _ppl(e, trained, length)} for m, e in evals.items()}
-    sparsity = {m: (e["setups"].get(trained, {}).get("sparsity") or {}).get("sparsity") for m, e in found.items()}
+    sparsity = {m: sparsity_at(e["setups"].get(trained, {})) for m, e in found.items()}
     windows = {
         m: {"full": _window_nll(e, "full", length), "sparse": _window_nll(e, trained, length)}
         for m, e in evals.items()

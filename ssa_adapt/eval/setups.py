@@ -10,9 +10,11 @@ Switching between converted setups only changes the inference config (`set_infer
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -91,7 +93,9 @@ def load_model(
     rope_original_max_position_embeddings: int | None = None,
 ):
     """(model, tokenizer) for evaluation: a converted checkpoint comes back converted, a plain one plain (apply a
-    setup to convert it). `path` defaults to SmolLM2-135M-Instruct from ``ssa_adapt.assets.smollm2_path()``."""
+    setup to convert it), a PEFT LoRA adapter folder (`adapter_config.json`) merged into its base model (loaded in
+    float32, merged, then cast to `dtype`). `path` defaults to SmolLM2-135M-Instruct from
+    ``ssa_adapt.assets.smollm2_path()``."""
     from transformers import AutoTokenizer
 
     from ..modeling import load_causal_lm
@@ -102,7 +106,15 @@ def load_model(
 
         path = str(smollm2_path())
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = load_causal_lm(path, dtype=torch_dtype).to(device).eval()
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_causal_lm(base, dtype=torch.float32), path).merge_and_unload()
+        model = model.to(device=device, dtype=torch_dtype).eval()
+    else:
+        model = load_causal_lm(path, dtype=torch_dtype).to(device).eval()
     if rope_scaling_factor:
         apply_rope_scaling(
             model, rope_scaling_factor, original_max_position_embeddings=rope_original_max_position_embeddings

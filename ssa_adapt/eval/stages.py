@@ -1,23 +1,28 @@
 """The evaluation runner both eval recipes use (`recipes/eval_suite.py`, `recipes/retrofit_study.py eval`): one
 model under several setups, unit by unit, into one result dict.
 
-Units, in order: perplexity per (setup, length), AttnSparsity (every sparse budget at once, on the model's own
-full attention), the lm-eval benchmarks (every benchmark setup at once), needle in a haystack per (setup, length),
-RULER per setup. A unit already in the result is skipped, so a run interrupted (or stopped by its time budget)
-continues where it stopped when handed its saved result again. `EvalPlan`'s fields are also the recipes' flags.
+Units, in the order of `EvalPlan.stages`: perplexity per (setup, length), AttnSparsity per length (every sparse
+budget at once, on the model's own full attention), the lm-eval benchmarks (every benchmark setup at once), needle
+in a haystack per (kind, setup, length), RULER per setup. A unit already in the result is skipped, so a run
+interrupted (or stopped by its time budget) continues where it stopped when handed its saved result again;
+`run_phases` runs several plans in turn on one result (the order of a study's priorities). A unit longer than the
+model's trained context (`max_position_embeddings`) runs with llama3 RoPE scaling when `long_rope_factor` is set.
+`EvalPlan`'s fields are also the recipes' flags.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .setups import EvalSetup, apply_setup, parse_setups
 
-__all__ = ["EvalPlan", "Unit", "pending_units", "run_evaluation", "new_result", "STAGES"]
+__all__ = ["EvalPlan", "Unit", "pending_units", "run_evaluation", "run_phases", "new_result", "STAGES"]
 
 STAGES = ("ppl", "sparsity", "benchmarks", "niah", "ruler")
 REPORT_TASKS = ["ssa_hellaswag", "ssa_piqa", "ssa_arc_easy", "ssa_arc_challenge"]
@@ -40,8 +45,15 @@ class EvalPlan:
     ppl_lengths: list[int] = field(default_factory=lambda: [2048, 8192], metadata={"help": "Perplexity lengths."})
     ppl_span: int = field(default=8192, metadata={"help": "Tokens scored per novel (a multiple of every length)."})
     ppl_novels: list[str] = field(default_factory=list, metadata={"help": "Austen titles; none given: all six."})
-    sparsity_len: int = field(default=8192, metadata={"help": "Window length of the attention statistics."})
-    sparsity_windows: int = field(default=2, metadata={"help": "Windows (one per novel) for the statistics."})
+    sparsity_lengths: list[int] = field(
+        default_factory=lambda: [8192], metadata={"help": "Window lengths of the attention statistics (a unit each)."}
+    )
+    sparsity_windows: int = field(default=2, metadata={"help": "Windows per length (one per novel)."})
+    long_rope_factor: float | None = field(
+        default=None,
+        metadata={"help": "llama3 RoPE scaling factor for units longer than the model's max_position_embeddings "
+                  "(its trained context; shorter units run unscaled). None: never scaled."},
+    )  # fmt: skip
     tasks: list[str] = field(default_factory=lambda: list(REPORT_TASKS), metadata={"help": "lm-eval tasks."})
     include_path: str | None = field(default=None, metadata={"help": "lm-eval task folder; default the assets'."})
     limit: int | None = field(default=None, metadata={"help": "Items per benchmark task; default all."})
@@ -56,6 +68,7 @@ class EvalPlan:
         default_factory=lambda: ["magic"], metadata={"help": "Needle kinds: magic, single, multikey, multivalue."}
     )
     niah_batch: int = field(default=1, metadata={"help": "NIAH prompts per generate call."})
+    niah_setups: list[str] = field(default_factory=list, metadata={"help": "Setups the needles use; none given: all."})
     ruler_lengths: list[int] = field(default_factory=lambda: [4096, 8192], metadata={"help": "RULER lengths."})
     ruler_limit: int = field(default=20, metadata={"help": "RULER prompts per length."})
     time_budget_s: float | None = field(default=None, metadata={"help": "Start no unit after this many seconds."})
@@ -77,6 +90,10 @@ class EvalPlan:
     def scored_setups(self) -> list[EvalSetup]:
         """The setups the benchmarks score."""
         return [s for s in self.parsed_setups() if not self.benchmark_setups or s.name in self.benchmark_setups]
+
+    def needle_setups(self) -> list[EvalSetup]:
+        """The setups the needle units use."""
+        return [s for s in self.parsed_setups() if not self.niah_setups or s.name in self.niah_setups]
 
     def items_per_task(self) -> dict[str, int | None]:
         """{task: items}: `limit` for every task, then the `task_limits` entries (task=N)."""
@@ -125,21 +142,25 @@ def _with_setups(result: dict, plan: EvalPlan) -> dict:
 
 def _units(plan: EvalPlan) -> list[Unit]:
     setups = plan.parsed_setups()
+    sparse = any(s.mode == "sparse" for s in setups)
     units = {
         "ppl": [Unit("ppl", s, n) for s in setups for n in plan.ppl_lengths],
-        "sparsity": [Unit("sparsity")] if any(s.mode == "sparse" for s in setups) else [],
+        "sparsity": [Unit("sparsity", None, n) for n in plan.sparsity_lengths] if sparse else [],
         "benchmarks": [Unit("benchmarks")],
-        "niah": [Unit("niah", s, n, kind) for kind in plan.niah_kinds for s in setups for n in plan.niah_lengths],
+        "niah": [
+            Unit("niah", s, n, k) for k in plan.niah_kinds for s in plan.needle_setups() for n in plan.niah_lengths
+        ],
         "ruler": [Unit("ruler", s) for s in setups],
     }
-    return [u for stage in STAGES if stage in plan.stages for u in units[stage]]
+    return [u for stage in dict.fromkeys(plan.stages) for u in units[stage]]
 
 
 def _done(unit: Unit, plan: EvalPlan, entries: dict) -> bool:
     if unit.stage == "ppl":
         return str(unit.length) in entries[unit.setup.name].get("ppl", {})
     if unit.stage == "sparsity":
-        return all("sparsity" in entries[s.name] for s in plan.parsed_setups() if s.mode == "sparse")
+        sparse = [s for s in plan.parsed_setups() if s.mode == "sparse"]
+        return all(str(unit.length) in entries[s.name].get("sparsity", {}) for s in sparse)
     if unit.stage == "benchmarks":
         return all("benchmarks" in entries[s.name] for s in plan.scored_setups())
     if unit.stage == "niah":
@@ -174,11 +195,49 @@ def run_evaluation(
         if finished and plan.time_budget_s is not None and time.monotonic() - start > plan.time_budget_s:
             break
         t0 = time.monotonic()
-        _RUNNERS[unit.stage](context, unit, result)
+        with context.positions(unit.length) as rope:
+            _RUNNERS[unit.stage](context, unit, result)
         result["settings"].update(dtype=plan.dtype, backend=plan.backend)
+        if rope:
+            result["settings"]["long_rope"] = rope
         finished.append(f"{unit} ({time.monotonic() - t0:.0f} s)")
         save(result, finished)
     return not pending_units(plan, result)
+
+
+def run_phases(
+    plans: Sequence[EvalPlan],
+    result: dict,
+    load: Callable[[], tuple],
+    save: Callable[[dict, list[str]], None],
+    time_budget_s: float | None = None,
+) -> bool:
+    """`run_evaluation` of each plan in turn on one result (a study's priorities: say perplexity first, then the
+    needles its targets need, then the rest), sharing one `time_budget_s` (seconds from now; None: no limit) and one
+    loaded model. Like `run_evaluation`, a call finishes at least one unit; after it, a phase starts only while time
+    is left. `plans[0].redo` alone applies (the later phases must not forget what the earlier ones computed).
+    `save(result, finished)` gets every unit finished so far in this call. Returns whether every phase is done."""
+    start, loaded, finished = time.monotonic(), [], []
+
+    def load_once():
+        if not loaded:
+            loaded.append(load())
+        return loaded[0]
+
+    for i, plan in enumerate(plans):
+        left = None if time_budget_s is None else time_budget_s - (time.monotonic() - start)
+        if finished and left is not None and left <= 0:  # (a call always finishes one unit, as run_evaluation does)
+            return not any(pending_units(dataclasses.replace(p, redo=[]), result) for p in plans[i:])
+        phase = dataclasses.replace(plan, time_budget_s=left, redo=plan.redo if i == 0 else [])
+        before = len(finished)
+
+        def save_phase(r: dict, done: list[str], before=before) -> None:
+            finished[before:] = done
+            save(r, list(finished))
+
+        if not run_evaluation(phase, result, load_once, save_phase):
+            return False
+    return True
 
 
 class _Context:
@@ -187,9 +246,21 @@ class _Context:
     def __init__(self, plan: EvalPlan, model, tokenizer):
         self.plan, self.model, self.tokenizer = plan, model, tokenizer
         self._haystack = None
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.trained_context = getattr(base.config, "max_position_embeddings", None)
 
     def setup(self, setup: EvalSetup):
         return apply_setup(self.model, setup, backend=self.plan.backend)
+
+    def positions(self, length: int | None):
+        """The model's RoPE for a unit of `length` tokens: llama3-scaled by `long_rope_factor` beyond the trained
+        context (yields the scaling, recorded in the result's settings), else unchanged (yields None)."""
+        factor, trained = self.plan.long_rope_factor, self.trained_context
+        if not factor or length is None or trained is None or length <= trained:
+            return contextlib.nullcontext()
+        from .perplexity import rope_scaled
+
+        return rope_scaled(self.model, factor, original_max_position_embeddings=trained)
 
     def haystack(self) -> list[int]:
         if self._haystack is None:
@@ -205,7 +276,9 @@ def _ppl(c: _Context, unit: Unit, result: dict) -> None:
     plan = c.plan
     windows = austen_windows(c.tokenizer, unit.length, span=plan.ppl_span, novels=plan.ppl_novels or None)
     r = perplexity(c.setup(unit.setup), windows.to(plan.device), desc=f"ppl {unit.setup.name} @ {unit.length}")
-    result["setups"][unit.setup.name].setdefault("ppl", {})[str(unit.length)] = r.to_dict()
+    rope = getattr(c.model.config, "rope_parameters", None) or {}
+    entry = {**r.to_dict(), "rope_factor": rope.get("factor") if rope.get("rope_type") == "llama3" else None}
+    result["setups"][unit.setup.name].setdefault("ppl", {})[str(unit.length)] = entry
     result["settings"]["ppl"] = {"span": plan.ppl_span, "novels": plan.ppl_novels or "all six"}
 
 
@@ -214,16 +287,16 @@ def _sparsity(c: _Context, unit: Unit, result: dict) -> None:
     from .attention_stats import attention_statistics
     from .perplexity import austen_windows
 
-    plan = c.plan
+    plan, n = c.plan, unit.length
     sparse = [s for s in plan.parsed_setups() if s.mode == "sparse"]
     titles = sorted(austen_texts())[: plan.sparsity_windows]
-    windows = austen_windows(c.tokenizer, plan.sparsity_len, span=plan.sparsity_len, novels=titles)
+    windows = austen_windows(c.tokenizer, n, span=n, novels=titles)
     budgets = list(dict.fromkeys(s.budget for s in sparse))
     stats = attention_statistics(c.setup(EvalSetup("full", "full")), windows, budgets, backend=plan.backend)
     for s in sparse:
-        result["setups"][s.name]["sparsity"] = stats[s.budget.name]
+        result["setups"][s.name].setdefault("sparsity", {})[str(n)] = stats[s.budget.name]
     result["settings"]["sparsity"] = {
-        "context_len": plan.sparsity_len,
+        "context_lens": sorted({*result["settings"].get("sparsity", {}).get("context_lens", []), n}),
         "novels": titles,
         "measured_on": "the model's own full attention (converted, full mode)",
     }
@@ -246,7 +319,7 @@ def _niah(c: _Context, unit: Unit, result: dict) -> None:
     r = run_niah(c.setup(unit.setup), c.tokenizer, [unit.length], plan.niah_depths, samples_per_cell=plan.niah_samples,
                  kind=kind, batch_size=plan.niah_batch, haystack_ids=c.haystack(), desc=str(unit))  # fmt: skip
     old = result["setups"][name].get(unit.key) or {"context_lengths": [], "scores": {}, "samples": []}
-    merged = NIAHResult(old["context_lengths"] + [unit.length], plan.niah_depths, {**old["scores"], **r.scores},
+    merged = NIAHResult(sorted(old["context_lengths"] + [unit.length]), plan.niah_depths, {**old["scores"], **r.scores},
                         old["samples"] + r.samples, kind, {**old.get("intervals", {}), **r.intervals},
                         {**old.get("trials", {}), **r.trials})  # fmt: skip
     result["setups"][name][unit.key] = merged.to_dict()
