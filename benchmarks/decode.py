@@ -1,7 +1,7 @@
 """Sparse decoding on one GPU: per-layer decode attention latency (selection + attention from an SSACache's block
 means) against SDPA full attention over the whole cache, and `generate` tokens/s of tiny random models.
 
-    python benchmarks/decode.py --out benchmarks/results/decode.json
+    python benchmarks/decode.py      # -> benchmarks/results/decode-<card>.json
     python benchmarks/decode.py --out $OUT/decode.json --contexts 131072 --batch 1 --skip-generate  # quick
 
 Shapes (HQ, H, D): SmolLM2-135M (9, 3, 64) and Llama-3.2-1B (32, 8, 64); contexts 8k / 32k / 128k; batch 1 and 8;
@@ -366,7 +366,7 @@ def head_shape(text: str) -> tuple[int, int, int]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="benchmarks/results/decode.json")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/decode-<card>.json")
     p.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
     p.add_argument("--batch", type=int, nargs="+", default=BATCHES)
     p.add_argument("--shapes", nargs="+", type=head_shape, default=list(SHAPES), help="HQ,H,D ...")
@@ -392,6 +392,9 @@ def main():
         "--sweep", action="store_true", help="first pick the decode kernel settings at 128k (SWEEP_VARIANTS)"
     )
     args = p.parse_args()
+    from run_info import result_path
+
+    args.out = result_path("decode", args.out)
     sweep_rows, options = sweep_settings(args) if args.sweep else ([], DEFAULT_OPTIONS)
     if args.profile:
         shapes = args.shapes

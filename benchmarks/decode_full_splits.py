@@ -5,8 +5,7 @@ block of a static buffer of TK + 32 keys (the query position read on the device,
 with its default split count and with 16 / 64 / 256 blocks per split. bf16, shapes (9, 3, 64) and (32, 8, 64),
 TK 8k / 32k / 128k, batch 1 and 8; ms (median of do_bench) and each variant's relative RMS error against SDPA.
 
-    python benchmarks/decode_full_splits.py --out benchmarks/results/decode-full-splits.json \\
-        --md benchmarks/results/decode-full-splits.md
+    python benchmarks/decode_full_splits.py      # -> benchmarks/results/decode-full-splits-<card>.{json,md}
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode import graphed  # noqa: E402
-from run_info import git_commit, markdown_header  # noqa: E402
+from run_info import git_commit, markdown_header, result_path  # noqa: E402
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops.triton import decode_attend  # noqa: E402
@@ -59,10 +58,12 @@ def bench(HQ: int, H: int, D: int, TK: int, B: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="benchmarks/results/decode-full-splits.json")
-    p.add_argument("--md", default="benchmarks/results/decode-full-splits.md")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/decode-full-splits-<card>.json")
+    p.add_argument("--md", default=None, help="default: benchmarks/results/decode-full-splits-<card>.md")
     p.add_argument("--commit", default=None, help="The commit measured (a copy of the tree without .git).")
     args = p.parse_args()
+    args.out = result_path("decode-full-splits", args.out)
+    args.md = result_path("decode-full-splits", args.md, ".md")
     result = {
         "benchmark": __doc__.split("\n\n")[1].replace("\n", " "),
         "command": "python " + " ".join(sys.argv),

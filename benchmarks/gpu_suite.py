@@ -31,27 +31,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
     """Job name -> its commands (run one after the other on the job's GPU)."""
+    import torch
+    from run_info import card_slug
+
     py, out = sys.executable, Path(a.out)
+    card, multi = card_slug(), card_slug(max(torch.cuda.device_count(), 1))  # result files are named per card
     bench = lambda name: str(REPO / "benchmarks" / name)  # noqa: E731
     jobs = {
         "tests": [[py, "-m", "pytest", "-q", "-s", "-m", "gpu", str(REPO / "tests")]],
         "attention": [[py, bench("attention.py"), "--sweep", "--T", "32768", "65536", "8192", "16384", "131072",
-                       "--out", str(out / "attention.json"), "--md", str(out / "attention.md"),
+                       "--out", str(out / f"attention-{card}.json"), "--md", str(out / f"attention-{card}.md"),
                        "--budget-s", str(a.attention_budget_s)]],
         "decode": [[py, bench("decode.py"), "--sweep", "--skip-generate", "--out", str(out / "decode-layer.json")],
                    [py, bench("decode.py"), "--profile", "--contexts", "131072", "--out",
                     str(out / "decode-profile.json")]],
         "profile": [[py, bench("attention.py"), "--profile", "--T", "8192", "32768", "--shapes", "32,2,64", "32,8,64",
                      "9,3,64", "--out", str(out / "attention-profile.json")]],
-        "real": [[py, bench("attention_real.py"), "--out", str(out / "attention-real.json"), "--md",
-                  str(out / "attention-real.md")] + (["--tokens", a.tokens] if a.tokens else [])],
-        "prefill": [[py, bench("prefill.py"), "--out", str(out / "prefill.json"), "--md", str(out / "prefill.md")]],
+        "real": [[py, bench("attention_real.py"), "--out", str(out / f"attention-real-{card}.json"), "--md",
+                  str(out / f"attention-real-{card}.md")] + (["--tokens", a.tokens] if a.tokens else [])],
+        "prefill": [[py, bench("prefill.py"), "--out", str(out / f"prefill-{card}.json"), "--md", str(out / f"prefill-{card}.md")]],
         "pretrain": [[py, bench("pretrain_throughput.py"), "run", "--token_cache", a.token_cache, "--tokenizer",
-                      a.token_cache, "--out", str(out / "pretrain.json")]],
+                      a.token_cache, "--out", str(out / f"pretrain-{card}.json")]],
         "train": [[py, bench("train_throughput.py"), "run", "--stage", a.stage, "--dtype", "float32", "--steps",
-                   str(a.train_steps), "--out", str(out / "train.json")] + (["--model", a.model] if a.model else [])],
+                   str(a.train_steps), "--out", str(out / f"train-{card}.json")] + (["--model", a.model] if a.model else [])],
         "multi": [[py, bench("multi_gpu.py"), "--model", str(a.model), "--data", str(a.data), "--out",
-                   str(out / "multi-gpu.json")]],
+                   str(out / f"multi-gpu-{multi}.json")]],
     }  # fmt: skip
     return {name: jobs[name] for name in a.jobs}
 

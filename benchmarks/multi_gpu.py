@@ -1,7 +1,7 @@
 """`recipes/continue_pt.py` on one GPU and on several (DDP, FSDP2 through accelerate): same data, same global
 batch, same steps; the loss curves side by side and the throughput scaling.
 
-    python benchmarks/multi_gpu.py --model PATH --data FILE.jsonl --out benchmarks/results/multi-gpu.json
+    python benchmarks/multi_gpu.py --model PATH --data FILE.jsonl   # -> benchmarks/results/multi-gpu-<N>x<card>.json
 
 Each run is `accelerate launch --config_file recipes/accelerate/{single_gpu,multi_gpu,fsdp2}.yaml` of the recipe
 with `--config` (default: the SmolLM2-135M 8k SSA config) for `--steps` optimizer steps; the global batch stays
@@ -87,9 +87,12 @@ def main() -> None:
     p.add_argument("--global_batch", type=int, default=16, help="sequences per optimizer step")
     p.add_argument("--seq", type=int, default=8192, help="the config's max_length (for tokens/s)")
     p.add_argument("--timeout_s", type=int, default=600)
-    p.add_argument("--out", default="benchmarks/results/multi-gpu.json")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/multi-gpu-<card>.json")
     a = p.parse_args()
     import torch
+    from run_info import result_path
+
+    a.out = result_path("multi-gpu", a.out, gpus=max(torch.cuda.device_count(), 1))
 
     result = {
         "benchmark": "continue_pt.py on 1 GPU vs DDP vs FSDP2 (accelerate)",

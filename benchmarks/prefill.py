@@ -1,6 +1,6 @@
 """Model-level prefill: a converted model in sparse mode against the unconverted model on SDPA cuDNN.
 
-    python benchmarks/prefill.py --out benchmarks/results/prefill.json --md benchmarks/results/prefill.md
+    python benchmarks/prefill.py      # -> benchmarks/results/prefill-<card>.{json,md}
 
 A random-weight bf16 Llama of Llama-3.2-1B's shape (16 layers, hidden 2048, 32 heads, 8 KV heads, head_dim 64,
 MLP 8192, vocab 128256, tied embeddings, rope_theta 5e5) prefills one row of T tokens with a KV cache, keeping only
@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_info import git_commit  # noqa: E402  (benchmarks/ is on the path of its scripts)
+from run_info import git_commit, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 import ssa_adapt  # noqa: E402
 
@@ -75,10 +75,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results/prefill.json")
-    p.add_argument("--md", default="benchmarks/results/prefill.md")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/prefill-<card>.json")
+    p.add_argument("--md", default=None, help="default: benchmarks/results/prefill-<card>.md")
     p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse here)")
     a = p.parse_args()
+    a.out, a.md = result_path("prefill", a.out), result_path("prefill", a.md, ".md")
     if not torch.cuda.is_available():
         sys.exit("prefill.py needs a CUDA device.")
     commit = git_commit(a.commit)

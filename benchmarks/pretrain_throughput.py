@@ -237,7 +237,7 @@ def main() -> None:
     r.add_argument("--config", default=str(REPO / "recipes/configs/ssa-1b.yaml"))
     r.add_argument("--token_cache", default=".stage/pt")
     r.add_argument("--tokenizer", default=".stage/pt")
-    r.add_argument("--out", default="benchmarks/results/pretrain.json")
+    r.add_argument("--out", default=None, help="default: benchmarks/results/pretrain-<card>.json")
     r.add_argument("--modes", nargs="+", default=["full", "sparse", "nsa", "ssa"])
     r.add_argument("--steps", type=int, default=30)
     r.add_argument("--batch", type=int, default=4)
@@ -249,6 +249,9 @@ def main() -> None:
     if a.command == "prepare":
         prepare(Path(a.out), a.tokens)
     else:
+        from run_info import result_path
+
+        a.out = result_path("pretrain", a.out)
         run(a)
 
 

@@ -24,3 +24,24 @@ def markdown_header(title: str, result: dict) -> str:
         f"# {title}\n\n{result['device']}, {result['date']}, commit {result.get('commit', 'not recorded')}.\n\n"
         f"Command: `{result['command']}`\n"
     )
+
+
+def card_slug(gpus: int = 1) -> str:
+    """The card a result file is named after: "h100", "h200", ... from CUDA device 0's name ("2xh200" for a run
+    over two GPUs); "cpu" without CUDA."""
+    import re
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0)
+    model = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", name)
+    slug = (model.group(1) if model else name.split()[-1]).lower()
+    return f"{gpus}x{slug}" if gpus > 1 else slug
+
+
+def result_path(name: str, given: str | None = None, suffix: str = ".json", gpus: int = 1) -> str:
+    """`given` (the --out / --md argument), else benchmarks/results/<name>-<card><suffix>: one file per benchmark
+    and card, overwritten by the next run of its command there."""
+    return given or f"benchmarks/results/{name}-{card_slug(gpus)}{suffix}"

@@ -1,7 +1,7 @@
 """Selection alone at one length for many group sizes, with pass 1's unmasked interior chunks on, off and "auto"
 (`SelectOptions.interior`).
 
-    python benchmarks/select_groups.py --out benchmarks/results/select-groups.json --md benchmarks/results/select-groups.md
+    python benchmarks/select_groups.py      # -> benchmarks/results/select-groups-<card>.{json,md}
 
 `ssa_adapt.ops.triton.select.select_blocks` (16 x 16 blocks, one sink, one local block) on bf16 random normal q / k,
 B = 1, milliseconds as the median of triton.testing.do_bench; `equal` says whether interior on and off chose the
@@ -21,7 +21,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_info import git_commit, markdown_header  # noqa: E402  (benchmarks/ is on the path of its scripts)
+from run_info import git_commit, markdown_header, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 from ssa_adapt.ops.triton import select  # noqa: E402
 from ssa_adapt.ops.triton.options import KernelOptions, SelectOptions  # noqa: E402
@@ -32,10 +32,11 @@ SHAPES = [(32, 32, 64), (32, 16, 64), (32, 8, 64), (9, 3, 64), (14, 2, 64), (32,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, default=32768)
-    p.add_argument("--out", default="benchmarks/results/select-groups.json")
-    p.add_argument("--md", default="benchmarks/results/select-groups.md")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/select-groups-<card>.json")
+    p.add_argument("--md", default=None, help="default: benchmarks/results/select-groups-<card>.md")
     p.add_argument("--commit", default=None, help="The commit measured (a copy of the tree without .git).")
     a = p.parse_args()
+    a.out, a.md = result_path("select-groups", a.out), result_path("select-groups", a.md, ".md")
     if not torch.cuda.is_available():
         sys.exit("select_groups.py needs a CUDA device (the kernels run compiled).")
     result = {

@@ -277,7 +277,7 @@ def main() -> None:
     p.add_argument("--wheels", default=".whl", help="folder of wheels to pick trl, datasets and their needs from")
     r = sub.add_parser("run")
     r.add_argument("--stage", default=".stage/train")
-    r.add_argument("--out", default="benchmarks/results/train.json")
+    r.add_argument("--out", default=None, help="default: benchmarks/results/train-<card>.json")
     r.add_argument("--modes", nargs="+", default=["full", "ssa"])
     r.add_argument("--model", default=None, help="a model folder: train its weights (default: random weights)")
     r.add_argument("--steps", type=int, default=150)
@@ -295,6 +295,9 @@ def main() -> None:
     if a.command == "prepare":
         prepare(Path(a.stage), a.tokens, Path(a.wheels))
     else:
+        from run_info import result_path
+
+        a.out = result_path("train", a.out)
         run(a)
 
 

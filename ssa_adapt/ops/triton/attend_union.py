@@ -5,7 +5,7 @@ One program per (tile of BTQ consecutive tokens, KV head) holds the tile's BTQ x
 each key block that any token of the tile selected once, in ascending order, with a per-row membership mask (a
 token attends only to the blocks it selected, causally). K/V bytes then scale with the union's size instead of
 BTQ x S blocks: on SmolLM2's own activations at 32k a 16-token tile selects 37-74 distinct blocks per KV head out
-of 256 (`benchmarks/results/attention-real.md`); on random inputs tokens share only their sink and local blocks.
+of 256 (`benchmarks/results/attention-real-h100.md`); on random inputs tokens share only their sink and local blocks.
 
 The unions are built with a few torch ops (sort, run starts, segment sums of token bits); no host sync.
 Outputs and lse are those of `attend.attend_fwd`; dq walks the same unions, and dk / dv stay with the reverse-index
