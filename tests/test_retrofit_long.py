@@ -149,6 +149,16 @@ def study_run(tmp_path_factory):
         # step 3 of the runbook: the summaries brought back are committed; a fresh machine then has nothing to do
         shutil.copytree(run_dir / "summary", root / "committed")
         call("fresh machine, lease full", "lease", "--model", "full", run_dir=root / "fresh")
+        # a model whose committed evaluation lacks a unit, on a machine without the model: trained again, and its
+        # evaluation starts anew (the old one belongs to another training)
+        partial = json.loads((root / "committed" / "eval-sparse.json").read_text())
+        partial["setups"]["full"].pop("benchmarks")
+        (root / "committed" / "eval-sparse.json").write_text(json.dumps(partial))
+        call("fresh machine, lease sparse", "lease", "--model", "sparse", run_dir=root / "fresh2")
+        for kind in ("train", "eval"):  # brought back and committed
+            shutil.copyfile(
+                root / "fresh2" / "summary" / f"{kind}-sparse.json", root / "committed" / f"{kind}-sparse.json"
+            )
         call("report", "report")
     return root, run_dir, codes
 
@@ -163,7 +173,7 @@ def test_leases_train_every_model_and_resume(study_run):
         "lease full": 0, "lease original, budget 0": 75, "lease original": 0, "lease sparse": 0, "lease ssa": 0,
         "lease ssa-lora, budget 0, call 1": 75, "lease ssa-lora, budget 0, call 2": 75,
         "lease ssa-lora, budget 0, call 3": 75, "lease ssa-lora": 0, "lease ssa again": 0,
-        "fresh machine, lease full": 0, "report": 0,
+        "fresh machine, lease full": 0, "fresh machine, lease sparse": 0, "report": 0,
     }  # fmt: skip
     trains = {m: _json(run_dir / "summary" / f"train-{m}.json") for m in TRAINED}
     for model, t in trains.items():
@@ -184,6 +194,12 @@ def test_leases_train_every_model_and_resume(study_run):
     # a call with nothing left to do still sends the model's whole state
     assert sorted(p.name for p in (root / "out-again").iterdir()) == ["eval-ssa.json", "train-ssa.json"]
     assert not (root / "fresh" / "full").exists()  # nothing retrained where the committed summaries were complete
+    fresh = {k: _json(root / "fresh2" / "summary" / f"{k}-sparse.json") for k in ("train", "eval")}
+    assert (root / "fresh2" / "sparse" / "config.json").is_file() and fresh["train"]["finished_at"] != trains[
+        "sparse"
+    ]["finished_at"]
+    assert fresh["eval"]["trained_by"] == fresh["train"]["finished_at"] and len(fresh["eval"]["runs"]) == 1
+    assert "benchmarks" in fresh["eval"]["setups"]["full"]
 
 
 def test_evaluation_runs_its_phases_with_rope_scaling_beyond_the_trained_context(study_run):
@@ -260,7 +276,7 @@ def test_report_targets_tables_and_plots(study_run):
     root, run_dir, _ = study_run
     report = _json(root / "results" / "long.json")
     md = (root / "results" / "long.md").read_text()
-    evals = {m: _json(run_dir / "summary" / f"eval-{m}.json") for m in MODELS}
+    evals = {m: _json(root / "committed" / f"eval-{m}.json") for m in MODELS}  # what the report read
     ppl = lambda m, s, n: evals[m]["setups"][s]["ppl"][str(n)]["ppl"]  # noqa: E731
     sparsity = lambda m, n: evals[m]["setups"]["sparse-4x4-sink1"]["sparsity"][str(n)]["sparsity"]  # noqa: E731
 

@@ -5,6 +5,7 @@ describes the finished run. `StudyRuns` keeps the models and summaries of a stud
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -82,9 +83,9 @@ def train_resumably(
     """One call of a run made in several. `main(*args, callbacks=[...])` trains (`args`: the recipe's parsed
     arguments, resuming from the newest checkpoint of their output_dir) under a `TimeBudgetCallback(time_budget_s,
     start)` and returns its trainer; this call is appended to `<output_dir>/segments.json` (device, date, command,
-    commit, last step, seconds, peak memory). Finished: the summary (`extra`, `run_summary`, the segments and the
-    peak memory over them) is written to `summary_path` (and a copy into `mirror`) and returned; stopped by the time
-    budget: None (call again to resume)."""
+    commit, last step, seconds, peak memory). Finished: the summary (`extra`, `run_summary`, the segments, the peak
+    memory over them and `finished_at`, the time to the microsecond) is written to `summary_path` (and a copy into
+    `mirror`) and returned; stopped by the time budget: None (call again to resume)."""
     stop = TimeBudgetCallback(time_budget_s, start)
     began = time.monotonic()
     trainer = main(*args, callbacks=[stop])
@@ -97,7 +98,9 @@ def train_resumably(
         return None
     peaks = [s["peak_memory_gib"] for s in segments if s.get("peak_memory_gib")]
     peak = {k: max(p[k] for p in peaks) for k in ("allocated", "reserved")} if peaks else None
-    summary = {**(extra or {}), **run_summary(trainer), "segments": segments, "peak_memory_gib": peak}
+    finished_at = datetime.datetime.now(datetime.timezone.utc).isoformat()  # names this training (to the microsecond)
+    summary = {**(extra or {}), **run_summary(trainer), "segments": segments, "peak_memory_gib": peak,
+               "finished_at": finished_at}  # fmt: skip
     write_json(summary_path, summary, mirror=mirror)
     return summary
 
@@ -141,7 +144,7 @@ class StudyRuns:
         return saved and self.path("train", name).is_file()
 
     def trained_at(self, name: str) -> str | None:
-        """When model `name`'s training finished (the date of its last call), None if it has not: what its
-        evaluation belongs to."""
+        """When model `name`'s training finished (`finished_at` of its summary), None if it has not: what names the
+        training its evaluation belongs to."""
         summary = self.read("train", name)
-        return summary["segments"][-1]["date"] if summary else None
+        return summary["finished_at"] if summary else None
