@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_info import git_commit, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
+from run_info import git_commit, head_shape, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import triton as triton_ops  # noqa: E402
@@ -333,7 +333,7 @@ def markdown(rows, meta) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--T", type=int, nargs="+", default=TS)
-    p.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES], help="HQ,H,D ...")
+    p.add_argument("--shapes", nargs="+", type=head_shape, default=list(SHAPES), help="HQ,H,D ...")
     p.add_argument(
         "--impls",
         nargs="+",
@@ -349,7 +349,7 @@ def main():
     args = p.parse_args()
     args.out, args.md = result_path("attention", args.out), result_path("attention", args.md, ".md")
     if args.profile:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+        shapes = args.shapes
         rows = [profile_stream(T, *shape) for T in args.T for shape in shapes]
         command = "python " + " ".join(sys.argv)
         if args.out == p.get_default("out"):  # never over the benchmark's own results
@@ -381,7 +381,7 @@ def main():
             options = sweep(sweep_rows, parts=("select", "fwd", "dkv") if args.sweep_all else ("select",))
         except Exception as e:  # keep the defaults and go on to the table
             print(f"sweep failed ({type(e).__name__}: {e}); using the default options", flush=True)
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    shapes = args.shapes
     for T in args.T:
         for HQ, H, D in shapes:
             if time.time() - t0 > args.budget_s:

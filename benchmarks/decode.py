@@ -50,6 +50,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from run_info import head_shape, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
+
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops.triton import decode as triton_decode  # noqa: E402
 from ssa_adapt.ops.triton.options import DEFAULT_OPTIONS, DecodeOptions, KernelOptions  # noqa: E402
@@ -353,17 +355,6 @@ def model_for(path, shape):
     return path if own == tuple(shape) else None
 
 
-def head_shape(text: str) -> tuple[int, int, int]:
-    """ "HQ,H,D" -> (query heads, KV heads, head dim), the --shapes argument type."""
-    try:
-        HQ, H, D = (int(x) for x in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: write query heads, KV heads, head dim as HQ,H,D (e.g. 9,3,64)"
-        ) from err
-    return HQ, H, D
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="default: benchmarks/results/decode-<card>.json")
@@ -392,8 +383,6 @@ def main():
         "--sweep", action="store_true", help="first pick the decode kernel settings at 128k (SWEEP_VARIANTS)"
     )
     args = p.parse_args()
-    from run_info import result_path
-
     args.out = result_path("decode", args.out)
     sweep_rows, options = sweep_settings(args) if args.sweep else ([], DEFAULT_OPTIONS)
     if args.profile:

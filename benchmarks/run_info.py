@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 
 
@@ -45,3 +46,14 @@ def result_path(name: str, given: str | None = None, suffix: str = ".json", gpus
     """`given` (the --out / --md argument), else benchmarks/results/<name>-<card><suffix>: one file per benchmark
     and card, overwritten by the next run of its command there."""
     return given or f"benchmarks/results/{name}-{card_slug(gpus)}{suffix}"
+
+
+def head_shape(text: str) -> tuple[int, int, int]:
+    """ "HQ,H,D" -> (query heads, KV heads, head dim), the --shapes argument type."""
+    try:
+        HQ, H, D = (int(x) for x in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write query heads, KV heads, head dim as HQ,H,D (e.g. 9,3,64)"
+        ) from err
+    return HQ, H, D
