@@ -178,6 +178,7 @@ SWEEP = {
         SelectOptions(),
         SelectOptions(interior=False),
         SelectOptions(rows=128),
+        SelectOptions(rows=32),  # 16 tokens per program at G = 2: no spill (kernel README)
         SelectOptions(rows=128, warps=8),
         SelectOptions(lanes=64),
         SelectOptions(blocks=128),
@@ -196,7 +197,7 @@ SWEEP = {
 }
 
 
-SWEEP_SHAPES = [(32, 8, 64), (9, 3, 64), (14, 2, 64)]  # the small groups the selection must serve
+SWEEP_SHAPES = [(32, 8, 64), (9, 3, 64), (14, 2, 64), (16, 8, 128)]  # the small groups the selection must serve
 
 
 def sweep(rows, T=32768, parts=("select",)) -> KernelOptions:
