@@ -12,6 +12,8 @@ module                      what
 ``lm_eval_cli``             ``python -m ssa_adapt.eval.lm_eval_cli --model ssa ...`` (lm-eval's CLI)
 ``harness``                 `evaluate_tasks`, `benchmark_scores`, `ruler_niah`, `longbench`
 ``setups``                  `EvalSetup`: "original", "full", "sparse-16x16-sink1", ... and applying one
+``stages``                  `EvalPlan`, `run_evaluation`, `run_phases`: the unit runner the eval recipes share
+``long_context``            the long-context retrofit study's report: targets, tables, plots
 ==========================  =================================================================================
 
 Importing this package registers ``ssa`` with lm-eval's model registry (lazily: lm-eval's HF model code is only
