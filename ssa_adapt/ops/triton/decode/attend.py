@@ -19,7 +19,7 @@ import triton.language as tl
 from ...reference import check_qkv
 from .. import utils
 from ..options import DEFAULT_OPTIONS, KernelOptions
-from ..utils import cdiv, check_block_size, check_doc_start, next_pow2
+from ..utils import cdiv, check_block_size, check_doc_start, next_pow2, online_softmax_step
 from .launch import PER_STEP, last_dim_contiguous, split_count, workspace
 
 __all__ = ["decode_attend"]
@@ -107,13 +107,7 @@ def _decode_attend_kernel(
         # [GR, BK]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale_log2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(b_m - m_use)
-        b_p = tl.exp2(b_s - m_use[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-        b_m = m_new
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_m, b_l, b_acc, b_v, DOT_PREC)
     m_od = m_g[:, None] & m_d[None, :]
     if ONE_SPLIT:
         # rows that see no key get 0, like the prefill kernel
