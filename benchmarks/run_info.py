@@ -3,19 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 
-
-def git_commit(given: str | None = None) -> str:
-    """`given` (the --commit argument: a copy of the tree without .git cannot say), else the short hash of HEAD
-    here, else "unknown"."""
-    if given:
-        return given
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
+from ssa_adapt.provenance import git_commit  # noqa: F401  (the benchmarks import it from here)
 
 
 def markdown_header(title: str, result: dict) -> str:

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ssa_adapt"
 
 # Bottom to top. A module belongs to the first layer one of whose prefixes it matches.
 LAYERS = (
-    ("ssa_adapt.config", "ssa_adapt.compat", "ssa_adapt.local_paths"),
+    ("ssa_adapt.config", "ssa_adapt.compat", "ssa_adapt.local_paths", "ssa_adapt.provenance"),
     ("ssa_adapt.ops",),
     ("ssa_adapt.patching.registry", "ssa_adapt.patching.controller", "ssa_adapt.patching.gate",
      "ssa_adapt.patching.padding"),

@@ -34,3 +34,20 @@ def test_every_committed_result_names_its_card():
         assert (results / f"{name}.md").is_file(), f"{name}.json has no markdown beside it"
         if not name.startswith(("eval-", "retrofit-")):
             assert name.rsplit("-", 1)[-1] in ("h100", "h200", "2xh200"), f"{name}: no card in the name"
+
+
+def test_the_recorded_commit_is_the_argument_then_the_environment_then_git(monkeypatch, tmp_path):
+    """Benchmarks and evaluations record one commit (ssa_adapt.provenance): --commit wins, then $SSA_ADAPT_COMMIT
+    (the lent GPU machine's tree has no .git), then this checkout's HEAD."""
+    import subprocess
+
+    from ssa_adapt.provenance import git_commit
+
+    monkeypatch.delenv("SSA_ADAPT_COMMIT", raising=False)
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert git_commit().split("+")[0] == head.stdout.strip()
+    monkeypatch.setenv("SSA_ADAPT_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
+    assert git_commit("f00d") == "f00d"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..provenance import git_commit
+
 __all__ = [
     "run_info",
     "merge_results",
@@ -37,27 +39,6 @@ BENCHMARK_COLUMNS = (
     ("WinoGrande", "ssa_winogrande", "acc"),
     ("LAMBADA", "ssa_lambada", "acc"),
 )
-
-
-def git_commit() -> str:
-    """`$SSA_ADAPT_COMMIT` when set (a copy of the tree without .git, as a lent GPU machine gets, cannot say), else
-    the short hash of the checkout ssa_adapt runs from, "+dirty" when it has uncommitted changes; "unknown" outside
-    a git checkout."""
-    import subprocess
-
-    if os.environ.get("SSA_ADAPT_COMMIT"):
-        return os.environ["SSA_ADAPT_COMMIT"]
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "ssa_adapt"], cwd=root, capture_output=True, text=True
-        )
-    except OSError:
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def run_info(stages, device: str | torch.device) -> dict:
