@@ -1,4 +1,4 @@
-"""From-scratch pretraining of the paper's SSA-1B and its baselines (SPEC sections 2 and 3) with `SSATrainer`.
+"""From-scratch pretraining of the paper's SSA-1B and its baselines with `SSATrainer`.
 
 First pack a corpus (offline: the Debian documentation corpus, SmolLM2's tokenizer):
 

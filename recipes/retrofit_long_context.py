@@ -1,4 +1,4 @@
-"""The long-context retrofit study (issue #23): SmolLM2-135M-Instruct continued at 8k for 50M tokens as Full-Full,
+"""The long-context retrofit study: SmolLM2-135M-Instruct continued at 8k for 50M tokens as Full-Full,
 Sparse-Sparse, SSA and SSA + LoRA r 64, each model evaluated in full mode and at sparse budgets 16x16 / 16x32 / 16x64
 up to 32k (llama3 RoPE x4 beyond 8k) -> benchmarks/results/retrofit-long-context.{json,md} and docs/ plots. What is
 trained and evaluated: recipes/configs/retrofit-long-context-study.yaml. MODEL: full, sparse, ssa, ssa-lora, original.

@@ -1,4 +1,4 @@
-"""The retrofit study (SPEC section 4, "Quality"): SmolLM2-135M-Instruct continued at 8k context with train_mode
+"""The retrofit study: SmolLM2-135M-Instruct continued at 8k context with train_mode
 full, sparse and ssa on the same data, steps, seed and schedule, every final model and the original evaluated
 alike -> benchmarks/results/retrofit-smollm2.{json,md} and docs/retrofit-smollm2.png. Every stage resumes: run
 the same command again after an interruption or a time budget (exit code 75) and it continues where it stopped.

@@ -103,7 +103,7 @@ def make_inputs(c, device):
 
 
 def importance(q, means, q_pos, scale):
-    """I [B, T, H, NB] in float64, NaN where block j is not complete for the query (SPEC section 1)."""
+    """I [B, T, H, NB] in float64, NaN where block j is not complete for the query."""
     B, T, HQ, D = q.shape
     NB, H = means.shape[1], means.shape[2]
     G = HQ // H

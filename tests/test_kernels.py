@@ -49,12 +49,13 @@ def case_id(c) -> str:
     return f"B{c['B']}-T{c['T']}{tk}-H{c['H']}-G{c['G']}-D{c['D']}-S{c['S']}-{c['dtype']}{docs}{sel}"
 
 
-# interpreted on CPU: every G the SPEC names except 16 at two shapes, D 64/128, documents, left padding, TK > T
+# interpreted on CPU: G in {1, 2, 3, 4, 7, 8, 16}, D 64/128, documents, left padding, TK > T
 CPU_CASES = [
     _case(2, 111, 3, 7, 64),
     _case(1, 77, 2, 16, 64, S=3, sink=0),
     _case(1, 96, 2, 1, 128, dtype="float32", S=4, sink=2, local=2),
     _case(1, 90, 2, 2, 64, S=3),
+    _case(1, 61, 1, 8, 64, S=3, sink=0),
     _case(1, 83, 1, 3, 64, dtype="float32"),
     _case(1, 100, 1, 4, 64, docs="varlen"),
     _case(2, 70, 1, 4, 64, dtype="float32", docs="leftpad"),
@@ -158,7 +159,7 @@ def make_inputs(c, device):
 
 
 def importance(q, k, doc_start, block_size, scale):
-    """I [B, T, H, NB] in float64 (NaN where block j is not complete for the query), as SPEC section 1 defines."""
+    """I [B, T, H, NB] in float64 (NaN where block j is not complete for the query), as the paper defines."""
     B, T, HQ, D = q.shape
     TK, H = k.shape[1], k.shape[2]
     G, BS, off = HQ // H, block_size, TK - T

@@ -1,4 +1,4 @@
-"""The PyTorch reference of SSA attention against SPEC section 1, by construction and by hand-checked cases."""
+"""The PyTorch reference of SSA attention against the paper's definitions, by construction and by hand-checked cases."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """The real model: SmolLM2-135M converts, and sparse attention with a sink block keeps its perplexity on held-out
-prose (SPEC section 1: pretrained models park attention on the first tokens)."""
+prose (pretrained models park attention on the first tokens)."""
 
 import math
 

@@ -1,5 +1,5 @@
 """Attention statistics per layer and head, measured on a model's real q, k, v: AttnSparsity, dropped mass, and
-SPEC's Theorem 1 checked token by token.
+the paper's Theorem 1 checked token by token.
 
 For a budget (block_size x block_count, sink and local blocks) and each query token t and head:
 

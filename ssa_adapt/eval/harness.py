@@ -109,7 +109,7 @@ def max_request_tokens(
     A loglikelihood request is scored in one forward pass over context + continuation (lm-eval's HF model encodes
     them separately), so when every request of a task fits in a sparse setup's receptive field
     (block_size x block_count) every block is selected and the sparse model scores it exactly as full attention
-    does (SPEC section 1): that setup's scores on the task are the full model's.
+    does: that setup's scores on the task are the full model's.
     """
     from lm_eval.tasks import get_task_dict
 
@@ -172,7 +172,7 @@ def benchmarks_for_setups(
 
     `limit` is items per task (all tasks, or a {task: limit} dict; None = the whole set). Once an `original` or
     `full` setup has run, a sparse setup whose receptive field holds every request of a task reuses those scores:
-    every block is selected, so it computes full attention (SPEC section 1). The first `check_items` items of each
+    every block is selected, so it computes full attention. The first `check_items` items of each
     reused task are still run sparse and their log-likelihoods compared with the full run's
     (`check_max_abs_loglik_diff`). -> {setup name: {task: {metric: value, "n": items, ...}}}
     """
@@ -307,7 +307,7 @@ def record_benchmarks(result: dict, model, tokenizer, setups, tasks: Sequence[st
     if any(b.get("reused_from") for sc in scores.values() for b in sc.values()):
         note = (
             "* sparse score equal to the full-attention one by construction: every request of the task fits in the "
-            "setup's receptive field, so all blocks are selected (SPEC section 1); the first "
+            "setup's receptive field, so all blocks are selected; the first "
             f"{kwargs.get('check_items', 50)} items were re-run sparse to confirm (check_max_abs_loglik_diff in the JSON)."
         )
         result["notes"] = [n for n in result["notes"] if not n.startswith("* sparse score")] + [note]

@@ -329,7 +329,7 @@ def long_context_report(
         panels
     )
 
-    md = [f"Targets (SPEC section 4, issue #23); sparse = `{setup}`, trained at {_k(trained_context)}, llama3 RoPE "
+    md = [f"Targets; sparse = `{setup}`, trained at {_k(trained_context)}, llama3 RoPE "
           "scaling beyond:", "", "| target | SSA | reference | margin | verdict |", "|---|---|---|---|---|",
           *map(verdict_row, targets)]  # fmt: skip
     for alt, key in plots:

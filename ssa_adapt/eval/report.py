@@ -287,7 +287,7 @@ def study_report(
         "missing": missing,
         "png": str(png),
     }
-    md = [f"Targets (SPEC section 4), held-out Austen perplexity at {length} tokens, sparse = `{trained}`:", ""]
+    md = [f"Targets, held-out Austen perplexity at {length} tokens, sparse = `{trained}`:", ""]
     md += ["| target | SSA | reference | margin | verdict |", "|---|---|---|---|---|"]
     md += [verdict_row(t) for t in targets]
     md += [

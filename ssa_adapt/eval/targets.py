@@ -1,4 +1,4 @@
-"""The retrofit studies' quality targets (SPEC section 4) checked on held-out perplexities, AttnSparsity and needle
+"""The retrofit studies' quality targets checked on held-out perplexities, AttnSparsity and needle
 retrieval, with paired-bootstrap intervals: perplexity over the per-window cross-entropies of the same windows,
 needle retrieval over the same prompts (every model and setup gets the same needles)."""
 

@@ -3,7 +3,7 @@
 This file is the truth the Triton kernels are tested against, and the CPU path. It favours clarity over speed,
 but keeps memory bounded: queries are processed in chunks, so no [T, TK] tensor exists for all heads at once.
 
-Shapes (SPEC section 1):
+Shapes:
     q            [B, T, HQ, D]   queries after RoPE; they are the last T of the TK key positions
     k, v         [B, TK, H, D]   keys after RoPE, values; HQ = G * H for any group size G >= 1
     doc_start    [B, T] int64    key index where each query's document starts (packed sequences, left padding);
@@ -440,7 +440,7 @@ def attention_sparsity(
 ) -> torch.Tensor:
     """AttnSparsity: the full attention mass that falls inside the selected blocks. -> [B, T, HQ] float32.
 
-    The dropped mass of SPEC's Theorem 1 is `1 - attention_sparsity(...)`.
+    The dropped mass of the paper's Theorem 1 is `1 - attention_sparsity(...)`.
     """
     B, T, TK, HQ, H, D = check_qkv(q, k)
     scale = D**-0.5 if scale is None else scale

@@ -235,7 +235,7 @@ def alignment_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 def ssa_loss(model: nn.Module, lm_loss: torch.Tensor) -> torch.Tensor:
-    """The SSA training loss of the last forward pass: lm_loss + align_weight * alignment_loss (SPEC section 2)."""
+    """The SSA training loss of the last forward pass: lm_loss + align_weight * alignment_loss (the paper's objective)."""
     align = alignment_loss(model)
     if align is None:
         return lm_loss

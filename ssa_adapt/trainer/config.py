@@ -1,4 +1,4 @@
-"""`SSATrainingConfig`: TRL's `SFTConfig` plus the fields of SSA training (SPEC section 2)."""
+"""`SSATrainingConfig`: TRL's `SFTConfig` plus the fields of SSA training (the paper's objective)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`SSATrainer`: TRL's `SFTTrainer` training with the SSA objective (SPEC section 2).
+"""`SSATrainer`: TRL's `SFTTrainer` training with the SSA objective.
 
 Per micro-batch: draw the stream (`draw_stream`, the same on every rank), run the forward with it, and return
 `CE + align_weight * L_align`. Logged through the trainer's own metrics: `lm_loss`, `align_loss`,
@@ -72,7 +72,7 @@ class _DropMessage(logging.Filter):
 
 class SSATrainer(SFTTrainer):
     """Continued pretraining (or fine-tuning) of a causal LM with SSA attention: TRL's `SFTTrainer` with the SSA
-    objective `loss = CE + align_weight * L_align` and stochastic streams (SPEC section 2).
+    objective `loss = CE + align_weight * L_align` and stochastic streams, as the paper trains.
 
     Args:
         model: a model name (local folder or Hub id; a checkpoint saved after conversion loads converted), a
