@@ -35,7 +35,7 @@ from ssa_adapt.ops.triton.options import AttendOptions, KernelOptions, SelectOpt
 
 SHAPES = [(32, 2, 64), (32, 8, 64), (9, 3, 64), (14, 2, 64), (16, 8, 128)]  # SSA-1B, Llama-3.2-1B, SmolLM2, ...
 TS = [8192, 16384, 32768, 65536, 131072]
-IMPLS = ["sdpa_cudnn", "sdpa_flash", "ssa_select", "ssa_attend", "ssa_attend_union", "ssa_sparse_stream", "fla_nsa"]
+IMPLS = ["sdpa_cudnn", "sdpa_flash", "ssa_select", "ssa_attend", "ssa_sparse_stream", "fla_nsa"]
 SEL = dict(block_size=16, block_count=16, sink_blocks=1, local_blocks=1)
 GIB = 2**30
 
@@ -150,13 +150,6 @@ def run_shape(T, HQ, H, D, impls, rows, options=None):
         measure("ssa_attend", lambda: attend(q, k, v), fb(attend), rows, meta, "given indices")
     if "ssa_sparse_stream" in impls:
         measure("ssa_sparse_stream", lambda: stream(q, k, v), fb(stream), rows, meta)
-    if "ssa_attend_union" in impls:  # the forward over 16-token tiles walking their union of blocks
-        union = dataclasses.replace(options or KernelOptions(), attend=AttendOptions(union_tile=16))
-
-        def attend_union(q, k, v):
-            return triton_ops.attend_blocks(q, k, v, idx, block_size=16, options=union)
-
-        measure("ssa_attend_union", lambda: attend_union(q, k, v), fb(attend_union), rows, meta, "given indices")
     if "fla_nsa" in impls and HQ // H >= 16 and (HQ // H) & (HQ // H - 1) == 0:
 
         def fla(q, k, v):
@@ -182,14 +175,11 @@ SWEEP = {
         SelectOptions(rows=128, warps=8),
         SelectOptions(lanes=64),
         SelectOptions(blocks=128),
-        SelectOptions(pass1_lanes=True),
-        SelectOptions(pass1_lanes=True, blocks=32),
     ],
     "fwd": [
         AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)
         for k, w, s in [(64, 4, 3), (64, 8, 3), (32, 4, 3), (128, 8, 2)]
-    ]
-    + [AttendOptions(union_tile=t) for t in (4, 8, 16)],  # union-walking tiles (random inputs share few blocks)
+    ],
     "dkv": [
         AttendOptions(dkv_rows=r, dkv_warps=w, dkv_stages=s)
         for r, w, s in [(64, 4, 1), (64, 8, 1), (64, 8, 3), (128, 8, 1)]

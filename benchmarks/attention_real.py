@@ -33,7 +33,6 @@ from run_info import git_commit, result_path  # noqa: E402  (benchmarks/ is on t
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import triton as triton_ops  # noqa: E402
-from ssa_adapt.ops.triton.options import AttendOptions, KernelOptions, SelectOptions  # noqa: E402
 
 SEL = dict(block_size=16, block_count=16, sink_blocks=1, local_blocks=1)
 
@@ -62,9 +61,6 @@ def capture_qkv(model, input_ids: torch.Tensor, layers: set[int]) -> dict[int, t
     return kept
 
 
-SELECT_VARIANTS = {"pass1": SelectOptions(pass1_lanes=True), "pass1_b32": SelectOptions(pass1_lanes=True, blocks=32)}
-
-
 def tile_union(idx: torch.Tensor, tile: int, first_query: int) -> float:
     """Mean number of distinct selected blocks per (tile of `tile` consecutive queries, KV head): idx [1, T, H, S]."""
     _, T, H, S = idx.shape
@@ -89,11 +85,9 @@ def bench_layer(layer: int, q, k, v) -> dict:
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     do = torch.randn_like(q)
 
-    def stream(q, k, v, options=None):
-        idx = triton_ops.select_blocks(q, k, **SEL, options=options)
-        return triton_ops.attend_blocks(q, k, v, idx, block_size=16, options=options)
-
-    union = KernelOptions(attend=AttendOptions(union_tile=16))  # 16-token tiles walking their union of blocks
+    def stream(q, k, v):
+        idx = triton_ops.select_blocks(q, k, **SEL)
+        return triton_ops.attend_blocks(q, k, v, idx, block_size=16)
 
     row = dict(layer=layer, T=T, HQ=q.shape[2], H=k.shape[2], D=q.shape[3])
     with torch.no_grad():
@@ -101,20 +95,9 @@ def bench_layer(layer: int, q, k, v) -> dict:
         row["cudnn_fwd_ms"] = timed(lambda: cudnn(q, k, v))
         row["select_ms"] = timed(lambda: triton_ops.select_blocks(q, k, **SEL))
         row["attend_fwd_ms"] = timed(lambda: triton_ops.attend_blocks(q, k, v, idx, block_size=16))
-        for tile in (8, 16):
-            opts = KernelOptions(attend=AttendOptions(union_tile=tile))
-            row[f"attend_union{tile}_fwd_ms"] = timed(
-                lambda opts=opts: triton_ops.attend_blocks(q, k, v, idx, block_size=16, options=opts)
-            )
-        for name, sel in SELECT_VARIANTS.items():  # the selection's variants on real logits: time, same blocks?
-            opts = KernelOptions(select=sel)
-            row[f"select_{name}_ms"] = timed(lambda opts=opts: triton_ops.select_blocks(q, k, **SEL, options=opts))
-            row[f"select_{name}_same"] = bool(torch.equal(triton_ops.select_blocks(q, k, **SEL, options=opts), idx))
         row["stream_fwd_ms"] = timed(lambda: stream(q, k, v))
-        row["stream_union_fwd_ms"] = timed(lambda: stream(q, k, v, union))
     row["cudnn_fwd_bwd_ms"] = timed(lambda: torch.autograd.grad(cudnn(q, k, v), (q, k, v), do))
     row["stream_fwd_bwd_ms"] = timed(lambda: torch.autograd.grad(stream(q, k, v), (q, k, v), do))
-    row["stream_union_fwd_bwd_ms"] = timed(lambda: torch.autograd.grad(stream(q, k, v, union), (q, k, v), do))
     row["speedup_fwd"] = row["cudnn_fwd_ms"] / row["stream_fwd_ms"]
     row["speedup_fwd_bwd"] = row["cudnn_fwd_bwd_ms"] / row["stream_fwd_bwd_ms"]
     for tile in (16, 64):
@@ -163,18 +146,14 @@ def markdown(result: dict) -> str:
         "Milliseconds (median of triton.testing.do_bench). Union: mean distinct blocks selected by a tile of 16 / 64 "
         "consecutive queries (per KV head, queries past 2048; a per-token kernel loads 16 / 64 x 16).",
         "",
-        "| layer | cuDNN fwd / fwd+bwd | SSA select (default / pass1_lanes / pass1_lanes, 32-block chunks) "
-        "| SSA attend fwd (per token / union 8 / union 16) | SSA stream fwd / fwd+bwd | stream, union 16 "
+        "| layer | cuDNN fwd / fwd+bwd | SSA select | SSA attend fwd | SSA stream fwd / fwd+bwd "
         "| speedup fwd / fwd+bwd | union 16 / 64 | AttnSparsity | rel. err. sparse vs full |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
-            f"| {r['layer']} | {r['cudnn_fwd_ms']:.2f} / {r['cudnn_fwd_bwd_ms']:.2f} | {r['select_ms']:.2f} / "
-            f"{r['select_pass1_ms']:.2f} / {r['select_pass1_b32_ms']:.2f} | {r['attend_fwd_ms']:.2f} / "
-            f"{r['attend_union8_fwd_ms']:.2f} / {r['attend_union16_fwd_ms']:.2f} | "
-            f"{r['stream_fwd_ms']:.2f} / {r['stream_fwd_bwd_ms']:.2f} | "
-            f"{r['stream_union_fwd_ms']:.2f} / {r['stream_union_fwd_bwd_ms']:.2f} | "
+            f"| {r['layer']} | {r['cudnn_fwd_ms']:.2f} / {r['cudnn_fwd_bwd_ms']:.2f} | {r['select_ms']:.2f} | "
+            f"{r['attend_fwd_ms']:.2f} | {r['stream_fwd_ms']:.2f} / {r['stream_fwd_bwd_ms']:.2f} | "
             f"{r['speedup_fwd']:.2f}x / {r['speedup_fwd_bwd']:.2f}x | {r['union_tile16']:.1f} / "
             f"{r['union_tile64']:.1f} | {r['attn_sparsity_last256']:.3f} | {r['sparse_vs_full_rel_err_last256']:.3f} |"
         )

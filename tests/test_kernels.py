@@ -32,13 +32,12 @@ TIE = 1e-3  # selection may differ from the reference only between blocks whose 
 
 
 def _case(B, T, H, G, D, dtype="float16", TK=None, S=4, sink=1, local=1, docs=None, rows=None, select=None,
-          attend=None, select_only=False):  # fmt: skip
+          attend=None):  # fmt: skip
     """`select` / `attend`: `SelectOptions` / `AttendOptions` fields for this case (e.g. cap=1 sends every tile to
-    the exact fallback; union_tile=4 runs the forward over tiles walking their tokens' union of blocks);
-    select_only: a selection variant, whose attention would repeat another case's."""
+    the exact fallback; lanes=8 makes several blocks share a lane of the lower bound)."""
     return dict(
         B=B, T=T, TK=TK or T, H=H, G=G, D=D, dtype=dtype, S=S, sink=sink, local=local, docs=docs, rows=rows,
-        select=select, attend=attend, select_only=select_only,
+        select=select, attend=attend,
     )  # fmt: skip
 
 
@@ -70,42 +69,6 @@ CPU_CASES = [
     # masks); the selection with every chunk masked must be bitwise the same
     _case(1, 900, 1, 16, 64, S=5, docs="varlen", select=dict(lanes=8, blocks=16)),
     _case(1, 1000, 2, 4, 64, S=6, sink=2, local=2, select=dict(lanes=8, blocks=16)),
-    # the bound's lanes picked in pass 1 (narrow chunks: many lanes replaced as the statistics move); their
-    # attention is the other cases'
-    _case(1, 400, 1, 3, 64, S=4, select=dict(pass1_lanes=True, blocks=16), select_only=True),
-    _case(
-        1,
-        400,
-        1,
-        3,
-        64,
-        "float32",
-        S=6,
-        sink=2,
-        local=2,
-        docs="varlen",
-        select=dict(pass1_lanes=True, blocks=8),
-        select_only=True,
-    ),  # fmt: skip
-    _case(
-        2,
-        300,
-        1,
-        4,
-        64,
-        "float32",
-        S=5,
-        docs="leftpad",
-        select=dict(pass1_lanes=True, cap=2),
-        select_only=True,
-    ),  # fmt: skip
-    _case(1, 300, 2, 2, 64, TK=830, docs="prefill", select=dict(pass1_lanes=True, blocks=16), select_only=True),
-    _case(1, 500, 1, 16, 64, S=5, docs="varlen", select=dict(pass1_lanes=True, blocks=16), select_only=True),
-    _case(1, 400, 1, 1, 64, S=5, select=dict(pass1_lanes=True, blocks=16), select_only=True),
-    # the forward and dq over tiles that walk their tokens' union of blocks (dk / dv are the same either way)
-    _case(2, 111, 3, 7, 64, attend=dict(union_tile=4)),
-    _case(1, 300, 2, 3, 64, "float32", S=6, sink=2, local=2, docs="varlen", attend=dict(union_tile=16)),
-    _case(1, 50, 2, 2, 64, TK=130, docs="prefill", attend=dict(union_tile=16)),
 ]
 
 # compiled on the GPU: the benchmark's five head shapes (so compiles are shared) at odd T, documents, TK > T, and
@@ -123,12 +86,6 @@ GPU_CASES = [
     _case(1, 777, 2, 5, 64, "float32", S=8),
     _case(1, 65536, 2, 16, 64, "bfloat16", S=16, rows=256),
     _case(1, 32768, 8, 4, 64, "bfloat16", S=16, rows=256),
-    _case(2, 3001, 8, 4, 64, "bfloat16", S=16, attend=dict(union_tile=16)),
-    _case(1, 5000, 3, 3, 64, "bfloat16", S=16, docs="varlen", attend=dict(union_tile=16)),
-    _case(1, 4099, 3, 3, 64, "bfloat16", S=16, select=dict(pass1_lanes=True), select_only=True),
-    _case(1, 5000, 2, 7, 64, "bfloat16", S=16, docs="varlen", select=dict(pass1_lanes=True), select_only=True),
-    _case(1, 32768, 8, 4, 64, "bfloat16", S=16, rows=256, select=dict(pass1_lanes=True), select_only=True),
-    _case(1, 65536, 2, 16, 64, "bfloat16", S=16, rows=256, select=dict(pass1_lanes=True), select_only=True),
 ]
 
 
@@ -240,8 +197,6 @@ def run_case(c, device) -> dict:
         imp = importance(q[:, -rows:], k, None, BS, scale)
         got_rows = got[:, -rows:]
     res["select_rows_differ"], res["select_gap"] = selection_gap(got_rows.cpu(), ref.cpu(), imp.cpu())
-    if c["select_only"]:
-        return res
 
     # attention on the reference's indices (the kernel's for long sequences), float64 reference
     idx = ref if rows == T else got
@@ -297,7 +252,7 @@ def test_select_interpreted(interpreted, case):
     check(interpreted[case_id(case)], case, parts=("select",))
 
 
-@pytest.mark.parametrize("case", [c for c in CPU_CASES if not c["select_only"]], ids=case_id)
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
 def test_attend_interpreted(interpreted, case):
     check(interpreted[case_id(case)], case, parts=("attend",))
 
@@ -352,7 +307,7 @@ def test_flex_block_lists(TK, docs, window):
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
 @pytest.mark.gpu
 def test_kernels_gpu(case):
-    check(run_case(case, "cuda"), case, parts=("select",) if case["select_only"] else ("select", "attend"))
+    check(run_case(case, "cuda"), case, parts=("select", "attend"))
 
 
 @pytest.mark.gpu
@@ -400,9 +355,8 @@ def test_fla_backend_gpu():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
-@pytest.mark.parametrize("pass1_lanes", [False, True])
 @pytest.mark.parametrize("G", [3, 4, 16])
-def test_select_kernel_compiles_for_sm90(G, pass1_lanes):
+def test_select_kernel_compiles_for_sm90(G):
     """The interpreter accepts code the compiler rejects: the selection kernel compiled ahead of time for sm_90 with
     the default options (down to a cubin through ptxas; no GPU needed)."""
     import inspect
@@ -421,7 +375,7 @@ def test_select_kernel_compiles_for_sm90(G, pass1_lanes):
     lanes = max(opt.lanes, 16)
     consts = dict(
         H=2, G=G, GP=GP, D=64, BD=64, BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, opt.rows // GP),
-        BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes, opt.blocks), PASS1_LANES=pass1_lanes,
+        BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes),
         INTERIOR=True, HAS_DOCS=True, DOT_PREC="tf32",
     )  # fmt: skip
     types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32", scale_log2="fp32")
@@ -429,38 +383,6 @@ def test_select_kernel_compiles_for_sm90(G, pass1_lanes):
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     src = ASTSource(fn=sel._select_kernel, signature=sig, constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=opt.warps))
-    assert compiled.asm["cubin"]
-
-
-@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
-@pytest.mark.parametrize("kernel", ["_attend_fwd_union_kernel", "_attend_bwd_dq_union_kernel"])
-@pytest.mark.parametrize("G", [3, 4, 16])
-def test_union_kernels_compile_for_sm90(G, kernel):
-    """The union-walking forward and dq kernels compiled ahead of time for sm_90 (to a cubin through ptxas; no GPU
-    needed)."""
-    import inspect
-
-    import triton
-    from triton.compiler import ASTSource
-
-    try:
-        from triton.backends.compiler import GPUTarget
-    except ImportError:
-        pytest.skip("this triton has no GPUTarget for ahead-of-time compilation")
-    from ssa_adapt.ops.triton import attend_union
-
-    GP = max(1, triton.next_power_of_2(G))
-    btq = attend_union.union_tile_tokens(16, GP)
-    consts = dict(H=2, G=G, GP=GP, D=64, BD=64, BS=16, U=btq * 16, BTQ=btq, NB=4, DOT_PREC="tf32")
-    fn = getattr(attend_union, kernel)
-    types = dict(
-        q="*bf16", k="*bf16", v="*bf16", o="*bf16", do="*bf16", dq="*bf16", lse="*fp32", delta="*fp32",
-        scale_log2="fp32", scale="fp32",
-    )  # fmt: skip
-    names = inspect.signature(fn.fn).parameters
-    sig = {n: "constexpr" if n in consts else types.get(n, "*i32" if n.startswith("u_") else "i32") for n in names}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
     assert compiled.asm["cubin"]
 
 

@@ -15,7 +15,6 @@ import triton.language as tl
 
 from ..reference import check_qkv
 from . import utils
-from .attend_union import attend_bwd_dq_union, attend_fwd_union, union_tiles
 from .options import DEFAULT_OPTIONS, KernelOptions
 from .utils import (
     cdiv,
@@ -322,12 +321,6 @@ def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start, options: Ke
     lse = utils.new_empty((B, T, HQ), torch.float32, q.device, options.poison)
     if o.numel() == 0:
         return o, lse
-    if (tiles := union_tiles(opt, G, block_size)) is not None:
-        btq, nb = tiles
-        scale_log2 = scale * math.log2(math.e)
-        attend_fwd_union(q, k, v, block_indices, block_size, scale_log2, doc_start, o, lse, btq, nb,
-                         dot_precision(q.dtype), opt)  # fmt: skip
-        return o, lse
     _attend_fwd_kernel[(T, B * H)](
         q,
         k,
@@ -366,39 +359,34 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start,
     scale_log2 = scale * math.log2(math.e)
     dq = utils.new_empty(q.shape, q.dtype, dev, options.poison)
     delta = utils.new_empty((B, T, HQ), torch.float32, dev, options.poison)
-    if (tiles := union_tiles(opt, G, block_size)) is not None:
-        btq, nb = tiles
-        attend_bwd_dq_union(q, k, v, o, do, lse, delta, dq, block_indices, block_size, scale_log2, scale, doc_start,
-                            btq, nb, prec, opt)  # fmt: skip
-    else:
-        _attend_bwd_dq_kernel[(T, B * H)](
-            q,
-            k,
-            v,
-            o,
-            do,
-            lse,
-            delta,
-            dq,
-            block_indices,
-            doc_start,
-            scale_log2,
-            scale,
-            T,
-            TK,
-            H=H,
-            G=G,
-            GR=max(16, group_pad(G)),
-            D=D,
-            BD=BD,
-            BS=block_size,
-            S=S,
-            NB=max(1, opt.fwd_keys // block_size),
-            HAS_DOCS=has_docs,
-            DOT_PREC=prec,
-            num_warps=opt.fwd_warps,
-            num_stages=opt.fwd_stages,
-        )
+    _attend_bwd_dq_kernel[(T, B * H)](
+        q,
+        k,
+        v,
+        o,
+        do,
+        lse,
+        delta,
+        dq,
+        block_indices,
+        doc_start,
+        scale_log2,
+        scale,
+        T,
+        TK,
+        H=H,
+        G=G,
+        GR=max(16, group_pad(G)),
+        D=D,
+        BD=BD,
+        BS=block_size,
+        S=S,
+        NB=max(1, opt.fwd_keys // block_size),
+        HAS_DOCS=has_docs,
+        DOT_PREC=prec,
+        num_warps=opt.fwd_warps,
+        num_stages=opt.fwd_stages,
+    )
 
     # reverse index: for every key block (b, h, first key), the tokens that selected it
     nid = B * H * TK

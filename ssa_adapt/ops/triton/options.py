@@ -29,9 +29,7 @@ class SelectOptions:
     passes 2 and 3 (at least the budget, >= 16 compiled); cap: keys above the lower bound kept per token (more: the
     exact fallback); warps; means_slots: slots per block-means program; interior: chunks that hold only candidates
     of every token of the tile run without masks (True, False, or "auto": on for padded groups of at least
-    `interior_min_group` rows, where it was faster on the H200); pass1_lanes: the lower bound's candidates are
-    picked during pass 1 (one per token and column of its chunks, by importance under the statistics so far) and
-    scored from their kept logits, instead of by a second pass over all blocks."""
+    `interior_min_group` rows, where it was faster on the H200)."""
 
     rows: int = 64
     blocks: int = 64
@@ -41,11 +39,8 @@ class SelectOptions:
     means_slots: int = 32
     interior: bool | str = "auto"
     interior_min_group: int = 16
-    pass1_lanes: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.pass1_lanes, bool):
-            raise ValueError(f"SelectOptions.pass1_lanes={self.pass1_lanes!r}: must be True or False.")
         _check_positive(self, ("rows", "blocks", "lanes", "cap", "warps", "means_slots", "interior_min_group"))
         if self.interior not in (True, False, "auto"):
             raise ValueError(f"SelectOptions.interior={self.interior!r}: use True, False or 'auto'.")
@@ -58,10 +53,7 @@ class AttendOptions:
     fwd_keys: keys per step of the query-centric kernels (whole blocks); fwd_warps / fwd_stages; dkv_rows: query
     rows per step of the dk/dv kernel; dkv_item_rows: query rows per dk/dv work item (long block lists are split so
     that the sink block does not run alone at the end); dkv_warps / dkv_stages. Chosen on the H200 by
-    `benchmarks/attention.py --sweep`. union_tile: 0 runs the forward as one program per (token, KV head); 1-16 as
-    one program per tile of that many tokens (rounded to a power of two, at least 16 rows) walking the union of
-    their selected blocks (`attend_union.py`; not yet measured on a GPU, so off by default); union_warps: warps of
-    those kernels (8: no spills at 64-128 rows when compiled for sm_90, where 4 spill in dq)."""
+    `benchmarks/attention.py --sweep`."""
 
     fwd_keys: int = 64
     fwd_warps: int = 4
@@ -70,15 +62,9 @@ class AttendOptions:
     dkv_item_rows: int = 2048
     dkv_warps: int = 4
     dkv_stages: int = 1
-    union_tile: int = 0
-    union_warps: int = 8
 
     def __post_init__(self):
-        _check_positive(self, tuple(f.name for f in dataclasses.fields(self) if f.name != "union_tile"))
-        if not isinstance(self.union_tile, int) or isinstance(self.union_tile, bool) or not 0 <= self.union_tile <= 16:
-            raise ValueError(
-                f"AttendOptions.union_tile={self.union_tile!r}: use 0 (one program per token) or 1-16 tokens per tile."
-            )
+        _check_positive(self, tuple(f.name for f in dataclasses.fields(self)))
 
 
 @dataclass(frozen=True)

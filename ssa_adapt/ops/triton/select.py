@@ -240,7 +240,6 @@ def _select_kernel(
     LANES: tl.constexpr,
     CAP: tl.constexpr,
     ROW: tl.constexpr,
-    PASS1_LANES: tl.constexpr,  # the bound's lanes picked in pass 1 (False: pass 2)
     INTERIOR: tl.constexpr,  # pass 1's chunks inside every row's range skip the masks (False: every chunk masked)
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -280,17 +279,11 @@ def _select_kernel(
     p_row = ((i_b * T + o_t) * H + i_h).to(tl.int64)  # [BT] the tokens' scratch rows
     p_sf = scratch + p_row * (ROW + CAP)
 
-    # ---- pass 1: per-row softmax max and normaliser over the complete blocks. With PASS1_LANES, also per token and
-    # column of the chunk (a lane: the blocks j = lo + column (mod BN)) the candidate of best importance under the
-    # statistics so far, with its rows' logits: any distinct candidates give a valid bound (below), and these are
-    # close to the lanes' true best, so the bound is as tight as pass 2's without its dot and exponentials.
+    # ---- pass 1: per-row softmax max and normaliser over the complete blocks
     lo = tl.min(tl.where(m_r, r_base, NSLOT), 0)
     hi = tl.max(tl.where(m_r, r_base + r_nc, 0), 0)
     b_m = tl.full([M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([M], dtype=tl.float32)
-    if PASS1_LANES:
-        c_best = tl.full([BT, BN], -1.0, dtype=tl.float32)  # the lane's best importance so far (-1: none)
-        c_s = tl.zeros([M, BN], dtype=tl.float32)  # its rows' logits (log2 domain)
     # chunks inside [lo_in, hi_in) hold complete blocks of every valid row: no masks there
     lo_in = tl.max(tl.where(m_r, r_base, 0), 0)
     hi_in = tl.min(tl.where(m_r, r_base + r_nc, NSLOT), 0)
@@ -313,32 +306,18 @@ def _select_kernel(
         b_e = tl.exp2(b_s - m_use[:, None])
         b_l = b_l * tl.exp2(b_m - m_use) + tl.sum(b_e, 1)
         b_m = m_new
-        if PASS1_LANES:
-            il_now = tl.where(m_r & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
-            prox = tl.sum(tl.reshape(b_e * il_now[:, None], [BT, GP, BN]), 1)
-            jt = o_s[None, :] - t_base[:, None]
-            better = (jt >= SINK) & (jt < t_hi[:, None]) & (prox > c_best)
-            c_best = tl.where(better, prox, c_best)
-            better_r = tl.reshape(tl.broadcast_to(better[:, None, :], [BT, GP, BN]), [M, BN])
-            c_s = tl.where(better_r, b_s, c_s)
     b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
     b_il = tl.where(m_r & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
 
-    if PASS1_LANES:
-        # the lanes' candidates under the final statistics: the same arithmetic as `_importances`
-        b_e = tl.where(b_il[:, None] > 0, tl.exp2(c_s - b_m[:, None]) * b_il[:, None], 0.0)
-        b_lane = tl.where(c_best >= 0, tl.sum(tl.reshape(b_e, [BT, GP, BN]), 1), -1.0)
-        bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, BN)
-    else:
-        # ---- pass 2: a lower bound on each token's budget-th best importance. Lane i of a chunk keeps the best
-        # importance of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima belong to
-        # distinct candidates, so their budget-th largest cannot exceed the budget-th largest of all candidates.
-        b_lane = tl.full([BT, LANES], -1.0, dtype=tl.float32)
-        for s0 in range(lo2, hi2, LANES):
-            b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD, LANES, DOT_PREC)
-            b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_hi, BT, GP, LANES, SINK)
-            b_lane = tl.maximum(b_lane, b_i)
-        bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
+    # ---- pass 2: a lower bound on each token's budget-th best importance. Lane i of a chunk keeps the best
+    # importance of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima belong to
+    # distinct candidates, so their budget-th largest cannot exceed the budget-th largest of all candidates.
+    b_lane = tl.full([BT, LANES], -1.0, dtype=tl.float32)
+    for s0 in range(lo2, hi2, LANES):
+        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD, LANES, DOT_PREC)
+        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_hi, BT, GP, LANES, SINK)
+        b_lane = tl.maximum(b_lane, b_i)
+    bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
 
     # ---- pass 3: the candidates at or above the bound (about `budget` of them; the same importances bit for
     # bit: same chunks, same code) go to the token's scratch row, a cumsum giving their columns (one pointer tensor
@@ -450,8 +429,8 @@ def select_blocks(
     lanes = max(next_pow2(opt.lanes), KP, 16 if q.is_cuda else 1)
     cap = max(2, next_pow2(opt.cap))
     interior = GP >= opt.interior_min_group if opt.interior == "auto" else opt.interior
-    blocks = max(next_pow2(opt.blocks), KP if opt.pass1_lanes else 1)  # pass 1's chunks are then the bound's lanes
-    row = max(cap, lanes, blocks if opt.pass1_lanes else 1)
+    blocks = next_pow2(opt.blocks)
+    row = max(cap, lanes)
     scratch = torch.empty((B, T, H, row + cap), dtype=torch.float32, device=q.device)
     grid = (cdiv(T, BT), B * H)
     _select_kernel[grid](
@@ -479,7 +458,6 @@ def select_blocks(
         LANES=lanes,
         CAP=cap,
         ROW=row,
-        PASS1_LANES=opt.pass1_lanes,
         INTERIOR=interior,
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
