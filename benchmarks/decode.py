@@ -50,7 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_info import head_shape, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
+from run_info import git_commit, head_shape, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops.triton import decode as triton_decode  # noqa: E402
@@ -376,6 +376,7 @@ def main():
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new size after this")
     p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of the decode step")
+    p.add_argument("--commit", default=None, help="the commit measured (default: $SSA_ADAPT_COMMIT, else git here)")
     p.add_argument(
         "--cprofile", action="store_true", help="only print host profiles of generate (first shape, context, batch)"
     )
@@ -399,6 +400,7 @@ def main():
     t0 = time.time()
     meta = dict(
         command="python " + " ".join(sys.argv),
+        commit=git_commit(args.commit),
         device=torch.cuda.get_device_name(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         torch=torch.__version__,
