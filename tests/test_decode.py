@@ -54,6 +54,35 @@ def test_cached_block_means_equal_means_of_cached_keys(model):
         torch.testing.assert_close(state.means[:, :n], expected, atol=1e-6, rtol=0)
 
 
+def test_steps_that_complete_no_block_update_nothing(model, monkeypatch):
+    """Left-padded rows complete their blocks at different steps: a step updates the means only when some row's
+    newest key completes a block (its start known on the host), and the means equal those of the cached keys."""
+    from ssa_adapt.decoding import cache as cache_module
+
+    calls = []
+    real = cache_module.append_block_means
+    monkeypatch.setattr(
+        cache_module, "append_block_means", lambda *a, **k: calls.append(a[2].shape[1]) or real(*a, **k)
+    )
+    ids = token_batch(2, 40)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 starts at key 3
+    cache = SSACache()
+    with torch.no_grad():
+        model(ids[:, :9], attention_mask=mask[:, :9], **cache_kwargs(cache), use_cache=True)
+        for t in range(9, 40):
+            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kwargs(cache), use_cache=True)
+    # per layer, the key counts whose newest key completed a block of row 0 (TK % 4 == 0) or row 1 ((TK - 3) % 4)
+    expected = [tk for tk in range(11, 41) if tk % 4 == 0 or (tk - 3) % 4 == 0]
+    assert calls == [tk for tk in expected for _ in (0, 1)]
+    for layer in (0, 1):
+        keys = cache.layers[layer].keys.transpose(1, 2)
+        for row, start in ((0, 0), (1, 3)):
+            n = (40 - start) // 4
+            want = keys[row, start : start + 4 * n].reshape(n, 4, *keys.shape[2:]).mean(1)
+            torch.testing.assert_close(cache.layer_means(layer).means[row, :n], want, atol=1e-6, rtol=0)
+
+
 def test_chunked_prefill_equals_one_pass(model):
     ids = token_batch(1, 70)
     cache = DynamicCache()

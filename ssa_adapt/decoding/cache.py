@@ -28,11 +28,13 @@ __all__ = ["SSACache", "SSAStaticCache", "LayerMeans", "build_ssa_caches"]
 class LayerMeans:
     """Block means of one layer: means [B, capacity, H, D] float32 (relative to each row's document start),
     start [B] int64 each row's document start, key_len the key count they were computed for (a host int, so decode
-    steps need no device-to-host sync)."""
+    steps need no device-to-host sync); start_host the starts as host ints when known (then a step that completes
+    no row's block launches nothing), None after a reordering by a device index."""
 
     means: torch.Tensor
     start: torch.Tensor
     key_len: int
+    start_host: tuple[int, ...] | None = None
 
     def rows(self, index: torch.Tensor) -> LayerMeans:
         """The means of rows `index` [B'] (beam reordering, batch selection)."""
@@ -42,7 +44,14 @@ class LayerMeans:
     def repeated(self, repeats: int) -> LayerMeans:
         """Every row `repeats` times in a row (batch expansion)."""
         means, start = (x.repeat_interleave(repeats, dim=0) for x in (self.means, self.start))
-        return LayerMeans(means, start, self.key_len)
+        host = None if self.start_host is None else tuple(s for s in self.start_host for _ in range(repeats))
+        return LayerMeans(means, start, self.key_len, host)
+
+    def completes_block(self, key_len: int, block_size: int) -> bool:
+        """Whether the newest of `key_len` keys completes a block in some row (True when the starts are unknown)."""
+        if self.start_host is None:
+            return True
+        return any(key_len > s and (key_len - s) % block_size == 0 for s in self.start_host)
 
 
 class SSACache(DynamicCache):
@@ -64,19 +73,22 @@ class SSACache(DynamicCache):
         start at `doc_start` [B] -> [B, TK // block_size, H, D]. Row b's first (TK - doc_start[b]) // block_size
         entries are its complete blocks; entries after them are garbage that selection never reads.
 
-        A decode step (one new key per row) computes only the blocks that key completed, without a host sync;
-        anything else (the first step after a prefill, several new keys) recomputes every mean from the keys.
+        A decode step (one new key per row) computes only the blocks that key completed, without a host sync, and
+        launches nothing when it completed none; anything else (the first step after a prefill, several new keys)
+        recomputes every mean from the keys.
         """
         B, TK = keys.shape[:2]
         n = TK // block_size
         state = self._ssa_means.get(layer_idx)
         if state is None or state.means.shape[0] != B or TK != state.key_len + 1:
             start = doc_start.to(torch.int64, copy=True)
-            state = LayerMeans(block_means(keys, start, block_size, max(16, 2 * n)), start, TK)
+            # the starts on the host (one sync per layer and prefill): most steps then complete no block
+            state = LayerMeans(block_means(keys, start, block_size, max(16, 2 * n)), start, TK, tuple(start.tolist()))
         else:
             if n > state.means.shape[1]:  # room for twice as many blocks
                 state.means = torch.cat([state.means, torch.zeros_like(state.means)], 1)
-            append_block_means(state.means, state.start, keys, block_size)
+            if state.completes_block(TK, block_size):
+                append_block_means(state.means, state.start, keys, block_size)
             state.key_len = TK
         self._ssa_means[layer_idx] = state
         return state.means[:, :n]
