@@ -173,6 +173,8 @@ SWEEP = {
         SelectOptions(rows=128),
         SelectOptions(rows=32),  # 16 tokens per program at G = 2: no spill (kernel README)
         SelectOptions(rows=128, warps=8),
+        # sm_90, Triton 3.6: 124-127 registers at G = 3-4 (157 / 155 with 4 warps), 172 at G = 2 (255 and a spill)
+        SelectOptions(warps=8),
         SelectOptions(lanes=64),
         SelectOptions(blocks=128),
     ],
