@@ -67,10 +67,10 @@ class SSACache(DynamicCache):
         return self._ssa_means.get(layer_idx)
 
     def block_means(
-        self, layer_idx: int, keys: torch.Tensor, doc_start: torch.Tensor, block_size: int
+        self, layer_idx: int, keys: torch.Tensor, doc_start: torch.Tensor | None, block_size: int
     ) -> torch.Tensor:
         """Means of the complete blocks of every row, updated for the cached `keys` [B, TK, H, D] whose documents
-        start at `doc_start` [B] -> [B, TK // block_size, H, D]. Row b's first (TK - doc_start[b]) // block_size
+        start at `doc_start` [B] (None: key 0) -> [B, TK // block_size, H, D]. Row b's first (TK - doc_start[b]) // block_size
         entries are its complete blocks; entries after them are garbage that selection never reads.
 
         A decode step (one new key per row) computes only the blocks that key completed, without a host sync, and
@@ -81,7 +81,10 @@ class SSACache(DynamicCache):
         n = TK // block_size
         state = self._ssa_means.get(layer_idx)
         if state is None or state.means.shape[0] != B or TK != state.key_len + 1:
-            start = doc_start.to(torch.int64, copy=True)
+            if doc_start is None:
+                start = torch.zeros(B, dtype=torch.int64, device=keys.device)
+            else:
+                start = doc_start.to(torch.int64, copy=True)
             # the starts on the host (one sync per layer and prefill): most steps then complete no block
             state = LayerMeans(block_means(keys, start, block_size, max(16, 2 * n)), start, TK, tuple(start.tolist()))
         else:

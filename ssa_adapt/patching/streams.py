@@ -98,8 +98,7 @@ class LayerCall:
         cache_means = getattr(self.cache, "block_means", None)
         if cache_means is None or self.q.shape[1] != 1 or torch.compiler.is_compiling():
             return None
-        q = self.q
-        row_start = self.doc_start[:, -1] if self.doc_start is not None else q.new_zeros(q.shape[0], dtype=torch.long)
+        row_start = self.doc_start[:, -1] if self.doc_start is not None else None  # None: every row starts at 0
         return cache_means(self.state.layer_idx, self.k, row_start, self.config.block_size)
 
 
