@@ -4,14 +4,8 @@ Markers (pyproject.toml): `gpu` tests need a CUDA device and are skipped here wh
 the real SmolLM2 (fetched once into the asset cache). The fast loop is `pytest -m "not slow and not gpu"`.
 """
 
-import importlib.util
-
 import pytest
 import torch
-
-# The training tests need trl (the `train` extra; CI has it): a machine without it, such as the GPU image, whose
-# `pytest -m gpu tests/` would otherwise stop at collecting them, runs the other modules (they hold no gpu tests)
-collect_ignore = [] if importlib.util.find_spec("trl") else ["test_pretrain.py", "test_trainer.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from trl import TrlParser
 
-import ssa_adapt
-from ssa_adapt.packed_data import build_token_cache
-from ssa_adapt.trainer import SSATrainingConfig
+pytest.importorskip("trl", reason="the pretraining recipe needs trl: pip install 'ssa_adapt[train]'")
+
+from trl import TrlParser  # noqa: E402
+
+import ssa_adapt  # noqa: E402
+from ssa_adapt.packed_data import build_token_cache  # noqa: E402
+from ssa_adapt.trainer import SSATrainingConfig  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 spec = importlib.util.spec_from_file_location("pretrain", ROOT / "recipes" / "pretrain.py")
