@@ -160,12 +160,13 @@ def run_shape(T, HQ, H, D, impls, rows, options=None):
         measure("fla_nsa", lambda: fla(q, k, v), fb(fla), rows, meta, f"given indices; vs ours {err:.1e}")
 
 
-# Kernel variants (`KernelOptions` fields) timed at 32k on the two target shapes by --sweep (--sweep-all adds the
+# Kernel variants (`KernelOptions` fields) timed at 32k on SWEEP_SHAPES by --sweep (--sweep-all adds the
 # attention's). Earlier sweeps on the H200: (rows, warps, lanes, blocks) = (64, 4, 32, 64) won among the three-pass
 # selections (2026-11-29); the removed two-pass selection lost (2026-11-30: 17.5-29.2 ms against 10.8 summed), and
 # so did the removed "logits" bound (2026-12-02: 14.6-28.8 against 10.8); unmasked interior chunks won at G = 16 and
 # lost at G = 4 (2026-12-03), hence interior="auto". The attention's (64, 4, 3) forward and (64, 4, 1) dk/dv won on
-# 2026-11-29. The kernel README keeps the figures.
+# 2026-11-29. On the H100 (2026-12-07) the selection's pass-1 lanes lost 2-3.4x and were removed, as were the
+# union-walking attention tiles; rows 32 / 128, lanes 64 and blocks 128 lost too. The kernel README keeps the figures.
 SWEEP = {
     "select": [
         SelectOptions(),
@@ -386,7 +387,7 @@ def main():
     Path(args.out).write_text(json.dumps(rows, indent=1))
     md = markdown(rows, meta) + f"\nKernel options: `{json.dumps(kernel_config(options))}`\n"
     if sweep_rows:
-        md += "\n## Kernel variants at 32k (sum over both target shapes picks the winner)\n\n"
+        md += "\n## Kernel variants at 32k (the sum over the sweep's shapes picks the winner)\n\n"
         md += "\n".join(f"- {json.dumps(r)}" for r in sweep_rows) + "\n"
     Path(args.md).write_text(md)
     print(md)
