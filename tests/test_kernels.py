@@ -378,7 +378,7 @@ def test_select_kernel_compiles_for_sm90(G):
         BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes),
         INTERIOR=True, HAS_DOCS=True, DOT_PREC="tf32",
     )  # fmt: skip
-    types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32", scale_log2="fp32")
+    types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32")
     names = inspect.signature(sel._select_kernel.fn).parameters
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     src = ASTSource(fn=sel._select_kernel, signature=sig, constexprs=consts)

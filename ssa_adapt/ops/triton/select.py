@@ -36,6 +36,7 @@ def _block_means_kernel(
     k,  # [B, TK, H, D]
     slot_start,  # [B, NSLOT] int32 or None: first key of each slot's block (-1: none)
     kbar,  # [B, H, NSLOT, BD] out
+    mult,  # each mean is stored times this (the selection's logit scale)
     TK,
     NSLOT,
     H: tl.constexpr,
@@ -65,45 +66,57 @@ def _block_means_kernel(
         m = (m_k & (row < TK))[:, None] & (o_d < D)[None, :]
         b_acc += tl.load(p_k + row[:, None] * (H * D) + o_d[None, :], mask=m, other=0.0).to(tl.float32)
     p_o = kbar + (i_bh * NSLOT + o_n)[:, None] * BD + o_d[None, :]
-    tl.store(p_o, (b_acc / BS).to(kbar.dtype.element_ty), mask=m_n[:, None])
+    tl.store(p_o, (b_acc * (mult / BS)).to(kbar.dtype.element_ty), mask=m_n[:, None])
 
 
 @triton.jit
-def _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Logits (log2 domain) of the tile's rows against the block means of slots [s0, s0 + BN): [M, BN] float32."""
+def _chunk_logits(b_q, p_kb, s0, NSLOT, BD: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Logits (log2 domain: the means carry the scale) of the tile's rows against the block means of slots
+    [s0, s0 + BN): [M, BN] float32."""
     o_d = tl.arange(0, BD)
     o_s = s0 + tl.arange(0, BN)
     # [BN, BD]
     b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
-    return tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
+    return tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
 
 
 @triton.jit
 def _importances(
     b_s,  # [M, BN] the chunk's logits (`_chunk_logits`)
     s0,  # first slot of the chunk
-    b_m,  # [M] softmax max (log2 domain)
-    b_il,  # [M] 1 / softmax normaliser (0 for invalid rows)
+    b_m,  # [M] softmax max (log2 domain); +BIG for rows without a normaliser
+    b_il,  # [M] 1 / softmax normaliser (0 for rows without one)
     t_base,  # [BT] slot of the token's document block 0
-    t_hi,  # [BT] candidates are SINK <= j < t_hi
+    t_n,  # [BT] the token's candidates are SINK <= j < SINK + t_n
     BT: tl.constexpr,
     GP: tl.constexpr,
+    TL: tl.constexpr,
     BN: tl.constexpr,
     SINK: tl.constexpr,
 ):
     """I(j) of the chunk's blocks per token, [BT, BN] float32, -1 where block j is not a candidate of the token;
     and j itself, [BT, BN] int32 (relative to the token's document).
 
-    Only rows without a normaliser (padded heads, tokens past T, no complete block) are masked: a candidate of a
-    token is a complete block of every row of that token. Elsewhere exp2 may overflow: the candidate mask replaces
-    those values. (Compiled without the row mask, Triton 3.6 on the H100 lost a candidate of tokens that take all
-    theirs, 2026-12-07: see README.md.)"""
+    Rows are ordered (token // TL, head, token % TL) (`_row_token_head`), so the group sum is a reshape and a sum.
+    Rows without a normaliser (padded heads, tokens past T, no complete block) have max +BIG and 1 / l = 0, so their
+    exp2 is exactly 0 and no row mask is needed. A candidate of a token is a complete block of every row of that
+    token; elsewhere exp2 may overflow, and the candidate mask replaces those values."""
     o_s = s0 + tl.arange(0, BN)
+    b_p = tl.exp2(b_s - b_m[:, None]) * b_il[:, None]
     # probabilities summed over the group's heads, [BT, BN]
-    b_p = tl.where(b_il[:, None] > 0, tl.exp2(b_s - b_m[:, None]) * b_il[:, None], 0.0)
-    b_i = tl.sum(tl.reshape(b_p, [BT, GP, BN]), 1)
+    b_i = tl.reshape(tl.sum(tl.reshape(b_p, [BT // TL, GP, TL, BN]), 1), [BT, BN])
     jt = o_s[None, :] - t_base[:, None]
-    return tl.where((jt >= SINK) & (jt < t_hi[:, None]), b_i, -1.0), jt
+    # SINK <= jt < SINK + t_n as one unsigned compare
+    cand = (jt - SINK).to(tl.uint32) < t_n.to(tl.uint32)[:, None]
+    return tl.where(cand, b_i, -1.0), jt
+
+
+@triton.jit
+def _row_token_head(o_r, GP: tl.constexpr, TL: tl.constexpr):
+    """Token (within the tile) and head of each row o_r [M]: rows are ordered (token // TL, head, token % TL), so
+    that with TL = 16 / GP the heads of a token sit in the high bits of a 16-row MMA fragment (the group sum then
+    needs fewer shuffles, and its result fewer copies, than with the heads in the low bits)."""
+    return (o_r // (TL * GP)) * TL + o_r % TL, (o_r // TL) % GP
 
 
 @triton.jit
@@ -180,9 +193,9 @@ def _rank_survivors(p_sf, cnt, CAP: tl.constexpr, ROW: tl.constexpr, KP: tl.cons
 
 
 @triton.jit
-def _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, scale_log2, b_m, b_il, t_base, t_hi, bound,
-                    BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, LANES: tl.constexpr, KP: tl.constexpr,
-                    SINK: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+def _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_m, b_il, t_base, t_n, bound,
+                    BT: tl.constexpr, GP: tl.constexpr, TL: tl.constexpr, BD: tl.constexpr, LANES: tl.constexpr,
+                    KP: tl.constexpr, SINK: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     """A tile where some token has more than CAP candidates at or above its bound: an online top-KP over those
     candidates, inserting each row's best remaining key until none is above its row's threshold; keys are
     (float bits of I << 32) | (2^31 - 1 - j), unique, ordered as the ranks of `_rank_survivors` -> [BT, KP] int32
@@ -191,8 +204,8 @@ def _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, scale_log2, b_m, b_il, t_base, t
     b_top = tl.full([BT, KP], -1, dtype=tl.int64)
     b_thr = tl.full([BT], -1, dtype=tl.int64)  # smallest key kept (-1 while the list is not full)
     for s0 in range(lo2, hi2, LANES):
-        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD, LANES, DOT_PREC)
-        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_hi, BT, GP, LANES, SINK)
+        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
+        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_n, BT, GP, TL, LANES, SINK)
         key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - jt).to(tl.int64)
         key = tl.where((b_i >= bound[:, None]) & (key > b_thr[:, None]), key, -1)
         n = tl.max(tl.max(key, 1), 0)
@@ -221,7 +234,6 @@ def _select_kernel(
     scratch,  # [B, T, H, ROW + CAP] float32: the lane maxima (for their ranks), then the survivors' importances;
     # from column ROW the survivors' blocks (int32 bits)
     out,  # [B, T, H, S] int32
-    scale_log2,  # scale * log2(e): logits live in the log2 domain
     T,
     TK,
     NSLOT,
@@ -250,13 +262,14 @@ def _select_kernel(
     i_h = i_bh % H
     HQ: tl.constexpr = H * G
     M: tl.constexpr = BT * GP
+    TL: tl.constexpr = min(BT, max(1, 16 // GP))  # tokens per run of rows (`_row_token_head`)
     off = TK - T
     o_d = tl.arange(0, BD)
 
     # ---- rows: (token, head of the group), [M]; padded heads (g >= G) are masked out
     o_r = tl.arange(0, M)
-    r_t = i_t * BT + o_r // GP
-    r_g = o_r % GP
+    r_tt, r_g = _row_token_head(o_r, GP, TL)
+    r_t = i_t * BT + r_tt
     m_r = (r_t < T) & (r_g < G)
     if HAS_DOCS:
         r_ds = tl.load(doc_start + i_b * T + r_t, mask=r_t < T, other=0).to(tl.int32)
@@ -275,6 +288,7 @@ def _select_kernel(
     o_t = i_t * BT + tl.arange(0, BT)
     lo2 = tl.min(tl.where(m_t, t_base + SINK, NSLOT), 0)
     hi2 = tl.max(tl.where(m_t, t_base + t_hi, 0), 0)
+    t_n = tl.maximum(t_hi - SINK, 0)
     o_k = tl.arange(0, KP)
     p_row = ((i_b * T + o_t) * H + i_h).to(tl.int64)  # [BT] the tokens' scratch rows
     p_sf = scratch + p_row * (ROW + CAP)
@@ -293,29 +307,32 @@ def _select_kernel(
         o_s = s0 + tl.arange(0, BN)
         if _interior(s0, lo_in, hi_in, BN):
             b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :])
-            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
+            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
         else:
             # [BN, BD]
             b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
             # [M, BN]
-            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC) * scale_log2
+            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
             j = o_s[None, :] - r_base[:, None]
-            b_s = tl.where((j >= 0) & (j < r_nc[:, None]), b_s, float("-inf"))
+            # 0 <= j < r_nc as one unsigned compare
+            b_s = tl.where(j.to(tl.uint32) < tl.maximum(r_nc, 0).to(tl.uint32)[:, None], b_s, float("-inf"))
         m_new = tl.maximum(b_m, tl.max(b_s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         b_e = tl.exp2(b_s - m_use[:, None])
         b_l = b_l * tl.exp2(b_m - m_use) + tl.sum(b_e, 1)
         b_m = m_new
-    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
-    b_il = tl.where(m_r & (b_l > 0), 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
+    # rows without a normaliser: exp2(logit - BIG) = 0 in passes 2 and 3, with 1 / l = 0
+    has_l = m_r & (b_l > 0)
+    b_m = tl.where(has_l, b_m, 1e30)
+    b_il = tl.where(has_l, 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
 
     # ---- pass 2: a lower bound on each token's budget-th best importance. Lane i of a chunk keeps the best
     # importance of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima belong to
     # distinct candidates, so their budget-th largest cannot exceed the budget-th largest of all candidates.
     b_lane = tl.full([BT, LANES], -1.0, dtype=tl.float32)
     for s0 in range(lo2, hi2, LANES):
-        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD, LANES, DOT_PREC)
-        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_hi, BT, GP, LANES, SINK)
+        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
+        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_n, BT, GP, TL, LANES, SINK)
         b_lane = tl.maximum(b_lane, b_i)
     bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
 
@@ -324,8 +341,8 @@ def _select_kernel(
     # for both stores: 168 registers instead of 190 at G = 4 with Triton 3.6, three programs per SM instead of two)
     cnt = tl.zeros([BT], dtype=tl.int32)
     for s0 in range(lo2, hi2, LANES):
-        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, scale_log2, BD, LANES, DOT_PREC)
-        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_hi, BT, GP, LANES, SINK)
+        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
+        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_n, BT, GP, TL, LANES, SINK)
         keep = b_i >= bound[:, None]
         at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
         m_st = keep & (at < CAP)
@@ -335,8 +352,8 @@ def _select_kernel(
         cnt += tl.sum(keep.to(tl.int32), 1)
     tl.debug_barrier()
     if tl.max(cnt, 0) > CAP:
-        j_top = _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, scale_log2, b_m, b_il, t_base, t_hi, bound,
-                                BT, GP, BD, LANES, KP, SINK, DOT_PREC)  # fmt: skip
+        j_top = _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_m, b_il, t_base, t_n, bound,
+                                BT, GP, TL, BD, LANES, KP, SINK, DOT_PREC)  # fmt: skip
     else:
         j_top = _rank_survivors(p_sf, cnt, CAP, ROW, KP, BT)
 
@@ -362,9 +379,15 @@ def _select_kernel(
 
 
 def block_means(
-    k: torch.Tensor, block_size: int, doc_start: torch.Tensor | None, T: int, options: KernelOptions | None = None
+    k: torch.Tensor,
+    block_size: int,
+    doc_start: torch.Tensor | None,
+    T: int,
+    options: KernelOptions | None = None,
+    multiplier: float = 1.0,
 ) -> torch.Tensor:
-    """Block means of the keys: k [B, TK, H, D] -> kbar [B, H, NSLOT, BD] (float16, float32 for float32 keys).
+    """Block means of the keys times `multiplier`: k [B, TK, H, D] -> kbar [B, H, NSLOT, BD] (float16, float32 for
+    float32 keys). The selection passes its logit scale (scale * log2 e), so that its logits need no multiply.
 
     Without documents slot j is block j (NSLOT = TK // BS); with documents see `slot_starts`.
     """
@@ -379,7 +402,7 @@ def block_means(
         slots = options.select.means_slots
         grid = (cdiv(nslot, slots), B * H)
         _block_means_kernel[grid](
-            k, starts, kbar, TK, nslot, H=H, D=D, BD=BD, BS=BS, BN=slots, HAS_DOCS=starts is not None
+            k, starts, kbar, multiplier, TK, nslot, H=H, D=D, BD=BD, BS=BS, BN=slots, HAS_DOCS=starts is not None
         )
     return kbar
 
@@ -419,7 +442,8 @@ def select_blocks(
     out = utils.new_empty((B, T, H, block_count), torch.int32, q.device, options.poison)
     if out.numel() == 0:
         return out
-    kbar = block_means(k, block_size, ds, T, options)
+    # the means carry the logit scale (log2 domain): one rounding to float16, as the plain means had
+    kbar = block_means(k, block_size, ds, T, options, multiplier=scale * math.log2(math.e))
     G = HQ // H
     GP = group_pad(G)
     BT = max(1, opt.rows // GP)
@@ -439,7 +463,6 @@ def select_blocks(
         ds,
         scratch,
         out,
-        scale * math.log2(math.e),
         T,
         TK,
         kbar.shape[2],
