@@ -182,7 +182,9 @@ SWEEP = {
     "fwd": [
         AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)
         for k, w, s in [(64, 4, 3), (64, 8, 3), (32, 4, 3), (128, 8, 2)]
-    ],
+    ]
+    # several tokens per program in one flat pipelined loop (the per-token walk is latency-bound: kernel README)
+    + [AttendOptions(fwd_tokens=n) for n in (2, 4, 8)],
     "dkv": [
         AttendOptions(dkv_rows=r, dkv_warps=w, dkv_stages=s)
         for r, w, s in [(64, 4, 1), (64, 8, 1), (64, 8, 3), (128, 8, 1)]
