@@ -151,6 +151,22 @@ def softmax_output(b_acc, b_m, b_l):
 
 
 @triton.jit
+def gather_selected_kv(p_k, p_v, p_i, n_slots, s0, ds, p_t, o_k, o_d, m_d, H: tl.constexpr, D: tl.constexpr,
+                       BS: tl.constexpr):  # fmt: skip
+    """Keys and values of one step's selected blocks side by side: slots s0 .. s0 + len(o_k) / BS of the row's
+    index list p_i (slots >= n_slots read as unused), key indices relative to the document start ds, causal at
+    the query's key index p_t. Returns b_k, b_v [BK, BD] (zero where masked) and the key mask m_k [BK]."""
+    slot = s0 + o_k // BS
+    b_j = tl.load(p_i + slot, mask=slot < n_slots, other=-1)
+    kpos = ds + b_j * BS + o_k % BS  # int32: offsets inside one sequence fit
+    m_k = (b_j >= 0) & (kpos <= p_t)
+    m_kd = m_k[:, None] & m_d[None, :]
+    b_k = tl.load(p_k + kpos[:, None] * (H * D) + o_d[None, :], mask=m_kd, other=0.0)
+    b_v = tl.load(p_v + kpos[:, None] * (H * D) + o_d[None, :], mask=m_kd, other=0.0)
+    return b_k, b_v, m_k
+
+
+@triton.jit
 def dq_rows(q, do, o, lse, delta, row, m_row, D: tl.constexpr, BD: tl.constexpr):
     """The backward's query rows: q, dO [R, BD] and lse [R] loaded, delta = rowsum(dO * O) [R] computed and stored
     for the dk/dv kernel. row [R]: indices of the rows in q / o / lse, m_row [R]: the valid ones."""
