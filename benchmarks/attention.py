@@ -166,7 +166,9 @@ def run_shape(T, HQ, H, D, impls, rows, options=None):
 # so did the removed "logits" bound (2026-12-02: 14.6-28.8 against 10.8); unmasked interior chunks won at G = 16 and
 # lost at G = 4 (2026-12-03), hence interior="auto". The attention's (64, 4, 3) forward and (64, 4, 1) dk/dv won on
 # 2026-11-29. On the H100 (2026-12-07) the selection's pass-1 lanes lost 2-3.4x and were removed, as were the
-# union-walking attention tiles; rows 32 / 128, lanes 64 and blocks 128 lost too. The kernel README keeps the figures.
+# union-walking attention tiles; rows 32 / 128, lanes 64 and blocks 128 lost too; later that day the selection with
+# 8 warps (1.6-2.6x slower) and the attention with 2-8 tokens per program (12-34% slower) lost on every shape and
+# were dropped. The kernel README keeps the figures.
 SWEEP = {
     "select": [
         SelectOptions(),
@@ -174,17 +176,13 @@ SWEEP = {
         SelectOptions(rows=128),
         SelectOptions(rows=32),  # 16 tokens per program at G = 2: no spill (kernel README)
         SelectOptions(rows=128, warps=8),
-        # sm_90, Triton 3.6: 124-127 registers at G = 3-4 (157 / 155 with 4 warps), 172 at G = 2 (255 and a spill)
-        SelectOptions(warps=8),
         SelectOptions(lanes=64),
         SelectOptions(blocks=128),
     ],
     "fwd": [
         AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)
         for k, w, s in [(64, 4, 3), (64, 8, 3), (32, 4, 3), (128, 8, 2)]
-    ]
-    # several tokens per program in one flat pipelined loop (the per-token walk is latency-bound: kernel README)
-    + [AttendOptions(fwd_tokens=n) for n in (2, 4, 8)],
+    ],
     "dkv": [
         AttendOptions(dkv_rows=r, dkv_warps=w, dkv_stages=s)
         for r, w, s in [(64, 4, 1), (64, 8, 1), (64, 8, 3), (128, 8, 1)]

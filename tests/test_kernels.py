@@ -55,10 +55,10 @@ CPU_CASES = [
     _case(1, 96, 2, 1, 128, dtype="float32", S=4, sink=2, local=2),
     _case(1, 90, 2, 2, 64, S=3),
     _case(1, 61, 1, 8, 64, S=3, sink=0),
-    _case(1, 83, 1, 3, 64, dtype="float32", attend=dict(fwd_tokens=4)),  # forward: 4 tokens per program
-    _case(1, 100, 1, 4, 64, docs="varlen", attend=dict(fwd_tokens=3)),
+    _case(1, 83, 1, 3, 64, dtype="float32"),
+    _case(1, 100, 1, 4, 64, docs="varlen"),
     _case(2, 70, 1, 4, 64, dtype="float32", docs="leftpad"),
-    _case(1, 50, 2, 2, 64, TK=130, docs="prefill", attend=dict(fwd_tokens=8)),
+    _case(1, 50, 2, 2, 64, TK=130, docs="prefill"),
     # many blocks per token: the lower bound prunes (64 lanes, then 8 lanes with several blocks each), and the
     # exact fallback when more keys pass the bound than the scratch row holds
     _case(1, 700, 1, 2, 64, S=4),
@@ -77,7 +77,6 @@ GPU_CASES = [
     _case(1, 4099, 2, 16, 64, "bfloat16", S=16),
     _case(2, 3001, 8, 4, 64, "bfloat16", S=16),
     _case(1, 2047, 3, 3, 64, "bfloat16", S=16),
-    _case(1, 2047, 3, 3, 64, "bfloat16", S=16, attend=dict(fwd_tokens=4)),
     _case(1, 2500, 2, 7, 64, "bfloat16", S=16),
     _case(1, 3333, 8, 2, 128, "bfloat16", S=16),
     _case(1, 5000, 2, 16, 64, "bfloat16", S=16, docs="varlen"),

@@ -96,82 +96,6 @@ def _attend_fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["T", "TK"])
-def _attend_fwd_tokens_kernel(
-    q,  # [B, T, HQ, D]
-    k,  # [B, TK, H, D]
-    v,  # [B, TK, H, D]
-    block_indices,  # [B, T, H, S] int32
-    doc_start,  # [B, T] int64 or None
-    o,  # [B, T, HQ, D] out
-    lse,  # [B, T, HQ] fp32 out, log2 domain
-    scale_log2,
-    T,
-    TK,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    GR: tl.constexpr,
-    D: tl.constexpr,
-    BD: tl.constexpr,
-    BS: tl.constexpr,
-    S: tl.constexpr,
-    NB: tl.constexpr,
-    TPP: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    """`_attend_fwd_kernel` for TPP consecutive tokens per program in one flat loop of TPP * ceil(S / NB) steps,
-    so that the software pipeline keeps loading the next token's keys while the current one computes (a
-    per-token loop of S / NB = 4 steps barely fills a 3-stage pipeline). The state resets at each token's first
-    step; its output is stored at its last."""
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    HQ: tl.constexpr = H * G
-    BK: tl.constexpr = NB * BS
-    NSTEP: tl.constexpr = (S + NB - 1) // NB
-    o_g = tl.arange(0, GR)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    p_k = k + i_b * TK * H * D + i_h * D
-    p_v = v + i_b * TK * H * D + i_h * D
-    o_k = tl.arange(0, BK)
-    b_q = tl.zeros([GR, BD], dtype=q.dtype.element_ty)
-    b_m = tl.full([GR], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([GR], dtype=tl.float32)
-    b_acc = tl.zeros([GR, BD], dtype=tl.float32)
-    for it in range(0, TPP * NSTEP):
-        i_t = tl.program_id(0).to(tl.int64) * TPP + it // NSTEP
-        s0 = (it % NSTEP) * NB
-        first = s0 == 0
-        m_t = i_t < T
-        row = (i_b * T + i_t) * HQ + i_h * G + o_g
-        # the token's G query heads at its first step, [GR, BD]
-        # (scalar conditions enter the masks through the bounds: Triton's interpreter mistypes `vector & scalar`)
-        m_q = o_g < tl.where(m_t & first, G, 0)
-        b_qn = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_q[:, None] & m_d[None, :], other=0.0)
-        b_q = tl.where(first, b_qn, b_q)
-        b_m = tl.where(first, float("-inf"), b_m)
-        b_l = tl.where(first, 0.0, b_l)
-        b_acc = tl.where(first, 0.0, b_acc)
-        p_t = (i_t + TK - T).to(tl.int32)  # the query's key index
-        if HAS_DOCS:
-            ds = tl.load(doc_start + i_b * T + i_t, mask=m_t, other=0).to(tl.int32)
-        else:
-            ds = 0
-        p_i = block_indices + ((i_b * T + i_t) * H + i_h) * S
-        b_k, b_v, m_k = gather_selected_kv(p_k, p_v, p_i, tl.where(m_t, S, 0), s0, ds, p_t, o_k, o_d, m_d, H, D, BS)
-        # [GR, BK]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale_log2
-        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_m, b_l, b_acc = online_softmax_step(b_s, b_m, b_l, b_acc, b_v, DOT_PREC)
-        if s0 + NB >= S:  # the token's last step: its output
-            b_o, b_lse = softmax_output(b_acc, b_m, b_l)
-            m_o = o_g < tl.where(m_t, G, 0)
-            tl.store(o + row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_o[:, None] & m_d[None, :])
-            tl.store(lse + row, b_lse, mask=m_o)
-
-
-@triton.jit(do_not_specialize=["T", "TK"])
 def _attend_bwd_dq_kernel(
     q,
     k,
@@ -226,80 +150,6 @@ def _attend_bwd_dq_kernel(
         b_k, b_v, m_k = gather_selected_kv(p_k, p_v, p_i, S, s0, ds, p_t, o_k, o_d, m_d, H, D, BS)
         b_dq = dq_step(b_q, b_do, b_lse, b_delta, b_k, b_v, m_k[None, :], b_dq, scale_log2, DOT_PREC)
     tl.store(dq + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
-
-
-@triton.jit(do_not_specialize=["T", "TK"])
-def _attend_bwd_dq_tokens_kernel(
-    q,
-    k,
-    v,
-    o,
-    do,
-    lse,  # [B, T, HQ] fp32, log2 domain
-    delta,  # [B, T, HQ] fp32 out: rowsum(do * o)
-    dq,  # [B, T, HQ, D] out
-    block_indices,
-    doc_start,
-    scale_log2,
-    scale,
-    T,
-    TK,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    GR: tl.constexpr,
-    D: tl.constexpr,
-    BD: tl.constexpr,
-    BS: tl.constexpr,
-    S: tl.constexpr,
-    NB: tl.constexpr,
-    TPP: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    """`_attend_bwd_dq_kernel` for TPP consecutive tokens per program in one flat loop (see
-    `_attend_fwd_tokens_kernel`)."""
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    HQ: tl.constexpr = H * G
-    BK: tl.constexpr = NB * BS
-    NSTEP: tl.constexpr = (S + NB - 1) // NB
-    o_g = tl.arange(0, GR)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    p_k = k + i_b * TK * H * D + i_h * D
-    p_v = v + i_b * TK * H * D + i_h * D
-    o_k = tl.arange(0, BK)
-    b_q = tl.zeros([GR, BD], dtype=q.dtype.element_ty)
-    b_do = tl.zeros([GR, BD], dtype=do.dtype.element_ty)
-    b_lse = tl.zeros([GR], dtype=tl.float32)
-    b_delta = tl.zeros([GR], dtype=tl.float32)
-    b_dq = tl.zeros([GR, BD], dtype=tl.float32)
-    for it in range(0, TPP * NSTEP):
-        i_t = tl.program_id(0).to(tl.int64) * TPP + it // NSTEP
-        s0 = (it % NSTEP) * NB
-        first = s0 == 0
-        m_t = i_t < T
-        row = (i_b * T + i_t) * HQ + i_h * G + o_g
-        # the token's rows at its first step (delta stored then); scalar conditions enter through the bounds
-        b_qn, b_don, b_lsen, b_deltan = dq_rows(q, do, o, lse, delta, row, o_g < tl.where(m_t & first, G, 0), D, BD)
-        b_q = tl.where(first, b_qn, b_q)
-        b_do = tl.where(first, b_don, b_do)
-        b_lse = tl.where(first, b_lsen, b_lse)
-        b_delta = tl.where(first, b_deltan, b_delta)
-        b_dq = tl.where(first, 0.0, b_dq)
-        p_t = (i_t + TK - T).to(tl.int32)
-        if HAS_DOCS:
-            ds = tl.load(doc_start + i_b * T + i_t, mask=m_t, other=0).to(tl.int32)
-        else:
-            ds = 0
-        p_i = block_indices + ((i_b * T + i_t) * H + i_h) * S
-        b_k, b_v, m_k = gather_selected_kv(p_k, p_v, p_i, tl.where(m_t, S, 0), s0, ds, p_t, o_k, o_d, m_d, H, D, BS)
-        b_dq = dq_step(b_q, b_do, b_lse, b_delta, b_k, b_v, m_k[None, :], b_dq, scale_log2, DOT_PREC)
-        if s0 + NB >= S:  # the token's last step: its dq
-            m_o = o_g < tl.where(m_t, G, 0)
-            tl.store(dq + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty),
-                     mask=m_o[:, None] & m_d[None, :])  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["T", "TK"])
@@ -461,8 +311,17 @@ def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start, options: Ke
     lse = utils.new_empty((B, T, HQ), torch.float32, q.device, options.poison)
     if o.numel() == 0:
         return o, lse
-    args = (q, k, v, block_indices, doc_start, o, lse, scale * math.log2(math.e), T, TK)
-    meta = dict(
+    _attend_fwd_kernel[(T, B * H)](
+        q,
+        k,
+        v,
+        block_indices,
+        doc_start,
+        o,
+        lse,
+        scale * math.log2(math.e),
+        T,
+        TK,
         H=H,
         G=G,
         GR=max(16, group_pad(G)),
@@ -476,10 +335,6 @@ def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start, options: Ke
         num_warps=opt.fwd_warps,
         num_stages=opt.fwd_stages,
     )
-    if opt.fwd_tokens > 1:
-        _attend_fwd_tokens_kernel[(cdiv(T, opt.fwd_tokens), B * H)](*args, TPP=opt.fwd_tokens, **meta)
-    else:
-        _attend_fwd_kernel[(T, B * H)](*args, **meta)
     return o, lse
 
 
@@ -494,8 +349,21 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start,
     scale_log2 = scale * math.log2(math.e)
     dq = utils.new_empty(q.shape, q.dtype, dev, options.poison)
     delta = utils.new_empty((B, T, HQ), torch.float32, dev, options.poison)
-    dq_args = (q, k, v, o, do, lse, delta, dq, block_indices, doc_start, scale_log2, scale, T, TK)
-    dq_meta = dict(
+    _attend_bwd_dq_kernel[(T, B * H)](
+        q,
+        k,
+        v,
+        o,
+        do,
+        lse,
+        delta,
+        dq,
+        block_indices,
+        doc_start,
+        scale_log2,
+        scale,
+        T,
+        TK,
         H=H,
         G=G,
         GR=max(16, group_pad(G)),
@@ -509,10 +377,6 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start,
         num_warps=opt.fwd_warps,
         num_stages=opt.fwd_stages,
     )
-    if opt.fwd_tokens > 1:
-        _attend_bwd_dq_tokens_kernel[(cdiv(T, opt.fwd_tokens), B * H)](*dq_args, TPP=opt.fwd_tokens, **dq_meta)
-    else:
-        _attend_bwd_dq_kernel[(T, B * H)](*dq_args, **dq_meta)
 
     # reverse index: for every key block (b, h, first key), the tokens that selected it
     nid = B * H * TK

@@ -50,16 +50,14 @@ class SelectOptions:
 class AttendOptions:
     """The sparse attention forward / backward (`attend.py`).
 
-    fwd_keys: keys per step of the query-centric kernels (forward, dq; whole blocks); fwd_warps / fwd_stages;
-    fwd_tokens: consecutive tokens per program of those kernels, walked in one flat software-pipelined loop (1: a
-    program per token); dkv_rows: query rows per step of the dk/dv kernel; dkv_item_rows: query rows per dk/dv
-    work item (long block lists are split so that the sink block does not run alone at the end); dkv_warps /
-    dkv_stages. Chosen on the H200 by `benchmarks/attention.py --sweep`."""
+    fwd_keys: keys per step of the query-centric kernels (whole blocks); fwd_warps / fwd_stages; dkv_rows: query
+    rows per step of the dk/dv kernel; dkv_item_rows: query rows per dk/dv work item (long block lists are split so
+    that the sink block does not run alone at the end); dkv_warps / dkv_stages. Chosen on the H200 by
+    `benchmarks/attention.py --sweep`."""
 
     fwd_keys: int = 64
     fwd_warps: int = 4
     fwd_stages: int = 3
-    fwd_tokens: int = 1
     dkv_rows: int = 64
     dkv_item_rows: int = 2048
     dkv_warps: int = 4
