@@ -6,7 +6,7 @@ of `model(...)` (what `generate()` runs per token, without its bookkeeping).
 
 Prints milliseconds per step with and without the growing attention mask, then torch.profiler tables (CUDA and CPU
 time per op) and cProfile's view of the Python (our host code and Triton's launcher). It writes no results file:
-it is a profile, and its figures go into prose (README, kernel README section 6) with card, date and commit.
+it is a profile, and its figures go into the README's prose with card, date and commit.
 """
 
 from __future__ import annotations

@@ -350,7 +350,7 @@ def _select_kernel(
         b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
         b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_n, BT, GP, TL, LANES, SINK)
         keep = b_i >= bound[:, None]
-        if PREFIX_DOT:  # the prefix count as a product with an upper-triangular ones matrix (tensor cores)
+        if PREFIX_DOT:
             at = cnt[:, None] + tl.dot(keep.to(tl.float16), tri).to(tl.int32) - 1
         else:
             at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
