@@ -12,7 +12,9 @@ Per layer (`kind: layer`), medians of triton.testing.do_bench in ms:
 - `sdpa`: `ops.full_attention` (SDPA, GQA through enable_gqa, what a converted model runs in full mode), and
   `sdpa_flash` / `sdpa_efficient` / `sdpa_cudnn` forced where they take the shape;
 - `ssa_select` (decode_select: 2 launches), `ssa_attend` (decode_attend: 1-2 launches), `ssa_sparse`
-  (`ops.sparse_attention` with block_means: the whole sparse step as a layer runs it, dispatcher included);
+  (`ops.sparse_attention` with block_means: the whole sparse step as an eager layer runs it, dispatcher included:
+  one launch, `decode_sparse_step`), `ssa_sparse_split` (the same with `DecodeOptions.fused_step=False`: the
+  select and attend launches);
 - `*_graph`: the same replayed from a CUDA graph, i.e. GPU time without Python launch overhead (decode is
   launch-bound at short contexts; `generate` pays the eager launch cost).
 `speedup` rows divide the sdpa time by ssa_sparse (eager and graph).
@@ -119,6 +121,7 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D, options: KernelOptions = DEFAULT
     meta = dict(kind="layer", HQ=HQ, H=H, D=D, context=TK, batch=B)
     q, k, v, means = layer_inputs(B, TK, HQ, H, D)
     sparse = partial(ops.sparse_attention, block_means=means, backend="triton", kernel_options=options, **SEL)
+    split = KernelOptions(decode=dataclasses.replace(options.decode, fused_step=False))
     with torch.no_grad():
         idx = triton_decode.decode_select(q, means, key_len=TK, options=options, **SEL)
     impls = {
@@ -131,6 +134,9 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D, options: KernelOptions = DEFAULT
             q, k, v, idx, block_size=SEL["block_size"], options=options
         ),
         "ssa_sparse": sparse,
+        "ssa_sparse_split": partial(
+            ops.sparse_attention, block_means=means, backend="triton", kernel_options=split, **SEL
+        ),
     }
     times = {}
     for name, fn in impls.items():

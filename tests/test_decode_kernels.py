@@ -178,7 +178,7 @@ def rel_rms(x, ref) -> float:
 def run_case(c, device, options) -> dict:
     """All checks of one case -> {name: value}. options: the `KernelOptions` every call starts from (the tests:
     poisoned); the variants replace some of its decode options."""
-    from ssa_adapt.ops.triton import decode_attend, decode_select
+    from ssa_adapt.ops.triton import decode_attend, decode_select, decode_sparse_step
     from ssa_adapt.ops.triton.decode import select as decode
 
     q, k, v, ds, means = make_inputs(c, device)
@@ -233,10 +233,22 @@ def run_case(c, device, options) -> dict:
         kept.extend(bufs)
         return bufs
 
+    def record(got):
+        """a selection's checks into res: written, equal to the reference up to ties, ties to the lower block"""
+        written = float(bool(((got >= -1) & (got < 2**20)).all()))
+        differ, gap = selection_gap(got.cpu(), ref.cpu(), imp.cpu())
+        res["select_written"] = min(res["select_written"], written)
+        res["select_rows_differ"] = max(res["select_rows_differ"], differ)
+        res["select_gap"] = max(res["select_gap"], gap if written else float("inf"))
+        if c["ties"]:  # all importances equal: forced blocks plus the lowest candidates (the reference's einsum
+            # rounds equal inputs differently across blocks, so it is no arbiter here)
+            exact = float(torch.equal(got.cpu(), lowest_blocks(q_pos.cpu(), c, got.shape[2])))
+            res["ties_exact"] = min(res.get("ties_exact", 1.0), exact)
+
     units = B * T * c["H"]
     for how, arg in variants:
         if how == "dispatch":
-            got = dispatched = ops.select_blocks(
+            got = ops.select_blocks(
                 q, k, doc_start=ds, block_means=means, backend="triton", kernel_options=options, **sel
             )
         elif how == "q_pos":
@@ -253,15 +265,7 @@ def run_case(c, device, options) -> dict:
             res["importance_err"] = max(res.get("importance_err", 0.0), keys_error(keys, imp, units))
         else:
             got = decode_select(q, means, key_len=TK, doc_start=ds, num_splits=splits_of.get(how), options=arg, **sel)
-        written = float(bool(((got >= -1) & (got < 2**20)).all()))
-        differ, gap = selection_gap(got.cpu(), ref.cpu(), imp.cpu())
-        res["select_written"] = min(res["select_written"], written)
-        res["select_rows_differ"] = max(res["select_rows_differ"], differ)
-        res["select_gap"] = max(res["select_gap"], gap if written else float("inf"))
-        if c["ties"]:  # all importances equal: forced blocks plus the lowest candidates (the reference's einsum
-            # rounds equal inputs differently across blocks, so it is no arbiter here)
-            exact = float(torch.equal(got.cpu(), lowest_blocks(q_pos.cpu(), c, got.shape[2])))
-            res["ties_exact"] = min(res.get("ties_exact", 1.0), exact)
+        record(got)
 
     # the chunked finishing's row counters are back to zero after every call (else the next call would not merge)
     res["counts_left"] = sum(int(n.abs().sum()) for n in decode._COUNTS.values()) if decode._COUNTS else -1
@@ -272,10 +276,22 @@ def run_case(c, device, options) -> dict:
     for splits in c["splits"] + (1,):
         o = decode_attend(q, k, v, ref, block_size=BS, doc_start=ds, num_splits=splits, options=options)
         res["o"] = max(res["o"], rel_rms(o, o_ref))
-    # the whole sparse stream through the dispatcher, against the reference attention on the kernel's indices
-    o = ops.sparse_attention(q, k, v, doc_start=ds, block_means=means, backend="triton", kernel_options=options, **sel)
-    o_ref = R.attend_blocks(q.double(), k.double(), v.double(), dispatched, block_size=BS, doc_start=ds)
-    res["o_dispatch"] = rel_rms(o, o_ref)
+    # the whole sparse stream through the dispatcher (one launch: the fused step, and the split launches), against
+    # the reference attention on the indices each returned
+    res["o_dispatch"] = 0.0
+    for fused in (True, False):
+        o, got = ops.sparse_attention(q, k, v, doc_start=ds, block_means=means, backend="triton", return_indices=True,
+                                      kernel_options=decoding(fused_step=fused), **sel)  # fmt: skip
+        o_ref = R.attend_blocks(q.double(), k.double(), v.double(), got, block_size=BS, doc_start=ds)
+        res["o_dispatch"] = max(res["o_dispatch"], rel_rms(o, o_ref))
+    # the fused step alone: its fast finishing, the exact fallback, 8 lanes (the switch between them); its indices
+    # are checked like the selection's, its output against the reference attention on them
+    res["o_step"] = 0.0
+    for change in ({}, dict(finish_fast=False), dict(finish_blocks=8), dict(score_blocks=16, step_warps=4)):
+        o, got = decode_sparse_step(q, k, v, means, doc_start=ds, options=decoding(**change), **sel)
+        record(got)
+        o_ref = R.attend_blocks(q.double(), k.double(), v.double(), got, block_size=BS, doc_start=ds)
+        res["o_step"] = max(res["o_step"], rel_rms(o, o_ref))
     return res
 
 
@@ -289,7 +305,7 @@ def check(res: dict, c):
         assert res["importance_err"] < 1e-4, f"finishing keys' importances off by {res['importance_err']:.2e}"
     assert res["counts_left"] == 0, "the chunked finishing left its row counters set"
     tol = TOL[getattr(torch, c["dtype"])]
-    errs = {n: res[n] for n in ("o", "o_dispatch")}
+    errs = {n: res[n] for n in ("o", "o_dispatch", "o_step")}
     assert all(e < tol for e in errs.values()), f"relative RMS errors {errs} over {tol}"
 
 
@@ -312,7 +328,7 @@ def test_decode_interpreted(interpreted, case):
 
 def test_cached_decoding_interpreted(interpreted):
     """End to end on a tiny model, every kernel interpreted (backend='triton'): prefill through the prefill
-    kernels, then one-token steps through the decode kernels, equal the no-cache forward."""
+    kernels, then one-token steps through the one-launch decode step, equal the no-cache forward."""
     res = interpreted[E2E]
     assert "error" not in res, res.get("error")
     assert res["decode_calls"] == res["expected_calls"], res
@@ -327,7 +343,7 @@ def run_e2e() -> dict:
     from ssa_adapt.ops import triton as triton_ops
 
     calls = []
-    names = ("decode_select", "decode_attend", "select_blocks", "attend_blocks")
+    names = ("decode_select", "decode_attend", "decode_sparse_step", "select_blocks", "attend_blocks")
     kernels = {n: getattr(triton_ops, n) for n in names}
 
     def spy(name):
@@ -340,8 +356,10 @@ def run_e2e() -> dict:
     finally:
         for n, fn in kernels.items():
             setattr(triton_ops, n, fn)
-    decode_calls = sum(n.startswith("decode_") for n in calls)
-    return {"logits": rel_rms(logits, reference), "decode_calls": decode_calls, "expected_calls": 2 * 2 * 8}
+    decode_calls = {n: calls.count(n) for n in sorted(set(calls)) if n.startswith("decode_")}
+    # one launch per layer and step: 2 layers x 8 steps through the fused step, none split
+    return {"logits": rel_rms(logits, reference), "decode_calls": decode_calls,
+            "expected_calls": {"decode_sparse_step": 2 * 8}}  # fmt: skip
 
 
 def test_cpu_dispatch_stays_on_the_reference(monkeypatch):
@@ -353,6 +371,7 @@ def test_cpu_dispatch_stays_on_the_reference(monkeypatch):
 
     monkeypatch.setattr(triton_ops, "decode_select", boom)
     monkeypatch.setattr(triton_ops, "decode_attend", boom)
+    monkeypatch.setattr(triton_ops, "decode_sparse_step", boom)
     c = _case(2, 1, 2, 3, 100, "float32", starts=[0, 20])
     q, k, v, ds, means = make_inputs(c, "cpu")
     sel = dict(block_size=BS, block_count=4, sink_blocks=1, local_blocks=1, doc_start=ds)
@@ -365,7 +384,7 @@ def test_decode_options_are_checked():
     from ssa_adapt.ops.triton.options import DecodeOptions
 
     for bad in (dict(finish="split"), dict(chunk_blocks=100), dict(finish_cap=0), dict(score_precision="tf32"),
-                dict(stats_chunk=3), dict(finish_fast=1)):  # fmt: skip
+                dict(stats_chunk=3), dict(finish_fast=1), dict(fused_step=1), dict(step_warps=3)):  # fmt: skip
         with pytest.raises(ValueError, match="DecodeOptions"):
             DecodeOptions(**bad)
     assert DecodeOptions(stats_chunk=2, chunk_blocks=8, finish_cap=2).stats_chunk == 2
@@ -387,6 +406,7 @@ def test_decode_kernels_compile_for_sm90(G):
         pytest.skip("this triton has no GPUTarget for ahead-of-time compilation")
     from ssa_adapt.ops.triton.decode import attend as d_attend
     from ssa_adapt.ops.triton.decode import select as d
+    from ssa_adapt.ops.triton.decode import step as d_step
     from ssa_adapt.ops.triton.options import DEFAULT_OPTIONS
 
     o = DEFAULT_OPTIONS.decode
@@ -440,6 +460,17 @@ def test_decode_kernels_compile_for_sm90(G):
         )  # fmt: skip
     kernels.append(
         (
+            d_step._decode_step_kernel,
+            dict(ptr, q="*bf16", k="*bf16", v="*bf16", kbar="*fp32", scratch="*fp32", indices="*i32", o="*bf16",
+                 scale_log2="fp32"),
+            dict(common, GF=max(2, triton.next_power_of_2(G)), GS=16, S=16, SP=16, FP=2, SINK=1, LOCAL=1,
+                 BN_SCORE=o.score_blocks, BN_FINISH=o.finish_blocks, LG=o.finish_groups, CAP=o.finish_cap, FAST=True,
+                 NBK=2, PRECISION=o.score_precision, DOT_PREC="tf32"),
+            o.step_warps,
+        )
+    )  # fmt: skip
+    kernels.append(
+        (
             d_attend._decode_combine_kernel,
             dict(part_o="*fp32", part_ml="*fp32", o="*bf16"),
             dict(G=G, GP=16, D=64, BD=64),
@@ -464,25 +495,37 @@ def test_decode_kernels_gpu(case, poisoned):
 
 @pytest.mark.gpu
 def test_decode_dispatch_gpu():
-    """On CUDA, backend='auto' decode steps run the decode kernels; calls that need gradients do not."""
+    """On CUDA, backend='auto' decode steps run the one-launch decode step (the split launches with
+    `fused_step=False`); calls that need gradients select with the decode kernel and attend with the prefill one."""
     from ssa_adapt.ops import triton as triton_ops
+    from ssa_adapt.ops.triton.options import DecodeOptions, KernelOptions
 
     c = _case(1, 1, 2, 4, 1000, "bfloat16", S=16)
     q, k, v, ds, means = make_inputs(c, "cuda")
     calls = []
-    orig_s, orig_a = triton_ops.decode_select, triton_ops.decode_attend
+    names = {"decode_select": "select", "decode_attend": "attend", "decode_sparse_step": "step"}
+    originals = {n: getattr(triton_ops, n) for n in names}
+
+    def spy(name):
+        return lambda *a, **kw: calls.append(names[name]) or originals[name](*a, **kw)
+
+    sel = dict(block_count=16, sink_blocks=1, block_means=means)
     try:
-        triton_ops.decode_select = lambda *a, **kw: calls.append("select") or orig_s(*a, **kw)
-        triton_ops.decode_attend = lambda *a, **kw: calls.append("attend") or orig_a(*a, **kw)
+        for n in names:
+            setattr(triton_ops, n, spy(n))
         with torch.no_grad():
-            ops.sparse_attention(q, k, v, block_count=16, sink_blocks=1, block_means=means)
-        assert calls == ["select", "attend"]
+            fused = ops.sparse_attention(q, k, v, **sel)
+            assert calls == ["step"]
+            split = KernelOptions(decode=DecodeOptions(fused_step=False))
+            assert rel_rms(ops.sparse_attention(q, k, v, kernel_options=split, **sel), fused) < TOL[torch.bfloat16]
+            assert calls == ["step", "select", "attend"]
         qg = q.detach().clone().requires_grad_()
-        o = ops.sparse_attention(qg, k, v, block_count=16, sink_blocks=1, block_means=means)
+        o = ops.sparse_attention(qg, k, v, **sel)
         o.float().sum().backward()
-        assert calls == ["select", "attend", "select"] and qg.grad is not None
+        assert calls == ["step", "select", "attend", "select"] and qg.grad is not None
     finally:
-        triton_ops.decode_select, triton_ops.decode_attend = orig_s, orig_a
+        for n, fn in originals.items():
+            setattr(triton_ops, n, fn)
 
 
 def teacher_forced(device, prompt=600, total=700, dtype=torch.float32, backend="auto", block_count=4):

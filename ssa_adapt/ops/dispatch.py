@@ -194,7 +194,13 @@ def sparse_attention(
     kernel_options=None,
 ):
     """The sparse stream: selection then attention. -> o [B, T, HQ, D] (and block_indices if asked).
-    kernel_options: `KernelOptions` for the Triton kernels of both (None: their defaults)."""
+    kernel_options: `KernelOptions` for the Triton kernels of both (None: their defaults). An eager decode step
+    from block_means on the kernels runs both in one launch (`DecodeOptions.fused_step`, on by default)."""
+    if block_means is not None and _fused_decode_step(q, k, v, backend, kernel_options):
+        selection = dict(block_count=block_count, sink_blocks=sink_blocks, local_blocks=local_blocks)
+        out, indices = _triton_ops().decode_sparse_step(q, k, v, block_means, block_size=block_size, scale=scale,
+                                                        doc_start=doc_start, options=kernel_options, **selection)  # fmt: skip
+        return (out, indices) if return_indices else out
     indices = select_blocks(
         q,
         k,
@@ -220,6 +226,18 @@ def sparse_attention(
         kernel_options=kernel_options,
     )
     return (out, indices) if return_indices else out
+
+
+def _fused_decode_step(q, k, v, backend, kernel_options) -> bool:
+    """Whether a sparse-stream call from cached block means is an eager decode step for the one-launch kernel: few
+    queries, no autograd, not traced, the kernels serving `backend`, `DecodeOptions.fused_step` on."""
+    if q.shape[1] > MAX_DECODE_T or torch.compiler.is_compiling():
+        return False
+    if kernel_options is not None and not kernel_options.decode.fused_step:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return kernels_run(backend, q)
 
 
 def alignment_loss(

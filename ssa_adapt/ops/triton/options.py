@@ -107,10 +107,16 @@ class DecodeOptions:
     # Programs per SM the split heuristics (scoring and attention) aim at: swept on the H200
     # (decode-h200-sweep.json, in git history), 8 beat 2
     programs_per_sm: int = 8
+    # Eager decode steps (an SSACache, `generate()` without a static cache): selection and attention in one launch
+    # per layer (`decode/step.py`: one program per (query, KV head) runs scoring, finishing and attention), True,
+    # or the split launches above (four per layer), False. Eager decoding is bound by the host's launch cost; the
+    # static-cache paths (CUDA graphs, compiled steps) always run the split launches. step_warps: its warps.
+    fused_step: bool = True
+    step_warps: int = 8
 
     def __post_init__(self):
         tiles = ("score_blocks", "chunk_blocks", "chunk_small", "finish_blocks", "finish_groups", "finish_cap",
-                 "attend_keys", "score_warps", "finish_warps", "attend_warps")  # fmt: skip
+                 "attend_keys", "score_warps", "finish_warps", "attend_warps", "step_warps")  # fmt: skip
         tiles += ("stats_chunk",) if self.stats_chunk is not None else ()
         _check_positive(self, (*tiles, "chunk_programs_per_sm", "chunk_pairs", "programs_per_sm"))
         for name, value in ((n, getattr(self, n)) for n in tiles):
@@ -120,8 +126,9 @@ class DecodeOptions:
             raise ValueError(f"DecodeOptions.score_precision={self.score_precision!r}: use 'tf32x3' or 'ieee'.")
         if self.finish not in ("auto", "chunks", "row"):
             raise ValueError(f"DecodeOptions.finish={self.finish!r}: use 'auto', 'chunks' or 'row'.")
-        if not isinstance(self.finish_fast, bool):
-            raise ValueError(f"DecodeOptions.finish_fast={self.finish_fast!r}: must be a bool.")
+        for name in ("finish_fast", "fused_step"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DecodeOptions.{name}={getattr(self, name)!r}: must be a bool.")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """Attention for decode steps (T <= 4 queries per row, inference only: no autograd; `attend_blocks` in
-`attend.py` is the differentiable version): `decode_attend`.
-
-   chunk to finish (an atomic count, reset after) merging them into the output row; still two launches.
-
-The tunables are `options.DecodeOptions` (`KernelOptions.decode`), passed to the host functions as `options`.
+`../attend.py` is the differentiable version): `decode_attend`.
 
 `decode_attend` is split-KV attention ("flash-decoding") over the selected blocks: programs over (query, KV head,
+split of the selected blocks) compute the partial softmax statistics and un-normalised outputs of the G heads of
+the group (padded to 16 rows for the tensor cores), and a combine kernel merges the splits (one split: the
+partial kernel writes the output itself and the combine is skipped). Only the selected blocks' keys are read, and
+k, v may be strided views (HF's cache is [B, H, TK, D]; transposing it costs no copy here). The program's body is
+a jit function (`_attend_split`) that `step.py`'s one-launch decode step runs last.
+
+The tunables are `options.DecodeOptions` (`KernelOptions.decode`), passed to the host functions as `options`.
 """
 
 from __future__ import annotations
@@ -63,8 +66,20 @@ def _decode_attend_kernel(
     ONE_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    i_bth = tl.program_id(0).to(tl.int64)
-    i_sp = tl.program_id(1)
+    _attend_split(q, k, v, block_indices, doc_start, q_pos, o, part_o, part_ml, scale_log2, stride_qb, stride_qt,
+                  stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, T, TK, NSPLIT, SPB,
+                  tl.program_id(0).to(tl.int64), tl.program_id(1), H, G, GR, D, BD, BS, S, NBK, HAS_DOCS, HAS_POS,
+                  ONE_SPLIT, DOT_PREC)  # fmt: skip
+
+
+@triton.jit
+def _attend_split(q, k, v, block_indices, doc_start, q_pos, o, part_o, part_ml, scale_log2, stride_qb, stride_qt,
+                  stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, T, TK, NSPLIT, SPB,
+                  i_bth, i_sp, H: tl.constexpr, G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
+                  BD: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, NBK: tl.constexpr, HAS_DOCS: tl.constexpr,
+                  HAS_POS: tl.constexpr, ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """`_decode_attend_kernel`'s program (i_bth, i_sp): row i_bth = (b * T + t) * H + h's attention over split
+    i_sp's selected blocks (also the last phase of `select.py`'s `_decode_step_kernel`, one split)."""
     i_bt = i_bth // H
     i_h = i_bth % H
     i_b = i_bt // T

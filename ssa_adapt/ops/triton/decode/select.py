@@ -16,6 +16,11 @@ relative to each row's document start) in two launches:
    survive or some lane's third key is chosen (its fourth might then belong too): those rows take an exact
    fallback, a bisection over the float bits of the importance written to a scratch row (31 counting passes).
    `DecodeOptions.finish = "auto"` (the default) runs `_decode_finish_chunks_kernel` instead while the grid stays
+   small: grid (B * T * H, chunks of `chunk_blocks` blocks), each chunk keeping its own best keys, the row's last
+   chunk to finish (an atomic count, reset after) merging them into the output row; still two launches.
+
+The programs' bodies are jit functions (`_score_split`, `_finish_row`) that `step.py`'s one-launch decode step
+runs in turn. The tunables are `options.DecodeOptions` (`KernelOptions.decode`), passed as `options`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from ..options import DEFAULT_OPTIONS, KernelOptions
 from ..utils import cdiv, check_block_size, check_doc_start, next_pow2, num_programs
 from .launch import PER_STEP, last_dim_contiguous, split_count, workspace
 
-__all__ = ["decode_select"]
+__all__ = ["decode_select", "check_selection"]
 
 
 @triton.jit(do_not_specialize=PER_STEP)
@@ -65,8 +70,18 @@ def _decode_score_kernel(
     HAS_POS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
-    i_bth = tl.program_id(0).to(tl.int64)
-    i_sp = tl.program_id(1)
+    _score_split(q, kbar, q_pos, doc_start, logits, stats, scale_log2, stride_qb, stride_qt, stride_qh, stride_kb,
+                 stride_kn, stride_kh, T, TK, NB, NSPLIT, BPS, tl.program_id(0).to(tl.int64), tl.program_id(1),
+                 H, G, GP, D, BD, BS, BN, PRECISION, HAS_POS, HAS_DOCS)  # fmt: skip
+
+
+@triton.jit
+def _score_split(q, kbar, q_pos, doc_start, logits, stats, scale_log2, stride_qb, stride_qt, stride_qh, stride_kb,
+                 stride_kn, stride_kh, T, TK, NB, NSPLIT, BPS, i_bth, i_sp, H: tl.constexpr, G: tl.constexpr,
+                 GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+                 PRECISION: tl.constexpr, HAS_POS: tl.constexpr, HAS_DOCS: tl.constexpr):  # fmt: skip
+    """`_decode_score_kernel`'s program (i_bth, i_sp): the logits of split i_sp's blocks of row i_bth to `logits`,
+    their softmax max / normaliser per head to `stats` (also the first phase of `_decode_step_kernel`, one split)."""
     i_bt = i_bth // H
     i_h = i_bth % H
     i_b = i_bt // T
@@ -234,7 +249,18 @@ def _decode_finish_kernel(
     HAS_POS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
-    i_bth = tl.program_id(0).to(tl.int64)
+    _finish_row(logits, stats, imp, comp, q_pos, doc_start, out, T, TK, NB, NSPLIT, tl.program_id(0).to(tl.int64),
+                H, G, GP, GS, NSP, BS, S, SP, FP, SINK, LOCAL, BN, LG, CAP, FAST, HAS_POS, HAS_DOCS)  # fmt: skip
+
+
+@triton.jit
+def _finish_row(logits, stats, imp, comp, q_pos, doc_start, out, T, TK, NB, NSPLIT, i_bth, H: tl.constexpr,
+                G: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, NSP: tl.constexpr, BS: tl.constexpr,
+                S: tl.constexpr, SP: tl.constexpr, FP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
+                BN: tl.constexpr, LG: tl.constexpr, CAP: tl.constexpr, FAST: tl.constexpr, HAS_POS: tl.constexpr,
+                HAS_DOCS: tl.constexpr):  # fmt: skip
+    """`_decode_finish_kernel`'s program for row i_bth: its output row of block indices from the logits and the
+    scoring's statistics (also the second phase of `_decode_step_kernel`)."""
     pos, cur, n_c, c_lo, n_sink, l_lo, n_local, budget = _row_blocks(
         q_pos, doc_start, i_bth, T, TK, NB, H, BS, S, SINK, LOCAL, HAS_POS, HAS_DOCS
     )
@@ -494,6 +520,15 @@ def _stats_chunk(nsplit: int, G: int, chunk: int | None) -> int:
     return max(2, min(next_pow2(nsplit), 2048 // max(2, next_pow2(G))))
 
 
+def check_selection(block_count: int, sink_blocks: int, local_blocks: int) -> None:
+    """The selection settings the decode kernels take (else a ValueError naming them)."""
+    if sink_blocks < 0 or local_blocks < 0 or block_count < 1 or sink_blocks + local_blocks > block_count:
+        raise ValueError(
+            f"sink_blocks={sink_blocks}, local_blocks={local_blocks}, block_count={block_count}: the kernels need "
+            "0 <= sink_blocks + local_blocks <= block_count (use backend='reference' otherwise)."
+        )
+
+
 @torch.no_grad()
 def decode_select(
     q: torch.Tensor,
@@ -530,11 +565,7 @@ def decode_select(
             f"got {tuple(block_means.shape)}."
         )
     check_block_size(block_size)
-    if sink_blocks < 0 or local_blocks < 0 or block_count < 1 or sink_blocks + local_blocks > block_count:
-        raise ValueError(
-            f"sink_blocks={sink_blocks}, local_blocks={local_blocks}, block_count={block_count}: the kernels need "
-            "0 <= sink_blocks + local_blocks <= block_count (use backend='reference' otherwise)."
-        )
+    check_selection(block_count, sink_blocks, local_blocks)
     if q_pos is None:
         if key_len is None:
             raise ValueError("decode_select needs q_pos [B, T], or key_len (and doc_start) to derive it.")

@@ -1,0 +1,174 @@
+"""A whole sparse decode step in one launch, for eager decoding: `decode_sparse_step`.
+
+An eager `generate()` is bound by the host: each Triton launch costs tens of microseconds of Python (argument
+binding and specialisation in Triton's launcher) while the GPU work of a decode step's selection and attention
+is a few microseconds. `decode_select` + `decode_attend` take four launches per layer (scoring, finishing,
+attention, combine), split for occupancy, which is what a CUDA graph wants (launches are free there, idle SMs
+are not). `_decode_step_kernel` runs the same three phases in one program per (query, KV head), grid (B * T * H):
+
+1. the scoring of `select.py` (`_score_split`) over all the row's complete blocks: logits to a scratch row, the
+   softmax statistics per head beside them;
+2. the row finishing of `select.py` (`_finish_row`): the block indices, written to the output row;
+3. the attention of `attend.py` (`_attend_split`) over those blocks, one split, into the output.
+
+Phases hand over through global memory inside the program (a barrier between them). The code is the split
+launches', with one split each: the statistics and outputs are not merged from partial ones, so they round
+differently (a near-tied selection may go the other way). `DecodeOptions.fused_step` chooses this path for eager decode
+steps (`ssa_adapt/ops/dispatch.py`); the static-cache paths keep the split kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import utils
+from ..options import DEFAULT_OPTIONS, KernelOptions
+from ..utils import check_block_size, check_doc_start, next_pow2
+from .attend import _attend_split
+from .launch import PER_STEP, last_dim_contiguous
+from .select import _finish_row, _score_split, check_selection
+
+__all__ = ["decode_sparse_step"]
+
+
+@triton.jit(do_not_specialize=PER_STEP)
+def _decode_step_kernel(
+    q,  # [B, T, HQ, D] (strided)
+    k,  # [B, TK, H, D] (strided)
+    v,  # [B, TK, H, D] (strided)
+    kbar,  # [B, NB, H, D] float32 block means (strided, last dim contiguous)
+    doc_start,  # [B, T] int64 or None
+    scratch,  # float32 [SCRATCH words]: logits, statistics, importance bits and survivors (see decode_sparse_step)
+    indices,  # [B, T, H, S] int32 out
+    o,  # [B, T, HQ, D] out
+    scale_log2,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_mb,
+    stride_mn,
+    stride_mh,
+    T,
+    TK,
+    NB,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GF: tl.constexpr,  # the finishing's group rows: next power of two >= G (>= 2)
+    GS: tl.constexpr,  # the scoring's and the attention's group rows (>= 16, the tensor-core tile)
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    S: tl.constexpr,
+    SP: tl.constexpr,
+    FP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    BN_SCORE: tl.constexpr,
+    BN_FINISH: tl.constexpr,
+    LG: tl.constexpr,
+    CAP: tl.constexpr,
+    FAST: tl.constexpr,
+    NBK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
+    i_bth = tl.program_id(0).to(tl.int64)
+    # the scratch's pieces, all rows': logits [units, G, nb], statistics [units, 2, GS], importance bits [units, nb]
+    # int32, survivors [units, CAP] int64 (at an even word: 8-byte aligned)
+    units = tl.num_programs(0).to(tl.int64)
+    nb = tl.maximum(NB, 1)
+    logits = scratch
+    stats = logits + units * G * nb
+    imp = (stats + units * 2 * GS).to(tl.pointer_type(tl.int32), bitcast=True)
+    comp = (scratch + (units * (G * nb + 2 * GS + nb) + 1) // 2 * 2).to(tl.pointer_type(tl.int64), bitcast=True)
+    _score_split(q, kbar, None, doc_start, logits, stats, scale_log2, stride_qb, stride_qt, stride_qh, stride_mb,
+                 stride_mn, stride_mh, T, TK, NB, 1, NB, i_bth, 0, H, G, GS, D, BD, BS, BN_SCORE, PRECISION, False,
+                 HAS_DOCS)  # fmt: skip
+    tl.debug_barrier()  # the logits and statistics are read back by other threads of this program
+    _finish_row(logits, stats, imp, comp, None, doc_start, indices, T, TK, NB, 1, i_bth, H, G, GF, GS, 2, BS, S,
+                SP, FP, SINK, LOCAL, BN_FINISH, LG, CAP, FAST, False, HAS_DOCS)  # fmt: skip
+    tl.debug_barrier()  # likewise the block indices
+    _attend_split(q, k, v, indices, doc_start, None, o, None, None, scale_log2, stride_qb, stride_qt, stride_qh,
+                  stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, T, TK, 1, S, i_bth, 0, H, G, GS,
+                  D, BD, BS, S, NBK, HAS_DOCS, False, True, DOT_PREC)  # fmt: skip
+
+
+@torch.no_grad()
+def decode_sparse_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_means: torch.Tensor,
+    *,
+    block_size: int = 16,
+    block_count: int = 16,
+    sink_blocks: int = 0,
+    local_blocks: int = 1,
+    scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
+    options: KernelOptions | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSA's sparse stream for few queries per row (T <= 4) from a KV cache's block means, in one launch
+    (inference only: no autograd).
+
+    q [B, T, HQ, D], k, v [B, TK, H, D] (any strides with a contiguous last dim; query t is key TK - T + t),
+    block_means [B, NB, H, D] float32 (each row's complete blocks from its document start, as `decode_select`
+    takes them), doc_start [B, T] or None -> (o [B, T, HQ, D], block_indices [B, T, H, block_count] int32), equal
+    to `decode_select(..., key_len=TK, doc_start=doc_start)` followed by `decode_attend`.
+    options: `KernelOptions` (None: the defaults); reads `options.decode` and `options.poison`.
+    """
+    B, T, HQ, D = q.shape
+    if k.dim() != 4 or k.shape[0] != B or k.shape[3] != D or v.shape != k.shape or HQ % k.shape[2]:
+        raise ValueError(
+            f"decode_sparse_step needs q [B, T, HQ, D] and k, v [B, TK, H, D] (HQ a multiple of H); got q "
+            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
+        )
+    TK, H = k.shape[1], k.shape[2]
+    if TK < T:
+        raise ValueError(f"key length TK={TK} is shorter than the {T} queries.")
+    if block_means.dim() != 4 or block_means.shape[0] != B or block_means.shape[2:] != (H, D):
+        raise ValueError(f"block_means must be [B, NB, H, D] = [{B}, NB, {H}, {D}]; got {tuple(block_means.shape)}.")
+    check_block_size(block_size)
+    check_selection(block_count, sink_blocks, local_blocks)
+    options = DEFAULT_OPTIONS if options is None else options
+    opt, poison = options.decode, options.poison
+    scale = D**-0.5 if scale is None else scale
+    ds = check_doc_start(doc_start, B, T, q.device)
+    G, S, NB = HQ // H, block_count, block_means.shape[1]
+    units, nb = B * T * H, max(NB, 1)
+    GS = max(16, next_pow2(G))
+    out = utils.new_empty((B, T, HQ, D), q.dtype, q.device, poison)
+    indices = utils.new_empty((B, T, H, S), torch.int32, q.device, poison)
+    # the kernel's scratch (its layout: _decode_step_kernel), one allocation
+    words = -(-units * (G * nb + 2 * GS + nb) // 2) * 2 + 2 * units * opt.finish_cap
+    scratch = utils.new_empty((words,), torch.float32, q.device, poison)
+    if out.numel() == 0:
+        return out, indices
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    kbar = last_dim_contiguous(block_means if block_means.dtype == torch.float32 else block_means.float())
+    _decode_step_kernel[(units,)](
+        q, k, v, kbar, ds, scratch, indices, out,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), kbar.stride(0), kbar.stride(1), kbar.stride(2),
+        T, TK, NB,
+        H=H, G=G, GF=max(2, next_pow2(G)), GS=GS, D=D, BD=max(16, next_pow2(D)), BS=block_size, S=S,
+        SP=max(2, next_pow2(S)), FP=max(2, next_pow2(sink_blocks + local_blocks)), SINK=sink_blocks,
+        LOCAL=local_blocks, BN_SCORE=opt.score_blocks, BN_FINISH=opt.finish_blocks,
+        LG=min(opt.finish_groups, opt.finish_blocks), CAP=opt.finish_cap, FAST=opt.finish_fast,
+        NBK=max(1, opt.attend_keys // block_size), PRECISION=opt.score_precision,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", HAS_DOCS=ds is not None,
+        num_warps=opt.step_warps,
+    )  # fmt: skip
+    return out, indices
