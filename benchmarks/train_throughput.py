@@ -14,6 +14,8 @@ packing), SSA 16 x 16 blocks with one sink block. The full stream runs on SDPA w
 the shape among cuDNN, flash, efficient (named in the output). tokens/s = tokens per step / median step time
 over the steps after `--warmup`, leaving out the steps that also measure AttnSparsity. With `--docs_steps`, short
 extra runs pack whole documents (padding-free, `bfd_split`): the attention then has document boundaries.
+With `--torch_compile on` (or `both`: eager and compiled runs, `vs_eager` their ratio) the trainer compiles the
+model (`SSATrainingConfig(torch_compile=True)`); compilation falls in the warm-up steps, which the rate leaves out.
 """
 
 from __future__ import annotations
@@ -109,7 +111,9 @@ class StepTimer:
         self.callback = Callback()
 
 
-def train_once(stage: Path, mode: str, rows, steps: int, a: argparse.Namespace, docs: bool) -> dict:
+def train_once(
+    stage: Path, mode: str, rows, steps: int, a: argparse.Namespace, docs: bool, compiled: bool = False
+) -> dict:
     from datasets import Dataset
     from torch.nn.attention import sdpa_kernel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -151,6 +155,7 @@ def train_once(stage: Path, mode: str, rows, steps: int, a: argparse.Namespace, 
             disable_tqdm=True,
             seed=0,
             train_mode=mode,
+            torch_compile=compiled,
             block_size=16,
             block_count=16,
             sink_blocks=1,
@@ -180,6 +185,7 @@ def train_once(stage: Path, mode: str, rows, steps: int, a: argparse.Namespace, 
     ]
     return {
         "train_mode": mode,
+        "torch_compile": compiled,
         "packing": "bfd_split (padding-free, documents)" if docs else "wrapped (8192-token rows)",
         "steps": steps,
         "tokens_per_step": tokens_per_step,
@@ -238,33 +244,42 @@ def run(a: argparse.Namespace) -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    plan = [(mode, False, a.steps) for mode in a.modes]
+    compile_runs = {"off": [False], "on": [True], "both": [False, True]}[a.torch_compile]
+    plan = [(mode, False, a.steps, c) for c in compile_runs for mode in a.modes]
     if a.docs_steps:
-        plan += [(mode, True, a.docs_steps) for mode in a.modes]
-    for mode, docs, steps in plan:
+        plan += [(mode, True, a.docs_steps, c) for c in compile_runs for mode in a.modes]
+    for mode, docs, steps, compiled in plan:
         if time.perf_counter() - started > a.budget_s:
-            print(f"skipped {mode} docs={docs}: past the {a.budget_s} s budget", flush=True)
+            print(f"skipped {mode} docs={docs} torch_compile={compiled}: past the {a.budget_s} s budget", flush=True)
             continue
         data = rows
         if docs:  # whole documents (split at EOS) from the start of the stream, packed by TRL
             cut = np.flatnonzero(tokens[: steps * a.batch * a.seq * 2] == eos) + 1
             data = [d.tolist() for d in np.split(tokens[: cut[-1]], cut[:-1]) if len(d) > 1]
-        print(f"== {mode} docs={docs} steps={steps}", flush=True)
-        result["runs"].append(train_once(stage, mode, data, steps, a, docs))
+        print(f"== {mode} docs={docs} steps={steps} torch_compile={compiled}", flush=True)
+        result["runs"].append(train_once(stage, mode, data, steps, a, docs, compiled))
         out.write_text(json.dumps(result, indent=1))
         torch.cuda.empty_cache()
-    full = {r["packing"]: r["tokens_per_s"] for r in result["runs"] if r["train_mode"] == "full"}
+    # vs_full: against train_mode full with the same packing and compilation; vs_eager: a compiled run against the
+    # eager run of its mode and packing
+    speed = {(r["train_mode"], r["packing"], r["torch_compile"]): r["tokens_per_s"] for r in result["runs"]}
     for r in result["runs"]:
-        if r["train_mode"] != "full" and r["packing"] in full:
-            r["vs_full"] = r["tokens_per_s"] / full[r["packing"]]
+        full = speed.get(("full", r["packing"], r["torch_compile"]))
+        if r["train_mode"] != "full" and full:
+            r["vs_full"] = r["tokens_per_s"] / full
+        eager = speed.get((r["train_mode"], r["packing"], False))
+        if r["torch_compile"] and eager:
+            r["vs_eager"] = r["tokens_per_s"] / eager
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, SDPA {backend}, SSA kernels {result['ssa_backend']}, {result['date']}")
-    print(f"{'train_mode':<10} {'packing':<36} {'tok/s':>9} {'step ms':>8} {'vs full':>7} {'peak GiB':>8} {'loss':>6}")
+    print(f"{'train_mode':<10} {'compile':<7} {'packing':<36} {'tok/s':>9} {'step ms':>8} {'vs full':>7} "
+          f"{'vs eager':>8} {'peak GiB':>8} {'loss':>6}")  # fmt: skip
     for r in result["runs"]:
         last = r["loss_curve"][-1]["loss"] if r["loss_curve"] else float("nan")
         print(
-            f"{r['train_mode']:<10} {r['packing']:<36} {r['tokens_per_s']:>9.0f} {r['step_s_median'] * 1e3:>8.1f} "
-            f"{r.get('vs_full', 1.0):>7.3f} {r['peak_gib']:>8.1f} {last:>6.3f}"
+            f"{r['train_mode']:<10} {str(r['torch_compile']):<7} {r['packing']:<36} {r['tokens_per_s']:>9.0f} "
+            f"{r['step_s_median'] * 1e3:>8.1f} {r.get('vs_full', 1.0):>7.3f} {r.get('vs_eager', 1.0):>8.3f} "
+            f"{r['peak_gib']:>8.1f} {last:>6.3f}"
         )
 
 
@@ -290,6 +305,10 @@ def main() -> None:
     r.add_argument("--log_every", type=int, default=10)
     r.add_argument("--sparsity_every", type=int, default=50)
     r.add_argument("--docs_steps", type=int, default=0, help="steps of the extra padding-free document runs (0: none)")
+    r.add_argument(
+        "--torch_compile", choices=["off", "on", "both"], default="off",
+        help="SSATrainingConfig(torch_compile=...): eager runs, compiled runs, or both (vs_eager compares them)",
+    )  # fmt: skip
     r.add_argument("--budget_s", type=float, default=1e9, help="start no further run after this many seconds")
     a = parser.parse_args()
     if a.command == "prepare":
