@@ -390,6 +390,26 @@ def test_decode_options_are_checked():
     assert DecodeOptions(stats_chunk=2, chunk_blocks=8, finish_cap=2).stats_chunk == 2
 
 
+def test_decode_step_refuses_bad_inputs():
+    """The one-launch decode step names the shapes or settings it cannot take before launching anything."""
+    from ssa_adapt.ops.triton import decode_sparse_step
+
+    q, k, means = torch.randn(1, 1, 6, 32), torch.randn(1, 100, 2, 32), torch.randn(1, 6, 2, 32)
+    bad = [
+        (dict(k=torch.randn(1, 100, 4, 32)), "HQ a multiple of H"),  # 6 query heads on 4 KV heads
+        (dict(v=torch.randn(1, 99, 2, 32)), "k, v"),
+        (dict(block_means=torch.randn(1, 6, 3, 32)), r"block_means must be \[B, NB, H, D\]"),
+        (dict(q=torch.randn(1, 2, 6, 32), k=torch.randn(1, 1, 2, 32), v=torch.randn(1, 1, 2, 32)), "shorter"),
+        (dict(block_size=24), "block_size=24"),
+        (dict(sink_blocks=3, local_blocks=2, block_count=4), "sink_blocks=3"),
+    ]
+    for change, message in bad:
+        args = dict(q=q, k=k, v=k.clone(), block_means=means, block_count=4)
+        args.update(change)
+        with pytest.raises(ValueError, match=message):
+            decode_sparse_step(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("block_means"), **args)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
 @pytest.mark.parametrize("G", [3, 16])
 def test_decode_kernels_compile_for_sm90(G):
