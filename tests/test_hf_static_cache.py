@@ -1,10 +1,12 @@
 """transformers' own static cache on converted models: generate(cache_implementation="static") equals generate()
 with the default dynamic cache token for token (greedy in both modes, a left-padded batch, beam search, seeded
-sampling), also with transformers' compiled decode step; sliding-window layers are refused with the fix."""
+sampling), also with transformers' compiled decode step, which a generation compiles once; sliding-window layers are
+refused with the fix."""
 
 import pytest
 import torch
 from tiny_models import tiny_model, token_batch
+from torch._dynamo.backends.debugging import aot_eager
 from transformers import CompileConfig
 
 import ssa_adapt
@@ -71,6 +73,38 @@ def test_compiled_static_decode_equals_eager(mode):
     finally:
         torch._dynamo.reset()
     assert torch.equal(compiled, model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("mode", ["sparse", "full"])
+def test_compiled_static_decode_compiles_once_per_generation(mode):
+    """A 40-token generation compiles transformers' decode step once, with static shapes, as it does for the
+    unconverted model: every step's inputs keep their shapes (the mask the step gets is padded to the cache's
+    buffer). A mask that grew by one column per token made dynamo compile three graphs, one of them with a dynamic
+    length, for which CUDA graphs (compile_config's mode="reduce-overhead") record a new graph at every length."""
+    model = ssa_adapt.convert(tiny_model("llama", 2), SSAConfig(block_size=16, block_count=2))
+    ssa_adapt.set_inference(model, mode)  # 80 keys against a receptive field of 32: the sparse stream selects
+    ids, mask = _left_padded()
+    graphs = []
+
+    def counting_backend(gm, example_inputs, **kwargs):  # a function: CompileConfig.to_dict deep-copies objects
+        graphs.append([x for x in example_inputs if isinstance(x, torch.SymInt) or not _static_shape(x)])
+        return aot_eager(gm, example_inputs)
+
+    config = CompileConfig(backend=counting_backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        compiled = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                                  cache_implementation="static", compile_config=config)  # fmt: skip
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1, f"{len(graphs)} compilations of the decode step"
+    assert not graphs[0], f"the decode step's graph has dynamic shapes: {graphs[0]}"
+    assert torch.equal(compiled, model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False))
+
+
+def _static_shape(x) -> bool:
+    return not isinstance(x, torch.Tensor) or not any(isinstance(s, torch.SymInt) for s in x.shape)
 
 
 def test_static_cache_on_sliding_window_layers_is_refused_with_the_fix():

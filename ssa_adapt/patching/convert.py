@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
@@ -46,7 +47,14 @@ def ssa_attention_mask(
 ) -> torch.Tensor | None:
     """The mask "ssa" attention gets: the padding-only 2D mask [B, TK] (or None), as flash attention does (SSA works
     on document starts, not 4D masks). Under torch.compile a mask without padding stays a mask (finding that it has
-    none would read its values on the host); the attention treats both alike."""
+    none would read its values on the host); the attention treats both alike.
+
+    A static cache's TK is its whole buffer, while generate's mask covers the tokens so far and grows by one column
+    per token: it is padded with zeros (keys not written yet) to the buffer's length, so that the compiled decode step
+    gets one shape every step (a growing mask made dynamo recompile it, the second time with a dynamic length whose
+    CUDA graph is recorded anew for every length); the attention takes the written length from the cache layer."""
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < kv_length:
+        return F.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]))
     if attention_mask is not None and torch.compiler.is_compiling():
         return attention_mask[:, -kv_length:]
     return flash_attention_mask(batch_size, q_length, kv_length, *args, attention_mask=attention_mask, **kwargs)

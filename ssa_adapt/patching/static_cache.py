@@ -7,7 +7,9 @@ positions hold keys. Eagerly the attention takes the written keys (`written`). A
 sparse stream selecting from block means kept beside the cache (`SSAStaticCache`, which a converted model's
 `generate()` builds: filled by the eager prefill and updated in place by each compiled step). transformers' own
 `StaticCache`, passed in by hand, works too: its sparse layers on the kernels then run eagerly inside the compiled
-step.
+step. Every input of the compiled step keeps its shape from step to step (generate's 2D padding mask reaches it
+padded to the buffer's length: `convert.ssa_attention_mask`), so a generation compiles it once, as it does for an
+unconverted model.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def static_layer(module: nn.Module, cache) -> StaticLayer | None:
 
 def written(layer: StaticLayer, key, value, attention_mask) -> tuple:
     """(keys, values [B, H, n, D], mask [B, n] or None) written so far; n is the 2D padding mask's length when it
-    is shorter than the buffer (generate's mask covers the tokens so far), else the layer's count."""
+    is shorter than the buffer (a mask of the tokens so far), else the layer's count (`ssa_attention_mask` pads
+    generate's mask to the buffer's length, zeros after the tokens so far)."""
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
         n = attention_mask.shape[-1]
     else:
@@ -98,14 +101,15 @@ def traceable(module: nn.Module, cache, query: torch.Tensor) -> bool:
 
 def compiled_static_attention(module, layer, query, key, value, attention_mask, scaling, kwargs):
     """A compiled decode step over a static cache layer's whole buffers key / value [B, H, L, D]: the queries
-    are the last T of the n keys written (n: the 2D mask's length, else the layer's count; both may be device
-    values), each row's document begins at its first real key (left padding) -> ([B, T, HQ, D], None)."""
+    are the last T of the n keys written (n: the 2D mask's length when shorter than the buffer, else the layer's
+    count, a device value: generate's mask comes padded to the buffer's length, so that every step has one shape),
+    each row's document begins at its first real key (left padding) -> ([B, T, HQ, D], None)."""
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if not (q.dtype == k.dtype == v.dtype):
         q, k = q.to(v.dtype), k.to(v.dtype)
     B, T = q.shape[:2]
     masked = attention_mask is not None and attention_mask.dim() == 2
-    n = attention_mask.shape[-1] if masked else layer.cumulative_length
+    n = attention_mask.shape[-1] if masked and attention_mask.shape[-1] < k.shape[1] else layer.cumulative_length
     first = _first_real_key(attention_mask, B, q.device)
     q_abs = torch.arange(T, device=q.device) + (n - T)  # [T] the queries' key positions
     start = torch.minimum(first[:, None], q_abs[None, :])  # [B, T] (a padding query attends to itself)
