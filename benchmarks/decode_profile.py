@@ -72,6 +72,7 @@ def main():
     p.add_argument("--context", type=int, default=131072, help="prompt tokens per row")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per configuration")
+    p.add_argument("--timing-only", action="store_true", help="print the milliseconds per step, no profiles")
     args = p.parse_args()
     if args.context < 32 or args.batch < 1 or args.steps < 1:
         raise SystemExit(
@@ -87,6 +88,8 @@ def main():
         for use_mask in (False, True):
             ms = steps(model, prompt, mode, args.steps, use_mask)
             print(f"{mode}, attention_mask={use_mask}: {ms:.2f} ms per step", flush=True)
+    if args.timing_only:
+        return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     for mode in ("sparse", "full"):
         prof = profile(activities=activities)
