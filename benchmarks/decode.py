@@ -17,7 +17,8 @@ Per layer (`kind: layer`), medians of triton.testing.do_bench in ms:
   select and attend launches);
 - `*_graph`: the same replayed from a CUDA graph, i.e. GPU time without Python launch overhead (decode is
   launch-bound at short contexts; `generate` pays the eager launch cost).
-`speedup` rows divide the sdpa time by ssa_sparse (eager and graph).
+`speedup` rows divide the sdpa time by ssa_sparse (eager) and by ssa_sparse_split_graph (graph: what the
+static-cache paths replay).
 
 `generate` (`kind: generate`): a random Llama of the shape (`--layers` layers, hidden = HQ * D, vocab 32000), or
 with `--model FOLDER` the real model for the rows of its shape (SmolLM2: all 30 layers, RoPE run past 8k; a folder
@@ -120,8 +121,9 @@ def sdpa(backend=None):
 def bench_layer(rec: Recorder, B, TK, HQ, H, D, options: KernelOptions = DEFAULT_OPTIONS):
     meta = dict(kind="layer", HQ=HQ, H=H, D=D, context=TK, batch=B)
     q, k, v, means = layer_inputs(B, TK, HQ, H, D)
-    sparse = partial(ops.sparse_attention, block_means=means, backend="triton", kernel_options=options, **SEL)
+    one = KernelOptions(decode=dataclasses.replace(options.decode, fused_step=True))
     split = KernelOptions(decode=dataclasses.replace(options.decode, fused_step=False))
+    sparse = partial(ops.sparse_attention, block_means=means, backend="triton", kernel_options=one, **SEL)
     with torch.no_grad():
         idx = triton_decode.decode_select(q, means, key_len=TK, options=options, **SEL)
     impls = {
@@ -153,20 +155,21 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D, options: KernelOptions = DEFAULT
         o = sparse(q, k, v)
         o_ref = ops.reference.attend_blocks(q, k, v, idx, block_size=SEL["block_size"])
         err = ((o.float() - o_ref.float()).norm() / o_ref.float().norm()).item()
-    for suffix in ("", "_graph"):
+    # eager: the one-launch step (what an eager layer runs); graph: the split launches (what the static-cache
+    # paths replay from CUDA graphs)
+    for suffix, ssa in (("", "ssa_sparse"), ("_graph", "ssa_sparse_split_graph")):
         full = [
             times[n + suffix] for n in ("sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn") if n + suffix in times
         ]
-        if "ssa_sparse" + suffix in times and full:
+        if ssa in times and full:
             rec.add(
                 impl="speedup" + suffix,
+                ssa_impl=ssa,
                 sdpa_ms=times.get("sdpa" + suffix),
                 best_sdpa_ms=min(full),
-                ssa_ms=times["ssa_sparse" + suffix],
-                vs_sdpa=None
-                if "sdpa" + suffix not in times
-                else times["sdpa" + suffix] / times["ssa_sparse" + suffix],
-                vs_best_sdpa=min(full) / times["ssa_sparse" + suffix],
+                ssa_ms=times[ssa],
+                vs_sdpa=None if "sdpa" + suffix not in times else times["sdpa" + suffix] / times[ssa],
+                vs_best_sdpa=min(full) / times[ssa],
                 rel_err_vs_reference=err,
                 **meta,
             )
@@ -181,7 +184,7 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D, options: KernelOptions = DEFAULT
 # after it lost everywhere: README.md section 6.)
 SWEEP_BASE = DecodeOptions(programs_per_sm=8, finish="auto", score_precision="tf32x3", score_blocks=64,
                            finish_blocks=1024, finish_warps=8, chunk_blocks=2048, chunk_small=32,
-                           chunk_programs_per_sm=2)  # fmt: skip
+                           chunk_programs_per_sm=2, fused_step=False)  # fmt: skip
 SWEEP_VARIANTS = [
     {},
     dict(chunk_blocks=4096),
@@ -191,7 +194,7 @@ SWEEP_VARIANTS = [
 
 
 def sweep_settings(args, variants=SWEEP_VARIANTS) -> tuple[list[dict], KernelOptions]:
-    """Time the whole sparse step (CUDA graph) for each variant (SWEEP_BASE with its changes) over the shapes and
+    """Time the whole sparse step of the split launches (CUDA graph, as the static-cache paths run it) for each variant (SWEEP_BASE with its changes) over the shapes and
     batches at 128k -> (every (variant, shape, batch) time, so that a per-shape choice can be read off later; the
     options of the variant with the lowest total, which the layer rows and profiles of the run then use)."""
     shapes = args.shapes
