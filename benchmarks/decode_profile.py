@@ -84,7 +84,9 @@ def main():
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"{name}, context {args.context}, batch {args.batch}", flush=True)
     for mode in ("sparse", "full"):
-        steps(model, prompt, mode, 4)  # warm-up: compilation, allocator
+        # warm-up as long as a timed run: compilation, and the allocator's pool for the growing KV cache (a 4-step
+        # warm-up left the first timed run 1.5-5x slower than the second on the H100, 2026-12-07)
+        steps(model, prompt, mode, args.steps)
         for use_mask in (False, True):
             ms = steps(model, prompt, mode, args.steps, use_mask)
             print(f"{mode}, attention_mask={use_mask}: {ms:.2f} ms per step", flush=True)

@@ -9,11 +9,15 @@ Jobs (first GPU first, in the order given; `multi` waits for the others and take
   tests      pytest -m gpu tests/ (every GPU test; SmolLM2's only with --model's assets in the cache)
   attention  benchmarks/attention.py --sweep over the five head shapes and 8k-128k
   decode     benchmarks/decode.py --sweep (per-layer rows), then --profile at 128k
+  eager      benchmarks/decode_profile.py --timing-only (eager steps, sparse vs full) at 128k x 1, 32k x 8, 4k x 1 and
+             4k x 8, then decode.py's generate rows (eager, static_generate, HF's compiled static cache) on SmolLM2's
+             architecture (--stage's config.json) at 128k, batch 1
   profile    benchmarks/attention.py --profile: per-kernel times of the sparse stream at 8k and 32k, three shapes
   real       benchmarks/attention_real.py: SmolLM2's own q/k/v at 32k (needs the SmolLM2 asset and --tokens)
   prefill    benchmarks/prefill.py: the Llama-3.2-1B shape, converted sparse against unconverted, 32k / 128k
   pretrain   benchmarks/pretrain_throughput.py run (SSA-1B, the four modes) on --token_cache
-  train      benchmarks/train_throughput.py run --stage STAGE [--model PATH] (SmolLM2, full vs ssa)
+  train      benchmarks/train_throughput.py run --stage STAGE [--model PATH] (SmolLM2, full vs ssa; --train-compile
+             both adds the torch_compile=True runs)
   multi      benchmarks/multi_gpu.py --model PATH --data FILE (one GPU, DDP, FSDP2)
 """
 
@@ -45,6 +49,11 @@ def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
         "decode": [[py, bench("decode.py"), "--sweep", "--skip-generate", "--out", str(out / "decode-layer.json")],
                    [py, bench("decode.py"), "--profile", "--contexts", "131072", "--out",
                     str(out / "decode-profile.json")]],
+        "eager": [[py, bench("decode_profile.py"), "--timing-only", "--context", str(c), "--batch", str(b), "--steps",
+                   "24"] for c, b in ((131072, 1), (32768, 8), (4096, 1), (4096, 8))]
+                 + [[py, bench("decode.py"), "--skip-layer", "--model", a.stage, "--shapes", "9,3,64", "--contexts",
+                     "131072", "--batch", "1", "--generate-impls", "generate", "static_generate", "hf_static",
+                     "--new-tokens", "32", "--out", str(out / "decode-generate.json")]],
         "profile": [[py, bench("attention.py"), "--profile", "--T", "8192", "32768", "--shapes", "32,2,64", "32,8,64",
                      "9,3,64", "--out", str(out / "attention-profile.json")]],
         "real": [[py, bench("attention_real.py"), "--out", str(out / f"attention-real-{card}.json"), "--md",
@@ -53,7 +62,8 @@ def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
         "pretrain": [[py, bench("pretrain_throughput.py"), "run", "--token_cache", a.token_cache, "--tokenizer",
                       a.token_cache, "--out", str(out / f"pretrain-{card}.json")]],
         "train": [[py, bench("train_throughput.py"), "run", "--stage", a.stage, "--dtype", "float32", "--steps",
-                   str(a.train_steps), "--out", str(out / f"train-{card}.json")] + (["--model", a.model] if a.model else [])],
+                   str(a.train_steps), "--torch_compile", a.train_compile, "--out", str(out / f"train-{card}.json")]
+                  + (["--model", a.model] if a.model else [])],
         "multi": [[py, bench("multi_gpu.py"), "--model", str(a.model), "--data", str(a.data), "--out",
                    str(out / f"multi-gpu-{multi}.json")]],
     }  # fmt: skip
@@ -73,6 +83,9 @@ def main() -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--tokens", default=None, help="token ids (.npy, uint16) of the real-activation window")
     p.add_argument("--train-steps", type=int, default=200)
+    p.add_argument(
+        "--train-compile", choices=["off", "on", "both"], default="off", help="train_throughput's --torch_compile"
+    )
     a = p.parse_args()
     import torch
 
