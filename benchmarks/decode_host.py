@@ -27,6 +27,7 @@ from triton.runtime import interpreter  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ssa_adapt  # noqa: E402
+from ssa_adapt.compat import cache_kwargs  # noqa: E402
 from ssa_adapt.decoding import SSACache  # noqa: E402
 
 
@@ -49,12 +50,12 @@ def step_us(model, mode: str, prompt: int, steps: int, runs: int = 3) -> float:
     for _ in range(runs):
         cache, mask = SSACache(), torch.ones_like(ids)
         with torch.no_grad():
-            out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(ids, attention_mask=mask, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             tok = out.logits[:, -1:].argmax(-1)
             t0 = time.perf_counter()
             for _ in range(steps):
                 mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
-                out = model(tok, attention_mask=mask, past_key_values=cache, use_cache=True)
+                out = model(tok, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
                 tok = torch.zeros_like(tok)  # the logits are meaningless with the launches left out
             times.append((time.perf_counter() - t0) / steps * 1e6)
     return min(times)

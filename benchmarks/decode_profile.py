@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ssa_adapt  # noqa: E402
+from ssa_adapt.compat import cache_kwargs  # noqa: E402
 from ssa_adapt.decoding import SSACache  # noqa: E402
 
 VOCAB = 49152
@@ -52,7 +53,7 @@ def steps(model, prompt, mode: str, n: int, use_mask: bool = True, profiler=None
     mask = torch.ones_like(prompt)
     B = prompt.shape[0]
     with torch.no_grad():
-        out = model(prompt, attention_mask=mask if use_mask else None, past_key_values=cache, use_cache=True,
+        out = model(prompt, attention_mask=mask if use_mask else None, **cache_kwargs(cache), use_cache=True,
                     logits_to_keep=1)  # fmt: skip
         tok = out.logits[:, -1:].argmax(-1)
         sync()
@@ -61,7 +62,7 @@ def steps(model, prompt, mode: str, n: int, use_mask: bool = True, profiler=None
             for _ in range(n):
                 if use_mask:
                     mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-                out = model(tok, attention_mask=mask if use_mask else None, past_key_values=cache, use_cache=True)
+                out = model(tok, attention_mask=mask if use_mask else None, **cache_kwargs(cache), use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
             sync()
     return (time.perf_counter() - t0) / n * 1e3
