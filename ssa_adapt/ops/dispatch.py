@@ -198,8 +198,9 @@ def sparse_attention(
     from block_means on the kernels runs both in one launch (`DecodeOptions.fused_step`, on by default)."""
     if block_means is not None and _fused_decode_step(q, k, v, backend, kernel_options):
         selection = dict(block_count=block_count, sink_blocks=sink_blocks, local_blocks=local_blocks)
-        out, indices = _triton_ops().decode_sparse_step(q, k, v, block_means, block_size=block_size, scale=scale,
-                                                        doc_start=doc_start, options=kernel_options, **selection)  # fmt: skip
+        step = _triton_ops().decode_sparse_step
+        out, indices = step(q, k, v, block_means, block_size=block_size, scale=scale, doc_start=doc_start,
+                            options=kernel_options, **selection)  # fmt: skip
         return (out, indices) if return_indices else out
     indices = select_blocks(
         q,

@@ -382,8 +382,8 @@ def _finish_row(logits, stats, imp, comp, q_pos, doc_start, out, T, TK, NB, NSPL
 @triton.jit
 def _kth_key(v, budget, PAIRS: tl.constexpr):
     """The threshold tau for which the keys v >= tau are the `budget` best of v (unique where >= 0; -1: none): the
-    budget-th best key, the lowest set key when at most `budget` are set, int64 max when budget is 0 or none is. PAIRS: by pairwise ranks ([N, N]
-    comparisons), else by a bisection over the key values (63 counting passes)."""
+    budget-th best key, the lowest set key when at most `budget` are set, int64 max when budget is 0 or none is.
+    PAIRS: by pairwise ranks ([N, N] comparisons), else by a bisection over the key values (63 counting passes)."""
     BIG: tl.constexpr = 9223372036854775807
     if PAIRS:
         rank = tl.sum((v[None, :] > v[:, None]).to(tl.int32), 1)
