@@ -4,8 +4,9 @@ of `model(...)` (what `generate()` runs per token, without its bookkeeping).
 
     python benchmarks/decode_profile.py --context 131072 --batch 1
 
-Prints milliseconds per step with and without the growing attention mask, then torch.profiler tables (CUDA and CPU
-time per op) and cProfile's view of the Python (our host code and Triton's launcher). It writes no results file:
+Prints milliseconds per step with and without the growing attention mask (`--timing-only`: nothing else), then
+torch.profiler tables (CUDA and CPU time per op) and cProfile's view of the Python (our host code and Triton's
+launcher). It writes no results file:
 it is a profile, and its figures go into the README's prose with card, date and commit.
 """
 

@@ -396,10 +396,10 @@ def test_decode_step_refuses_bad_inputs():
 
     q, k, means = torch.randn(1, 1, 6, 32), torch.randn(1, 100, 2, 32), torch.randn(1, 6, 2, 32)
     bad = [
-        (dict(k=torch.randn(1, 100, 4, 32)), "HQ a multiple of H"),  # 6 query heads on 4 KV heads
-        (dict(v=torch.randn(1, 99, 2, 32)), "k, v"),
+        (dict(k=torch.randn(1, 100, 4, 32), v=torch.randn(1, 100, 4, 32)), "multiple of key/value heads H=4"),
+        (dict(v=torch.randn(1, 99, 2, 32)), "must have k's shape"),
         (dict(block_means=torch.randn(1, 6, 3, 32)), r"block_means must be \[B, NB, H, D\]"),
-        (dict(q=torch.randn(1, 2, 6, 32), k=torch.randn(1, 1, 2, 32), v=torch.randn(1, 1, 2, 32)), "shorter"),
+        (dict(q=torch.randn(1, 2, 6, 32), k=torch.randn(1, 1, 2, 32), v=torch.randn(1, 1, 2, 32)), "TK=1 is shorter"),
         (dict(block_size=24), "block_size=24"),
         (dict(sink_blocks=3, local_blocks=2, block_count=4), "sink_blocks=3"),
     ]

@@ -64,15 +64,20 @@ def test_compiled_static_decode_equals_eager(mode):
     torch.nn.init.normal_(model.model.layers[0].self_attn.ssa_gate.weight, std=0.5)
     ssa_adapt.set_inference(model, mode)
     ids, mask = _left_padded()
-    config = CompileConfig(backend="aot_eager", fullgraph=True)
+    compiled = _compiled_static_generate(model, ids, mask, 8, CompileConfig(backend="aot_eager", fullgraph=True))
+    assert torch.equal(compiled, model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
+
+
+def _compiled_static_generate(model, ids, mask, new_tokens: int, config):
+    """Greedy generate() on transformers' static cache with its decode step compiled under `config` (on every
+    device, the CPU too), dynamo's caches cleared before and after."""
     config._compile_all_devices = True
     torch._dynamo.reset()
     try:
-        compiled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                  cache_implementation="static", compile_config=config)  # fmt: skip
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                              cache_implementation="static", compile_config=config)  # fmt: skip
     finally:
         torch._dynamo.reset()
-    assert torch.equal(compiled, model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
 
 
 @pytest.mark.parametrize("mode", ["sparse", "full"])
@@ -90,14 +95,9 @@ def test_compiled_static_decode_compiles_once_per_generation(mode):
         graphs.append([x for x in example_inputs if isinstance(x, torch.SymInt) or not _static_shape(x)])
         return aot_eager(gm, example_inputs)
 
-    config = CompileConfig(backend=counting_backend, fullgraph=True, mode=None)
-    config._compile_all_devices = True
-    torch._dynamo.reset()
-    try:
-        compiled = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
-                                  cache_implementation="static", compile_config=config)  # fmt: skip
-    finally:
-        torch._dynamo.reset()
+    compiled = _compiled_static_generate(
+        model, ids, mask, 40, CompileConfig(backend=counting_backend, fullgraph=True, mode=None)
+    )
     assert len(graphs) == 1, f"{len(graphs)} compilations of the decode step"
     assert not graphs[0], f"the decode step's graph has dynamic shapes: {graphs[0]}"
     assert torch.equal(compiled, model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False))

@@ -79,7 +79,7 @@ def _attend_split(q, k, v, block_indices, doc_start, q_pos, o, part_o, part_ml, 
                   BD: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, NBK: tl.constexpr, HAS_DOCS: tl.constexpr,
                   HAS_POS: tl.constexpr, ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     """`_decode_attend_kernel`'s program (i_bth, i_sp): row i_bth = (b * T + t) * H + h's attention over split
-    i_sp's selected blocks (also the last phase of `select.py`'s `_decode_step_kernel`, one split)."""
+    i_sp's selected blocks (also the last phase of `step.py`'s `_decode_step_kernel`, one split)."""
     i_bt = i_bth // H
     i_h = i_bth % H
     i_b = i_bt // T

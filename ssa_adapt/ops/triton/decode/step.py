@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...reference import check_qkv
 from .. import utils
 from ..options import DEFAULT_OPTIONS, KernelOptions
 from ..utils import check_block_size, check_doc_start, next_pow2
@@ -129,15 +130,7 @@ def decode_sparse_step(
     to `decode_select(..., key_len=TK, doc_start=doc_start)` followed by `decode_attend`.
     options: `KernelOptions` (None: the defaults); reads `options.decode` and `options.poison`.
     """
-    B, T, HQ, D = q.shape
-    if k.dim() != 4 or k.shape[0] != B or k.shape[3] != D or v.shape != k.shape or HQ % k.shape[2]:
-        raise ValueError(
-            f"decode_sparse_step needs q [B, T, HQ, D] and k, v [B, TK, H, D] (HQ a multiple of H); got q "
-            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
-        )
-    TK, H = k.shape[1], k.shape[2]
-    if TK < T:
-        raise ValueError(f"key length TK={TK} is shorter than the {T} queries.")
+    B, T, TK, HQ, H, D = check_qkv(q, k, v)
     if block_means.dim() != 4 or block_means.shape[0] != B or block_means.shape[2:] != (H, D):
         raise ValueError(f"block_means must be [B, NB, H, D] = [{B}, NB, {H}, {D}]; got {tuple(block_means.shape)}.")
     check_block_size(block_size)
