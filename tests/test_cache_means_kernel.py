@@ -37,7 +37,9 @@ def _steps(case, device, use_kernel: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     cache_keys = torch.randn(B, H, t0 + steps, D, generator=g).to(device)  # the cache's layout
     start = torch.tensor(starts, device=device)
-    means = reference.block_means(cache_keys[:, :, :t0].transpose(1, 2), start, BS, (t0 + steps) // BS)
+    cap = (t0 + steps) // BS
+    # the means as a view of a longer buffer (strided over the rows), as a decode step passes them
+    means = reference.block_means(cache_keys[:, :, :t0].transpose(1, 2), start, BS, cap + 3)[:, :cap]
     worst_path, worst_keys, complete = 0.0, 0.0, 0
     for TK in range(t0 + 1, t0 + steps + 1):
         keys = cache_keys[:, :, :TK].transpose(1, 2)  # [B, TK, H, D], not contiguous
@@ -114,8 +116,8 @@ def test_cache_means_kernel_compiles_for_sm90():
 
     fn = cache_means._append_block_means_kernel
     consts = dict(H=8, D=64, BD=64, BS=16, BSP=16, HAS_LEN=True)  # HAS_LEN: static caches' device key count
-    types = dict(k="*bf16", means="*fp32", start="*i64", key_len="*i64", TK="i32", CAP="i32")
-    types.update(stride_kb="i64", stride_kt="i64", stride_kh="i64")
+    types = dict(k="*bf16", means="*fp32", start="*i64", key_len="*i64", TK="i32")
+    types.update({f"stride_{n}": "i64" for n in ("kb", "kt", "kh", "mb", "mn", "mh")})
     sig = {n: "constexpr" if n in consts else types[n] for n in inspect.signature(fn.fn).parameters}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"]

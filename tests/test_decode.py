@@ -56,14 +56,14 @@ def test_cached_block_means_equal_means_of_cached_keys(model):
 
 def test_steps_that_complete_no_block_update_nothing(model, monkeypatch):
     """Left-padded rows complete their blocks at different steps: a step updates the means only when some row's
-    newest key completes a block (its start known on the host), and the means equal those of the cached keys."""
-    from ssa_adapt.decoding import cache as cache_module
+    newest key completes a block (its start known on the host), and the means equal those of the cached keys. The
+    cache leaves that update to the sparse stream (`SSACache.block_means_before_append`), whose split path (the
+    reference here) calls the dispatcher's append_block_means; the one-launch step does it in its kernel."""
+    from ssa_adapt.ops import dispatch
 
     calls = []
-    real = cache_module.append_block_means
-    monkeypatch.setattr(
-        cache_module, "append_block_means", lambda *a, **k: calls.append(a[2].shape[1]) or real(*a, **k)
-    )
+    real = dispatch.append_block_means
+    monkeypatch.setattr(dispatch, "append_block_means", lambda *a, **k: calls.append(a[2].shape[1]) or real(*a, **k))
     ids = token_batch(2, 40)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # row 1 starts at key 3

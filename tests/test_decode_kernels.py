@@ -49,7 +49,7 @@ CPU_CASES = [
     _case(3, 1, 1, 7, 411, "float32", S=6, sink=2, local=2, starts=[0, 17, 100], splits=(2,)),
     _case(1, 3, 2, 16, 290, S=4, sink=0, local=1, splits=(None, 4)),
     _case(2, 3, 3, 1, 517, "float32", S=8, sink=1, local=3, starts=[5, 200], splits=(3,)),
-    _case(3, 1, 2, 3, 70, S=16, starts=[0, 30, 60]),
+    _case(3, 1, 2, 3, 70, S=16, starts=[6, 30, 54]),  # rows 0 and 2: the newest key completes a block
     _case(2, 1, 1, 1, 250, "float32", S=5, starts=[0, 9], ties=True),
     # one peaked head per group (its statistics differ from the flat heads'), five splits of 64 blocks: the chunked
     # finishing's importances are checked against float64 (a split left out of the statistics' merge fails that;
@@ -292,6 +292,41 @@ def run_case(c, device, options) -> dict:
         record(got)
         o_ref = R.attend_blocks(q.double(), k.double(), v.double(), got, block_size=BS, doc_start=ds)
         res["o_step"] = max(res["o_step"], rel_rms(o, o_ref))
+    if T == 1:  # the step writes the block the newest key completed (means_start) before selecting from it
+        res.update(step_appends(q, k, v, ds, means, starts[:, 0], sel, options))
+    return res
+
+
+def step_appends(q, k, v, ds, means, start, sel, options) -> dict:
+    """decode_sparse_step with means_start on means that lack the block each row's newest key completed (NaN
+    there, in a view of a larger buffer like SSACache's): the means it leaves against the true ones, its indices
+    and output against the step on the true means; the dispatcher's split path (append, then select) likewise."""
+    from ssa_adapt.ops.triton import decode_sparse_step
+
+    n = (k.shape[1] - start).long()
+    pending = [b for b in range(means.shape[0]) if int(n[b]) > 0 and int(n[b]) % BS == 0]
+    o_want, want = decode_sparse_step(q, k, v, means, doc_start=ds, options=options, **sel)
+    res = {"append_rows": len(pending), "append_means_err": 0.0, "append_same": 1.0}
+    for fused in (True, False):
+        lacking = torch.full((means.shape[0], means.shape[1] + 2, *means.shape[2:]), float("nan"), device=q.device)
+        lacking = lacking[:, : means.shape[1]]
+        lacking.copy_(means)
+        for b in pending:
+            lacking[b, int(n[b]) // BS - 1] = float("nan")
+        if fused:
+            o, got = decode_sparse_step(q, k, v, lacking, doc_start=ds, means_start=start, options=options, **sel)
+        else:
+            opts = dataclasses.replace(options, decode=dataclasses.replace(options.decode, fused_step=False))
+            o, got = ops.sparse_attention(q, k, v, doc_start=ds, block_means=lacking, means_start=start,
+                                          backend="triton", return_indices=True, kernel_options=opts, **sel)  # fmt: skip
+            o_want, want = ops.sparse_attention(q, k, v, doc_start=ds, block_means=means, backend="triton",
+                                                return_indices=True, kernel_options=opts, **sel)  # fmt: skip
+        for b in range(means.shape[0]):
+            nb = int(n[b]) // BS
+            err = (lacking[b, :nb] - means[b, :nb]).abs().max().item() if nb else 0.0
+            res["append_means_err"] = max(res["append_means_err"], err if err == err else float("inf"))
+        same = torch.equal(got, want) and torch.equal(o, o_want)
+        res["append_same"] = min(res["append_same"], float(same))
     return res
 
 
@@ -307,6 +342,20 @@ def check(res: dict, c):
     tol = TOL[getattr(torch, c["dtype"])]
     errs = {n: res[n] for n in ("o", "o_dispatch", "o_step")}
     assert all(e < tol for e in errs.values()), f"relative RMS errors {errs} over {tol}"
+    if c["T"] == 1:  # the means the step (or the split path) completed in place equal the keys' means
+        assert res["append_means_err"] < 1e-5 and res["append_same"] == 1.0, res
+
+
+def test_some_cases_complete_a_block_in_the_step():
+    """The in-place update of the means (means_start) is exercised: some CPU case's row ends a block at its newest key."""
+    rows = [
+        b
+        for c in CPU_CASES
+        if c["T"] == 1
+        for b, s in enumerate(c["starts"] or [0] * c["B"])
+        if (c["TK"] - s) % BS == 0
+    ]
+    assert len(rows) >= 3
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -328,7 +377,8 @@ def test_decode_interpreted(interpreted, case):
 
 def test_cached_decoding_interpreted(interpreted):
     """End to end on a tiny model, every kernel interpreted (backend='triton'): prefill through the prefill
-    kernels, then one-token steps through the one-launch decode step, equal the no-cache forward."""
+    kernels, then one-token steps through the one-launch decode step (which also completes the cached block means:
+    no separate update launch), equal the no-cache forward."""
     res = interpreted[E2E]
     assert "error" not in res, res.get("error")
     assert res["decode_calls"] == res["expected_calls"], res
@@ -340,11 +390,13 @@ def run_e2e() -> dict:
     kernel the poisoned options (the model's forward passes none)."""
     from interpreted import POISONED
 
+    from ssa_adapt.ops import dispatch
     from ssa_adapt.ops import triton as triton_ops
 
     calls = []
     names = ("decode_select", "decode_attend", "decode_sparse_step", "select_blocks", "attend_blocks")
     kernels = {n: getattr(triton_ops, n) for n in names}
+    append = dispatch.append_block_means
 
     def spy(name):
         return lambda *a, **kw: calls.append(name) or kernels[name](*a, **dict(kw, options=POISONED))
@@ -352,14 +404,17 @@ def run_e2e() -> dict:
     try:
         for n in names:
             setattr(triton_ops, n, spy(n))
-        logits, reference = teacher_forced("cpu", prompt=70, total=78, backend="triton")
+        dispatch.append_block_means = lambda *a, **kw: calls.append("decode_append_means") or append(*a, **kw)
+        logits, reference = teacher_forced("cpu", prompt=70, total=86, backend="triton")
     finally:
         for n, fn in kernels.items():
             setattr(triton_ops, n, fn)
+        dispatch.append_block_means = append
     decode_calls = {n: calls.count(n) for n in sorted(set(calls)) if n.startswith("decode_")}
-    # one launch per layer and step: 2 layers x 8 steps through the fused step, none split
+    # one launch per layer and step: 2 layers x 16 steps through the fused step, none split, and no separate update
+    # of the block means: the step writes the blocks that complete (row 0's at 80 keys, row 1's, from key 37, at 85)
     return {"logits": rel_rms(logits, reference), "decode_calls": decode_calls,
-            "expected_calls": {"decode_sparse_step": 2 * 8}}  # fmt: skip
+            "expected_calls": {"decode_sparse_step": 2 * 16}}  # fmt: skip
 
 
 def test_cpu_dispatch_stays_on_the_reference(monkeypatch):
@@ -478,17 +533,18 @@ def test_decode_kernels_compile_for_sm90(G):
                 o.attend_warps,
             )
         )  # fmt: skip
-    kernels.append(
+    kernels += [
         (
             d_step._decode_step_kernel,
-            dict(ptr, q="*bf16", k="*bf16", v="*bf16", kbar="*fp32", scratch="*fp32", indices="*i32", o="*bf16",
-                 scale_log2="fp32"),
+            dict(ptr, q="*bf16", k="*bf16", v="*bf16", kbar="*fp32", means_start="*i64", scratch="*fp32",
+                 indices="*i32", o="*bf16", scale_log2="fp32"),
             dict(common, GF=max(2, triton.next_power_of_2(G)), GS=16, S=16, SP=16, FP=2, SINK=1, LOCAL=1,
                  BN_SCORE=o.score_blocks, BN_FINISH=o.finish_blocks, LG=o.finish_groups, CAP=o.finish_cap, FAST=True,
-                 NBK=2, PRECISION=o.score_precision, DOT_PREC="tf32"),
+                 NBK=2, PRECISION=o.score_precision, DOT_PREC="tf32", APPEND=append, BSP=16),
             o.step_warps,
         )
-    )  # fmt: skip
+        for append in (True, False)  # with and without the in-place update of the block means
+    ]  # fmt: skip
     kernels.append(
         (
             d_attend._decode_combine_kernel,

@@ -77,9 +77,22 @@ class SSACache(DynamicCache):
         launches nothing when it completed none; anything else (the first step after a prefill, several new keys)
         recomputes every mean from the keys.
         """
+        means, pending = self.block_means_before_append(layer_idx, keys, doc_start, block_size)
+        if pending is not None:
+            append_block_means(means, pending, keys, block_size)
+        return means
+
+    def block_means_before_append(
+        self, layer_idx: int, keys: torch.Tensor, doc_start: torch.Tensor | None, block_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`block_means`, less the block the newest key completed: -> (means [B, TK // block_size, H, D], pending),
+        pending [B] int64 the rows' document starts when some row's newest key completed a block whose mean the
+        caller must still write (`append_block_means(means, pending, keys, block_size)`, or the one-launch decode
+        step, which does it in its own launch), else None. The sparse decode path calls this one."""
         B, TK = keys.shape[:2]
         n = TK // block_size
         state = self._ssa_means.get(layer_idx)
+        pending = None
         if state is None or state.means.shape[0] != B or TK != state.key_len + 1:
             if doc_start is None:
                 start = torch.zeros(B, dtype=torch.int64, device=keys.device)
@@ -91,10 +104,10 @@ class SSACache(DynamicCache):
             if n > state.means.shape[1]:  # room for twice as many blocks
                 state.means = torch.cat([state.means, torch.zeros_like(state.means)], 1)
             if state.completes_block(TK, block_size):
-                append_block_means(state.means, state.start, keys, block_size)
+                pending = state.start
             state.key_len = TK
         self._ssa_means[layer_idx] = state
-        return state.means[:, :n]
+        return state.means[:, :n], pending
 
     # structural changes of the cache carry the means along ------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor):

@@ -191,17 +191,25 @@ def sparse_attention(
     backend="auto",
     return_indices=False,
     block_means=None,
+    means_start=None,
     kernel_options=None,
 ):
     """The sparse stream: selection then attention. -> o [B, T, HQ, D] (and block_indices if asked).
     kernel_options: `KernelOptions` for the Triton kernels of both (None: their defaults). An eager decode step
-    from block_means on the kernels runs both in one launch (`DecodeOptions.fused_step`, on by default)."""
+    from block_means on the kernels runs both in one launch (`DecodeOptions.fused_step`, on by default).
+    means_start [B] int64 (one query per row): block_means [B, NB, H, D] float32 may still lack the block that k's
+    newest key completed in some row (rows' documents start at means_start); it is written into them, in place,
+    before the selection (by the one-launch step itself, else by `append_block_means`)."""
     if block_means is not None and _fused_decode_step(q, k, v, backend, kernel_options):
         selection = dict(block_count=block_count, sink_blocks=sink_blocks, local_blocks=local_blocks)
         step = _triton_ops().decode_sparse_step
         out, indices = step(q, k, v, block_means, block_size=block_size, scale=scale, doc_start=doc_start,
-                            options=kernel_options, **selection)  # fmt: skip
+                            means_start=means_start, options=kernel_options, **selection)  # fmt: skip
         return (out, indices) if return_indices else out
+    if means_start is not None:
+        if block_means is None or q.shape[1] != 1:
+            raise ValueError("means_start updates cached block means for one query per row: pass block_means too.")
+        append_block_means(block_means, means_start, k, block_size)
     indices = select_blocks(
         q,
         k,

@@ -85,21 +85,28 @@ class LayerCall:
         a training step may reuse the selection of its forward pass (see SSAController.training_indices)."""
         q, k, v = self.q, self.k, self.v
         selection = self.selection()
-        means = self._cached_means()
+        means, pending = self._cached_means()
         if means is None and self.module.training and torch.is_grad_enabled():
             indices = self.ctrl.training_indices(self.state.layer_idx, q, k, selection)
             attend = {n: selection[n] for n in ("block_size", "scale", "doc_start", "backend")}
             return attend_blocks(q, k, v, indices, **attend), indices
-        return sparse_attention(q, k, v, return_indices=True, block_means=means, **selection)
+        return sparse_attention(q, k, v, return_indices=True, block_means=means, means_start=pending, **selection)
 
-    def _cached_means(self) -> torch.Tensor | None:
-        """Block means [B, TK // BS, H, D] from a cache that keeps them (`block_means`), for decode steps (one query
-        per row; compiled code selects from the keys: no host state)."""
-        cache_means = getattr(self.cache, "block_means", None)
-        if cache_means is None or self.q.shape[1] != 1 or torch.compiler.is_compiling():
-            return None
+    def _cached_means(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(block means [B, TK // BS, H, D], pending) from a cache that keeps them, for decode steps (one query per
+        row; compiled code selects from the keys: no host state), else (None, None). pending [B]: the rows'
+        document starts when the newest key completed a block that the sparse stream must still add to the means
+        (`SSACache.block_means_before_append`: the one-launch decode step does it in its launch); None when the
+        means are complete."""
+        if self.q.shape[1] != 1 or torch.compiler.is_compiling():
+            return None, None
         row_start = self.doc_start[:, -1] if self.doc_start is not None else None  # None: every row starts at 0
-        return cache_means(self.state.layer_idx, self.k, row_start, self.config.block_size)
+        layer, bs = self.state.layer_idx, self.config.block_size
+        if (before_append := getattr(self.cache, "block_means_before_append", None)) is not None:
+            return before_append(layer, self.k, row_start, bs)
+        if (cache_means := getattr(self.cache, "block_means", None)) is not None:
+            return cache_means(layer, self.k, row_start, bs), None
+        return None, None
 
 
 def single_stream(call: LayerCall, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:

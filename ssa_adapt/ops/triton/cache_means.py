@@ -16,17 +16,53 @@ from .utils import next_pow2
 __all__ = ["append_block_means"]
 
 
-@triton.jit(do_not_specialize=["TK", "CAP"])
-def _append_block_means_kernel(
-    k,  # [B, TK, H, D], any strides
-    means,  # [B, CAP, H, D] float32, contiguous (in-out)
-    start,  # [B] int64: first key of each row's document
-    key_len,  # [1] int64 or None: the key count, read on the device (static caches), else TK
-    TK,
-    CAP,
+@triton.jit
+def _write_completed_block_mean(
+    k,
+    means,
+    b,
+    h,
+    first_key,
+    n,
     stride_kb,
     stride_kt,
     stride_kh,
+    stride_mb,
+    stride_mn,
+    stride_mh,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+):
+    """If row b's n keys from its document start `first_key` end a block (n a positive multiple of BS), the mean of
+    that block's keys of KV head h (float32) goes to means[b, n / BS - 1, h]; otherwise nothing. Shared by
+    `_append_block_means_kernel` and the one-launch decode step (`decode/step.py`)."""
+    if (n > 0) & (n % BS == 0):
+        target = n // BS
+        r = tl.arange(0, BSP)
+        d = tl.arange(0, BD)
+        t = (first_key + (target - 1) * BS + r).to(tl.int64)
+        ptr = k + b.to(tl.int64) * stride_kb + t[:, None] * stride_kt + h * stride_kh + d[None, :]
+        block = tl.load(ptr, mask=(r[:, None] < BS) & (d[None, :] < D), other=0.0).to(tl.float32)  # [BSP, BD]
+        mean = tl.sum(block, axis=0) / BS
+        out = means + b.to(tl.int64) * stride_mb + (target - 1).to(tl.int64) * stride_mn + h * stride_mh + d
+        tl.store(out, mean, mask=d < D)
+
+
+@triton.jit(do_not_specialize=["TK"])
+def _append_block_means_kernel(
+    k,  # [B, TK, H, D], any strides
+    means,  # [B, CAP, H, D] float32, last dim contiguous (in-out)
+    start,  # [B] int64: first key of each row's document
+    key_len,  # [1] int64 or None: the key count, read on the device (static caches), else TK
+    TK,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_mb,
+    stride_mn,
+    stride_mh,
     H: tl.constexpr,
     D: tl.constexpr,
     BD: tl.constexpr,
@@ -41,17 +77,8 @@ def _append_block_means_kernel(
         n = tl.load(key_len) - first_key
     else:
         n = TK - first_key  # the row's keys, the new one included
-    if (n > 0) & (n % BS == 0):
-        target = n // BS
-        first = first_key + (target - 1) * BS
-        r = tl.arange(0, BSP)
-        d = tl.arange(0, BD)
-        t = (first + r).to(tl.int64)
-        ptr = k + b.to(tl.int64) * stride_kb + t[:, None] * stride_kt + h * stride_kh + d[None, :]
-        block = tl.load(ptr, mask=(r[:, None] < BS) & (d[None, :] < D), other=0.0).to(tl.float32)  # [BSP, BD]
-        mean = tl.sum(block, axis=0) / BS
-        out = means + ((b.to(tl.int64) * CAP + target - 1) * H + h) * D + d
-        tl.store(out, mean, mask=d < D)
+    _write_completed_block_mean(k, means, b, h, first_key, n, stride_kb, stride_kt, stride_kh, stride_mb, stride_mn,
+                                stride_mh, D, BD, BS, BSP)  # fmt: skip
 
 
 def append_block_means(
@@ -61,16 +88,17 @@ def append_block_means(
     block_size: int,
     key_len: torch.Tensor | None = None,
 ) -> None:
-    """In place: means [B, CAP, H, D] float32 gets the block each row's newest key completed (rows whose newest key
+    """In place: means [B, CAP, H, D] float32 (any strides with a contiguous last dim) gets the block each row's newest key completed (rows whose newest key
     completed none keep theirs). keys [B, TK, H, D] (any strides), start [B] int64 each row's document start.
     key_len [1] int64 (static caches, whose key buffer is longer than the keys written): the key count, read on
     the device, so that a CUDA graph can replay the update as the cache grows; default TK."""
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r}: need a positive int.")
     B, TK, H, D = keys.shape
-    if means.shape[0] != B or means.shape[2:] != (H, D) or means.dtype != torch.float32 or not means.is_contiguous():
+    if means.shape[0] != B or means.shape[2:] != (H, D) or means.dtype != torch.float32 or means.stride(3) != 1:
         raise ValueError(
-            f"means {tuple(means.shape)} {means.dtype}: need a contiguous float32 [B={B}, CAP, H={H}, D={D}] tensor."
+            f"means {tuple(means.shape)} {means.dtype} strides {means.stride()}: need a float32 [B={B}, CAP, H={H}, "
+            f"D={D}] tensor with a contiguous last dim (it is written in place, so it cannot be copied)."
         )
     if key_len is not None and (key_len.shape != (1,) or key_len.dtype != torch.int64):
         raise ValueError(f"key_len {tuple(key_len.shape)} {key_len.dtype}: need a [1] int64 tensor.")
@@ -86,10 +114,12 @@ def append_block_means(
         start,
         key_len,
         TK,
-        means.shape[1],
         keys.stride(0),
         keys.stride(1),
         keys.stride(2),
+        means.stride(0),
+        means.stride(1),
+        means.stride(2),
         H=H,
         D=D,
         BD=next_pow2(D),

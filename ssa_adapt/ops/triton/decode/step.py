@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ...reference import check_qkv
 from .. import utils
+from ..cache_means import _write_completed_block_mean
 from ..options import DEFAULT_OPTIONS, KernelOptions
 from ..utils import check_block_size, check_doc_start, next_pow2
 from .attend import _attend_split
@@ -42,8 +43,9 @@ def _decode_step_kernel(
     q,  # [B, T, HQ, D] (strided)
     k,  # [B, TK, H, D] (strided)
     v,  # [B, TK, H, D] (strided)
-    kbar,  # [B, NB, H, D] float32 block means (strided, last dim contiguous)
+    kbar,  # [B, NB, H, D] float32 block means (strided, last dim contiguous; in-out with APPEND)
     doc_start,  # [B, T] int64 or None
+    means_start,  # [B] int64 or None: each row's document start, for APPEND
     scratch,  # float32 [SCRATCH words]: logits, statistics, importance bits and survivors (see decode_sparse_step)
     indices,  # [B, T, H, S] int32 out
     o,  # [B, T, HQ, D] out
@@ -84,8 +86,15 @@ def _decode_step_kernel(
     PRECISION: tl.constexpr,
     DOT_PREC: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    APPEND: tl.constexpr,  # T == 1: first write the mean of the block the newest key completed (if it did)
+    BSP: tl.constexpr,  # BS rounded up to a power of two (APPEND)
 ):
     i_bth = tl.program_id(0).to(tl.int64)
+    if APPEND:  # what `append_block_means` would launch, for this program's (row, KV head); T == 1, so i_bth // H = b
+        first_key = tl.load(means_start + i_bth // H)
+        _write_completed_block_mean(k, kbar, i_bth // H, i_bth % H, first_key, TK - first_key, stride_kb, stride_kt,
+                                    stride_kh, stride_mb, stride_mn, stride_mh, D, BD, BS, BSP)  # fmt: skip
+        tl.debug_barrier()  # the scoring below reads that mean back (other threads of this program)
     # the scratch's pieces, all rows': logits [units, G, nb], statistics [units, 2, GS], importance bits [units, nb]
     # int32, survivors [units, CAP] int64 (at an even word: 8-byte aligned)
     units = tl.num_programs(0).to(tl.int64)
@@ -119,6 +128,7 @@ def decode_sparse_step(
     local_blocks: int = 1,
     scale: float | None = None,
     doc_start: torch.Tensor | None = None,
+    means_start: torch.Tensor | None = None,
     options: KernelOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SSA's sparse stream for few queries per row (T <= 4) from a KV cache's block means, in one launch
@@ -128,6 +138,10 @@ def decode_sparse_step(
     block_means [B, NB, H, D] float32 (each row's complete blocks from its document start, as `decode_select`
     takes them), doc_start [B, T] or None -> (o [B, T, HQ, D], block_indices [B, T, H, block_count] int32), equal
     to `decode_select(..., key_len=TK, doc_start=doc_start)` followed by `decode_attend`.
+    means_start [B] int64 (T == 1): the means may still lack the block that the newest key completed (rows whose
+    TK - means_start[b] keys from their document start end a block); the kernel writes it into block_means first,
+    in place, as `append_block_means(block_means, means_start, k, block_size)` would (one launch fewer: the cache
+    leaves that update to this call).
     options: `KernelOptions` (None: the defaults); reads `options.decode` and `options.poison`.
     """
     B, T, TK, HQ, H, D = check_qkv(q, k, v)
@@ -135,6 +149,17 @@ def decode_sparse_step(
         raise ValueError(f"block_means must be [B, NB, H, D] = [{B}, NB, {H}, {D}]; got {tuple(block_means.shape)}.")
     check_block_size(block_size)
     check_selection(block_count, sink_blocks, local_blocks)
+    if means_start is not None:
+        if T != 1 or means_start.shape != (B,) or means_start.dtype != torch.int64:
+            raise ValueError(
+                f"means_start {tuple(means_start.shape)} {means_start.dtype} with {T} queries per row: the in-place "
+                f"update of the block means needs one query per row and a [B={B}] int64 tensor."
+            )
+        if block_means.dtype != torch.float32 or block_means.stride(3) != 1:
+            raise ValueError(
+                f"block_means {block_means.dtype} strides {block_means.stride()}: updated in place (means_start), "
+                "they must be float32 with a contiguous last dim."
+            )
     options = DEFAULT_OPTIONS if options is None else options
     opt, poison = options.decode, options.poison
     scale = D**-0.5 if scale is None else scale
@@ -152,7 +177,7 @@ def decode_sparse_step(
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kbar = last_dim_contiguous(block_means if block_means.dtype == torch.float32 else block_means.float())
     _decode_step_kernel[(units,)](
-        q, k, v, kbar, ds, scratch, indices, out,
+        q, k, v, kbar, ds, means_start, scratch, indices, out,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), kbar.stride(0), kbar.stride(1), kbar.stride(2),
@@ -163,6 +188,6 @@ def decode_sparse_step(
         LG=min(opt.finish_groups, opt.finish_blocks), CAP=opt.finish_cap, FAST=opt.finish_fast,
         NBK=max(1, opt.attend_keys // block_size), PRECISION=opt.score_precision,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", HAS_DOCS=ds is not None,
-        num_warps=opt.step_warps,
+        APPEND=means_start is not None, BSP=next_pow2(block_size), num_warps=opt.step_warps,
     )  # fmt: skip
     return out, indices
