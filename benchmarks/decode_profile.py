@@ -46,13 +46,19 @@ def smollm2_shaped(context: int, device: str):
     return ssa_adapt.convert(model, ssa_adapt.SSAConfig(block_size=16, block_count=16, sink_blocks=1))
 
 
-def steps(model, prompt, mode: str, n: int, use_mask: bool = True, profiler=None) -> float:
-    """Prefill `prompt` [B, TK], then time n decode steps -> ms per step (the profiler, if any, wraps the steps)."""
+def steps(model, prompt, mode: str, n: int, use_mask: bool = True, profiler=None, pad_step: int = 0) -> float:
+    """Prefill `prompt` [B, TK], then time n decode steps -> ms per step (the profiler, if any, wraps the steps).
+    pad_step: row i's first `i * pad_step` tokens are left padding (a batch of prompts of different lengths, as
+    `generate()` pads them; their rows then complete their key blocks at different steps)."""
     ssa_adapt.set_inference(model, mode)
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     cache = SSACache(config=model.config)
-    mask = torch.ones_like(prompt)
     B = prompt.shape[0]
+    pad = (
+        torch.arange(prompt.shape[1], device=prompt.device)[None]
+        < pad_step * torch.arange(B, device=prompt.device)[:, None]
+    )
+    mask = (~pad).long()
     with torch.no_grad():
         out = model(prompt, attention_mask=mask if use_mask else None, **cache_kwargs(cache), use_cache=True,
                     logits_to_keep=1)  # fmt: skip
@@ -75,6 +81,9 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per configuration")
     p.add_argument("--timing-only", action="store_true", help="print the milliseconds per step, no profiles")
+    p.add_argument(
+        "--pad-step", type=int, default=0, help="row i is left-padded by i * PAD_STEP tokens (needs the mask)"
+    )
     args = p.parse_args()
     if args.context < 32 or args.batch < 1 or args.steps < 1:
         raise SystemExit(
@@ -84,20 +93,21 @@ def main():
     model = smollm2_shaped(args.context, device)
     prompt = torch.randint(0, VOCAB, (args.batch, args.context), device=device)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"{name}, context {args.context}, batch {args.batch}", flush=True)
+    print(f"{name}, context {args.context}, batch {args.batch}, left padding {args.pad_step} x row", flush=True)
+    pad = dict(pad_step=args.pad_step)
     for mode in ("sparse", "full"):
         # warm-up as long as a timed run: compilation, and the allocator's pool for the growing KV cache (a 4-step
         # warm-up left the first timed run 1.5-5x slower than the second on the H100, 2026-12-07)
-        steps(model, prompt, mode, args.steps)
-        for use_mask in (False, True):
-            ms = steps(model, prompt, mode, args.steps, use_mask)
+        steps(model, prompt, mode, args.steps, **pad)
+        for use_mask in (False, True) if not args.pad_step else (True,):
+            ms = steps(model, prompt, mode, args.steps, use_mask, **pad)
             print(f"{mode}, attention_mask={use_mask}: {ms:.2f} ms per step", flush=True)
     if args.timing_only:
         return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     for mode in ("sparse", "full"):
         prof = profile(activities=activities)
-        ms = steps(model, prompt, mode, 8, profiler=prof)
+        ms = steps(model, prompt, mode, 8, profiler=prof, **pad)
         table = prof.key_averages()
         print(f"\n== torch.profiler, {mode}: {ms:.2f} ms per step (profiled, mask on)")
         if device == "cuda":
@@ -106,7 +116,7 @@ def main():
     for mode in ("sparse", "full"):
         pr = cProfile.Profile()
         pr.enable()
-        ms = steps(model, prompt, mode, 16)
+        ms = steps(model, prompt, mode, 16, **pad)
         pr.disable()
         print(f"\n== cProfile, {mode}: {ms:.2f} ms per step under cProfile (prefill included in the profile)")
         pstats.Stats(pr).sort_stats("tottime").print_stats(25)
