@@ -20,6 +20,7 @@ README, section 6.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -115,7 +116,20 @@ def _decode_step_kernel(
                   D, BD, BS, S, NBK, HAS_DOCS, False, True, DOT_PREC)  # fmt: skip
 
 
-@torch.no_grad()
+@functools.lru_cache(maxsize=256)
+def _launch_constants(H, G, D, block_size, S, sink, local, opt, f32: bool, has_docs: bool, append: bool) -> dict:
+    """The step kernel's compile-time arguments and warps for one configuration (built once: a decode step's host
+    time is the limit of eager decoding)."""
+    return dict(
+        H=H, G=G, GF=max(2, next_pow2(G)), GS=max(16, next_pow2(G)), D=D, BD=max(16, next_pow2(D)), BS=block_size,
+        S=S, SP=max(2, next_pow2(S)), FP=max(2, next_pow2(sink + local)), SINK=sink, LOCAL=local,
+        BN_SCORE=opt.score_blocks, BN_FINISH=opt.finish_blocks, LG=min(opt.finish_groups, opt.finish_blocks),
+        CAP=opt.finish_cap, FAST=opt.finish_fast, NBK=max(1, opt.attend_keys // block_size),
+        PRECISION=opt.score_precision, DOT_PREC="ieee" if f32 else "tf32", HAS_DOCS=has_docs, APPEND=append,
+        BSP=next_pow2(block_size), num_warps=opt.step_warps,
+    )  # fmt: skip
+
+
 def decode_sparse_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -176,18 +190,13 @@ def decode_sparse_step(
         return out, indices
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kbar = last_dim_contiguous(block_means if block_means.dtype == torch.float32 else block_means.float())
+    meta = _launch_constants(H, G, D, block_size, S, sink_blocks, local_blocks, opt, q.dtype == torch.float32,
+                             ds is not None, means_start is not None)  # fmt: skip
     _decode_step_kernel[(units,)](
         q, k, v, kbar, ds, means_start, scratch, indices, out,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        T, TK, NB,
-        H=H, G=G, GF=max(2, next_pow2(G)), GS=GS, D=D, BD=max(16, next_pow2(D)), BS=block_size, S=S,
-        SP=max(2, next_pow2(S)), FP=max(2, next_pow2(sink_blocks + local_blocks)), SINK=sink_blocks,
-        LOCAL=local_blocks, BN_SCORE=opt.score_blocks, BN_FINISH=opt.finish_blocks,
-        LG=min(opt.finish_groups, opt.finish_blocks), CAP=opt.finish_cap, FAST=opt.finish_fast,
-        NBK=max(1, opt.attend_keys // block_size), PRECISION=opt.score_precision,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", HAS_DOCS=ds is not None,
-        APPEND=means_start is not None, BSP=next_pow2(block_size), num_warps=opt.step_warps,
+        T, TK, NB, **meta,
     )  # fmt: skip
     return out, indices
