@@ -122,6 +122,7 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D, options: KernelOptions = DEFAULT
     meta = dict(kind="layer", HQ=HQ, H=H, D=D, context=TK, batch=B)
     q, k, v, means = layer_inputs(B, TK, HQ, H, D)
     one = KernelOptions(decode=dataclasses.replace(options.decode, fused_step=True))
+    unsplit = KernelOptions(decode=dataclasses.replace(options.decode, fused_step=True, step_split_blocks=None))
     split = KernelOptions(decode=dataclasses.replace(options.decode, fused_step=False))
     sparse = partial(ops.sparse_attention, block_means=means, backend="triton", kernel_options=one, **SEL)
     with torch.no_grad():
@@ -138,6 +139,10 @@ def bench_layer(rec: Recorder, B, TK, HQ, H, D, options: KernelOptions = DEFAULT
         "ssa_sparse": sparse,
         "ssa_sparse_split": partial(
             ops.sparse_attention, block_means=means, backend="triton", kernel_options=split, **SEL
+        ),
+        # the one launch with one program per row (no split scoring), as before step_split_blocks
+        "ssa_sparse_one_program": partial(
+            ops.sparse_attention, block_means=means, backend="triton", kernel_options=unsplit, **SEL
         ),
     }
     times = {}

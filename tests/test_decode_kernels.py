@@ -287,13 +287,19 @@ def run_case(c, device, options) -> dict:
     # the fused step alone: its fast finishing, the exact fallback, 8 lanes (the switch between them); its indices
     # are checked like the selection's, its output against the reference attention on them
     res["o_step"] = 0.0
-    for change in ({}, dict(finish_fast=False), dict(finish_blocks=8), dict(score_blocks=16, step_warps=4)):
+    # ... and its scoring split over programs (the row's last one finishes), in splits narrower than a score tile
+    steps = ({}, dict(finish_fast=False), dict(finish_blocks=8), dict(score_blocks=16, step_warps=4),
+             dict(step_split_blocks=64), dict(step_split_blocks=16, score_blocks=32, stats_chunk=2))  # fmt: skip
+    for change in steps:
         o, got = decode_sparse_step(q, k, v, means, doc_start=ds, options=decoding(**change), **sel)
         record(got)
         o_ref = R.attend_blocks(q.double(), k.double(), v.double(), got, block_size=BS, doc_start=ds)
         res["o_step"] = max(res["o_step"], rel_rms(o, o_ref))
-    if T == 1:  # the step writes the block the newest key completed (means_start) before selecting from it
+    if T == 1:  # the step writes the block the newest key completed (means_start) before selecting from it, in
+        # one program per row and in splits (then the split that scores the block writes it)
         res.update(step_appends(q, k, v, ds, means, starts[:, 0], sel, options))
+        split = decoding(step_split_blocks=16)
+        res.update({f"{n}_split": x for n, x in step_appends(q, k, v, ds, means, starts[:, 0], sel, split).items()})
     return res
 
 
@@ -343,7 +349,8 @@ def check(res: dict, c):
     errs = {n: res[n] for n in ("o", "o_dispatch", "o_step")}
     assert all(e < tol for e in errs.values()), f"relative RMS errors {errs} over {tol}"
     if c["T"] == 1:  # the means the step (or the split path) completed in place equal the keys' means
-        assert res["append_means_err"] < 1e-5 and res["append_same"] == 1.0, res
+        for tag in ("", "_split"):
+            assert res["append_means_err" + tag] < 1e-5 and res["append_same" + tag] == 1.0, res
 
 
 def test_some_cases_complete_a_block_in_the_step():
@@ -439,7 +446,8 @@ def test_decode_options_are_checked():
     from ssa_adapt.ops.triton.options import DecodeOptions
 
     for bad in (dict(finish="split"), dict(chunk_blocks=100), dict(finish_cap=0), dict(score_precision="tf32"),
-                dict(stats_chunk=3), dict(finish_fast=1), dict(fused_step=1), dict(step_warps=3)):  # fmt: skip
+                dict(stats_chunk=3), dict(finish_fast=1), dict(fused_step=1), dict(step_warps=3),
+                dict(step_split_blocks=100)):  # fmt: skip
         with pytest.raises(ValueError, match="DecodeOptions"):
             DecodeOptions(**bad)
     assert DecodeOptions(stats_chunk=2, chunk_blocks=8, finish_cap=2).stats_chunk == 2
@@ -536,14 +544,16 @@ def test_decode_kernels_compile_for_sm90(G):
     kernels += [
         (
             d_step._decode_step_kernel,
-            dict(ptr, q="*bf16", k="*bf16", v="*bf16", kbar="*fp32", means_start="*i64", scratch="*fp32",
-                 indices="*i32", o="*bf16", scale_log2="fp32"),
+            dict(ptr, q="*bf16", k="*bf16", v="*bf16", kbar="*fp32", means_start="*i64", count="*i32",
+                 scratch="*fp32", indices="*i32", o="*bf16", scale_log2="fp32"),
             dict(common, GF=max(2, triton.next_power_of_2(G)), GS=16, S=16, SP=16, FP=2, SINK=1, LOCAL=1,
                  BN_SCORE=o.score_blocks, BN_FINISH=o.finish_blocks, LG=o.finish_groups, CAP=o.finish_cap, FAST=True,
-                 NBK=2, PRECISION=o.score_precision, DOT_PREC="tf32", APPEND=append, BSP=16),
+                 NBK=2, PRECISION=o.score_precision, DOT_PREC="tf32", APPEND=append, BSP=16, SPLIT=split,
+                 NSP=16 if split else 2),
             o.step_warps,
         )
-        for append in (True, False)  # with and without the in-place update of the block means
+        # with and without the in-place update of the block means, one program per row and split scoring
+        for append, split in ((True, False), (False, False), (True, True))
     ]  # fmt: skip
     kernels.append(
         (

@@ -113,11 +113,16 @@ class DecodeOptions:
     # static-cache paths (CUDA graphs, compiled steps) always run the split launches. step_warps: its warps.
     fused_step: bool = True
     step_warps: int = 8
+    # The one-launch step splits a row's scoring over programs of this many blocks each (grid (rows, splits); the
+    # row's last program to finish scoring finishes and attends), so that a long context is not scanned by one
+    # program alone (8192 blocks at 128k); None: one program per row at every length.
+    step_split_blocks: int | None = 512
 
     def __post_init__(self):
         tiles = ("score_blocks", "chunk_blocks", "chunk_small", "finish_blocks", "finish_groups", "finish_cap",
                  "attend_keys", "score_warps", "finish_warps", "attend_warps", "step_warps")  # fmt: skip
         tiles += ("stats_chunk",) if self.stats_chunk is not None else ()
+        tiles += ("step_split_blocks",) if self.step_split_blocks is not None else ()
         _check_positive(self, (*tiles, "chunk_programs_per_sm", "chunk_pairs", "programs_per_sm"))
         for name, value in ((n, getattr(self, n)) for n in tiles):
             if value & (value - 1):

@@ -31,10 +31,10 @@ from ...reference import check_qkv
 from .. import utils
 from ..cache_means import _write_completed_block_mean
 from ..options import DEFAULT_OPTIONS, KernelOptions
-from ..utils import check_block_size, check_doc_start, next_pow2
+from ..utils import cdiv, check_block_size, check_doc_start, next_pow2
 from .attend import _attend_split
 from .launch import PER_STEP, last_dim_contiguous
-from .select import _finish_row, _score_split, check_selection
+from .select import _finish_row, _row_counts, _score_split, _stats_chunk, check_selection
 
 __all__ = ["decode_sparse_step"]
 
@@ -47,6 +47,7 @@ def _decode_step_kernel(
     kbar,  # [B, NB, H, D] float32 block means (strided, last dim contiguous; in-out with APPEND)
     doc_start,  # [B, T] int64 or None
     means_start,  # [B] int64 or None: each row's document start, for APPEND
+    count,  # [>= B * T * H] int32, zero between calls (SPLIT: the splits of a row that have finished scoring)
     scratch,  # float32 [SCRATCH words]: logits, statistics, importance bits and survivors (see decode_sparse_step)
     indices,  # [B, T, H, S] int32 out
     o,  # [B, T, HQ, D] out
@@ -66,6 +67,8 @@ def _decode_step_kernel(
     T,
     TK,
     NB,
+    NSPLIT,  # programs per row (the grid's second axis), each scoring BPS blocks
+    BPS,
     H: tl.constexpr,
     G: tl.constexpr,
     GF: tl.constexpr,  # the finishing's group rows: next power of two >= G (>= 2)
@@ -89,31 +92,53 @@ def _decode_step_kernel(
     HAS_DOCS: tl.constexpr,
     APPEND: tl.constexpr,  # T == 1: first write the mean of the block the newest key completed (if it did)
     BSP: tl.constexpr,  # BS rounded up to a power of two (APPEND)
+    SPLIT: tl.constexpr,  # NSPLIT > 1: the row's last program to finish scoring finishes and attends
+    NSP: tl.constexpr,  # splits whose statistics the finishing reads in one load
 ):
     i_bth = tl.program_id(0).to(tl.int64)
-    if APPEND:  # what `append_block_means` would launch, for this program's (row, KV head); T == 1, so i_bth // H = b
+    i_sp = tl.program_id(1)
+    if APPEND:  # what `append_block_means` would launch, for this program's (row, KV head); T == 1, so i_bth // H = b.
+        # The block is the row's last complete one, which only the split holding it scores: that split writes it.
         first_key = tl.load(means_start + i_bth // H)
-        _write_completed_block_mean(k, kbar, i_bth // H, i_bth % H, first_key, TK - first_key, stride_kb, stride_kt,
-                                    stride_kh, stride_mb, stride_mn, stride_mh, D, BD, BS, BSP)  # fmt: skip
+        n = TK - first_key
+        if i_sp == tl.maximum(n // BS - 1, 0) // BPS:
+            _write_completed_block_mean(k, kbar, i_bth // H, i_bth % H, first_key, n, stride_kb, stride_kt,
+                                        stride_kh, stride_mb, stride_mn, stride_mh, D, BD, BS, BSP)  # fmt: skip
         tl.debug_barrier()  # the scoring below reads that mean back (other threads of this program)
-    # the scratch's pieces, all rows': logits [units, G, nb], statistics [units, 2, GS], importance bits [units, nb]
-    # int32, survivors [units, CAP] int64 (at an even word: 8-byte aligned)
+    # the scratch's pieces, all rows': logits [units, G, nb], statistics [units, NSPLIT, 2, GS], importance bits
+    # [units, nb] int32, survivors [units, CAP] int64 (at an even word: 8-byte aligned)
     units = tl.num_programs(0).to(tl.int64)
     nb = tl.maximum(NB, 1)
     logits = scratch
     stats = logits + units * G * nb
-    imp = (stats + units * 2 * GS).to(tl.pointer_type(tl.int32), bitcast=True)
-    comp = (scratch + (units * (G * nb + 2 * GS + nb) + 1) // 2 * 2).to(tl.pointer_type(tl.int64), bitcast=True)
+    imp = (stats + units * NSPLIT * 2 * GS).to(tl.pointer_type(tl.int32), bitcast=True)
+    comp = (scratch + (units * (G * nb + NSPLIT * 2 * GS + nb) + 1) // 2 * 2).to(tl.pointer_type(tl.int64),
+                                                                                 bitcast=True)  # fmt: skip
     _score_split(q, kbar, None, doc_start, logits, stats, scale_log2, stride_qb, stride_qt, stride_qh, stride_mb,
-                 stride_mn, stride_mh, T, TK, NB, 1, NB, i_bth, 0, H, G, GS, D, BD, BS, BN_SCORE, PRECISION, False,
-                 HAS_DOCS)  # fmt: skip
-    tl.debug_barrier()  # the logits and statistics are read back by other threads of this program
-    _finish_row(logits, stats, imp, comp, None, doc_start, indices, T, TK, NB, 1, i_bth, H, G, GF, GS, 2, BS, S,
-                SP, FP, SINK, LOCAL, BN_FINISH, LG, CAP, FAST, False, HAS_DOCS)  # fmt: skip
-    tl.debug_barrier()  # likewise the block indices
-    _attend_split(q, k, v, indices, doc_start, None, o, None, None, scale_log2, stride_qb, stride_qt, stride_qh,
-                  stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, T, TK, 1, S, i_bth, 0, H, G, GS,
-                  D, BD, BS, S, NBK, HAS_DOCS, False, True, DOT_PREC)  # fmt: skip
+                 stride_mn, stride_mh, T, TK, NB, NSPLIT, BPS, i_bth, i_sp, H, G, GS, D, BD, BS, BN_SCORE, PRECISION,
+                 False, HAS_DOCS)  # fmt: skip
+    tl.debug_barrier()  # the logits and statistics are read back by other threads (and, split, other programs)
+    if SPLIT:  # the row's last split to finish goes on (acq_rel: the others' logits are visible to it)
+        last = tl.atomic_add(count + i_bth, 1, sem="acq_rel") == NSPLIT - 1
+    else:
+        last = True
+    if last:
+        _finish_row(logits, stats, imp, comp, None, doc_start, indices, T, TK, NB, NSPLIT, i_bth, H, G, GF, GS, NSP,
+                    BS, S, SP, FP, SINK, LOCAL, BN_FINISH, LG, CAP, FAST, False, HAS_DOCS)  # fmt: skip
+        tl.debug_barrier()  # likewise the block indices
+        _attend_split(q, k, v, indices, doc_start, None, o, None, None, scale_log2, stride_qb, stride_qt,
+                      stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, T, TK, 1, S,
+                      i_bth, 0, H, G, GS, D, BD, BS, S, NBK, HAS_DOCS, False, True, DOT_PREC)  # fmt: skip
+        if SPLIT:
+            tl.atomic_xchg(count + i_bth, 0)  # zero for the next call
+
+
+def _splits(nb: int, opt) -> tuple[int, int]:
+    """(programs per row, blocks each scores): splits of `DecodeOptions.step_split_blocks` blocks, or one program
+    per row (None)."""
+    if opt.step_split_blocks is None or nb <= opt.step_split_blocks:
+        return 1, nb
+    return cdiv(nb, opt.step_split_blocks), opt.step_split_blocks
 
 
 @functools.lru_cache(maxsize=256)
@@ -181,10 +206,11 @@ def decode_sparse_step(
     G, S, NB = HQ // H, block_count, block_means.shape[1]
     units, nb = B * T * H, max(NB, 1)
     GS = max(16, next_pow2(G))
+    nsplit, bps = _splits(nb, opt)
     out = utils.new_empty((B, T, HQ, D), q.dtype, q.device, poison)
     indices = utils.new_empty((B, T, H, S), torch.int32, q.device, poison)
     # the kernel's scratch (its layout: _decode_step_kernel), one allocation
-    words = -(-units * (G * nb + 2 * GS + nb) // 2) * 2 + 2 * units * opt.finish_cap
+    words = -(-units * (G * nb + nsplit * 2 * GS + nb) // 2) * 2 + 2 * units * opt.finish_cap
     scratch = utils.new_empty((words,), torch.float32, q.device, poison)
     if out.numel() == 0:
         return out, indices
@@ -192,11 +218,12 @@ def decode_sparse_step(
     kbar = last_dim_contiguous(block_means if block_means.dtype == torch.float32 else block_means.float())
     meta = _launch_constants(H, G, D, block_size, S, sink_blocks, local_blocks, opt, q.dtype == torch.float32,
                              ds is not None, means_start is not None)  # fmt: skip
-    _decode_step_kernel[(units,)](
-        q, k, v, kbar, ds, means_start, scratch, indices, out,
+    count = _row_counts(q.device, units) if nsplit > 1 else None
+    _decode_step_kernel[(units, nsplit)](
+        q, k, v, kbar, ds, means_start, count, scratch, indices, out,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        T, TK, NB, **meta,
+        T, TK, NB, nsplit, bps, SPLIT=nsplit > 1, NSP=_stats_chunk(nsplit, G, opt.stats_chunk), **meta,
     )  # fmt: skip
     return out, indices
