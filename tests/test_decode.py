@@ -136,3 +136,23 @@ def test_unload_restores_transformers_cache():
     model = ssa_adapt.unload(ssa_adapt.convert(tiny_model("llama", 3, layers=2), CONFIG))
     out = model.generate(token_batch(1, 10), max_new_tokens=2, pad_token_id=0, return_dict_in_generate=True)
     assert type(getattr(out, "cache", getattr(out, "past_key_values", None))) is DynamicCache
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_full_attention_decode_step_with_document_starts(G, monkeypatch):
+    """One query per row with its document's start (a left-padded decode step) takes SDPA over the row's keys
+    (`masked_decode_attention`), not the document-mask path (the reference here, FlexAttention on CUDA, which
+    built a block mask for every key length); equal to the reference."""
+    from ssa_adapt import ops
+    from ssa_adapt.ops import dispatch, reference
+
+    g = torch.Generator().manual_seed(G)
+    B, TK, H, D = 3, 37, 2, 16
+    q = torch.randn(B, 1, H * G, D, generator=g)
+    k, v = torch.randn(B, TK, H, D, generator=g), torch.randn(B, TK, H, D, generator=g)
+    doc_start = torch.tensor([[0], [5], [36]])  # no padding, some, all but the query's own key
+    want = reference.full_attention(q, k, v, doc_start=doc_start)
+    monkeypatch.setattr(dispatch.reference, "full_attention", lambda *a, **kw: pytest.fail("document-mask path"))
+    out = ops.full_attention(q, k, v, doc_start=doc_start)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[2], v[2, 36:].repeat_interleave(G, 1), atol=1e-6, rtol=0)  # attends to itself

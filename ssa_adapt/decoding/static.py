@@ -24,7 +24,14 @@ from transformers import DynamicCache
 
 from ..compat import CACHE_KEYWORD
 from ..config import SSAConfig
-from ..ops import append_block_means, block_means, kernels_run, sparse_attention, static_cache_decode
+from ..ops import (
+    append_block_means,
+    block_means,
+    kernels_run,
+    masked_decode_attention,
+    sparse_attention,
+    static_cache_decode,
+)
 from ..patching.controller import require_controller
 from .cache import SSACache
 
@@ -69,7 +76,7 @@ class StaticSSACache(DynamicCache):
         self.key_len = pos + 1
         self.q_pos = (pos - self.start)[:, None]  # [B, 1] the query's position inside its row
         keys = torch.arange(self.length, device=pos.device)
-        self.key_mask = ((keys[None, :] >= self.start[:, None]) & (keys[None, :] <= pos))[:, None, None]  # [B,1,1,L]
+        self.key_mask = (keys[None, :] >= self.start[:, None]) & (keys[None, :] <= pos)  # [B, L]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key_states / value_states [B, H, 1, D] go to position `index`; -> the whole buffers [B, H, L, D]."""
@@ -103,7 +110,7 @@ class StaticSSACache(DynamicCache):
                                        block_means=self.means[layer_idx], row_start=self.start, key_len=self.key_len,
                                        **config.selection_kwargs())  # fmt: skip
         if config.inference_mode == "full":
-            return _masked_decode_attention(q, k, v, self.key_mask, scale)
+            return masked_decode_attention(q, k, v, self.key_mask, scale)
         # eager path (CPU reference): the written keys, known on the host
         n, means = int(self.key_len), self.means[layer_idx]
         append_block_means(means, self.start, k[:, :n], bs)  # in place: means holds every block
@@ -112,16 +119,6 @@ class StaticSSACache(DynamicCache):
 
     def reorder_cache(self, beam_idx):
         raise NotImplementedError("StaticSSACache does not take beam search: use generate() with an SSACache.")
-
-
-def _masked_decode_attention(q, k, v, key_mask, scale) -> torch.Tensor:
-    """q [B, 1, HQ, D] against k, v [B, L, H, D] where key_mask [B, 1, 1, L] -> [B, 1, HQ, D]: the G query heads of
-    each KV head are G query rows of one SDPA call (no copy of K / V for GQA)."""
-    B, _, HQ, D = q.shape
-    H = k.shape[2]
-    qg = q.reshape(B, H, HQ // H, D)
-    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask, scale=scale)
-    return out.reshape(B, 1, HQ, D)
 
 
 def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, generator) -> torch.Tensor:

@@ -24,6 +24,7 @@ __all__ = [
     "attend_blocks",
     "sparse_attention",
     "full_attention",
+    "masked_decode_attention",
     "attention_sparsity",
     "compressed_attention",
     "alignment_loss",
@@ -268,8 +269,11 @@ def alignment_loss(
 def full_attention(q, k, v, *, scale=None, doc_start=None, sliding_window=None, backend="auto") -> torch.Tensor:
     """The full stream: causal attention inside each document -> o [B, T, HQ, D].
 
-    Uses SDPA (GQA without copying K/V) when there are no document boundaries and no window; the reference
-    otherwise on CPU, FlexAttention document masks on CUDA when the kernels provide them.
+    Uses SDPA (GQA without copying K/V) when there are no document boundaries and no window, and for one query per
+    row (a decode step) with its document's keys as a boolean mask (`masked_decode_attention`: FlexAttention built
+    a block mask for every new key length; SmolLM2's architecture on the H100, 4k keys, a left-padded batch of 8:
+    121 ms per eager step in full mode against 37 without padding, 2026-12-07); the reference otherwise on CPU,
+    FlexAttention document masks on CUDA when the kernels provide them.
     """
     B, T, TK, HQ, H, D = check_qkv(q, k, v)
     if doc_start is None and sliding_window is None and (T == TK or T == 1):
@@ -277,11 +281,26 @@ def full_attention(q, k, v, *, scale=None, doc_start=None, sliding_window=None, 
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=T > 1, scale=scale, enable_gqa=HQ != H
         )
         return out.transpose(1, 2)
+    if T == 1 and sliding_window is None:  # a decode step of a left-padded row: its keys from its document start
+        keep = torch.arange(TK, device=q.device)[None, :] >= doc_start.to(q.device)[:, :1]  # [B, TK]
+        return masked_decode_attention(q, k, v, keep, scale)
     if q.is_cuda and backend in ("auto", "triton") and _has_kernels():
         from .flex import full_attention as flex_full_attention
 
         return flex_full_attention(q, k, v, scale=scale, doc_start=doc_start, sliding_window=sliding_window)
     return reference.full_attention(q, k, v, scale=scale, doc_start=doc_start, sliding_window=sliding_window)
+
+
+def masked_decode_attention(q, k, v, key_mask, scale=None) -> torch.Tensor:
+    """One query per row, q [B, 1, HQ, D], over the keys k, v [B, TK, H, D] that key_mask [B, TK] (bool) keeps ->
+    [B, 1, HQ, D]. The G query heads of each KV head are G query rows of one SDPA call with a [B, 1, 1, TK] mask:
+    no copy of K / V for GQA (which SDPA's own GQA support would make under a mask) and no causal mask to build."""
+    B, _, HQ, D = q.shape
+    H = k.shape[2]
+    qg = q.reshape(B, H, HQ // H, D)
+    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask[:, None, None, :],
+                                         scale=scale)  # fmt: skip
+    return out.reshape(B, 1, HQ, D)
 
 
 def block_means(keys: torch.Tensor, start: torch.Tensor, block_size: int, capacity: int) -> torch.Tensor:
