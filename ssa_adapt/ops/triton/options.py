@@ -108,7 +108,7 @@ class DecodeOptions:
     # (decode-h200-sweep.json, in git history), 8 beat 2
     programs_per_sm: int = 8
     # Eager decode steps (an SSACache, `generate()` without a static cache): selection and attention in one launch
-    # per layer (`decode/step.py`: one program per (query, KV head) runs scoring, finishing and attention), True,
+    # per layer (`decode/step.py`: programs per (query, KV head) score, the last one finishes and attends), True,
     # or the split launches above (four per layer), False. Eager decoding is bound by the host's launch cost; the
     # static-cache paths (CUDA graphs, compiled steps) always run the split launches. step_warps: its warps.
     fused_step: bool = True

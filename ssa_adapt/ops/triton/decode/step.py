@@ -4,10 +4,11 @@ An eager `generate()` is bound by the host: each Triton launch costs tens of mic
 binding and specialisation in Triton's launcher) while the GPU work of a decode step's selection and attention
 is a few microseconds. `decode_select` + `decode_attend` take four launches per layer (scoring, finishing,
 attention, combine), split for occupancy, which is what a CUDA graph wants (launches are free there, idle SMs
-are not). `_decode_step_kernel` runs the same three phases in one program per (query, KV head), grid (B * T * H):
+are not). `_decode_step_kernel` runs the same three phases in one launch, grid (B * T * H, splits):
 
-1. the scoring of `select.py` (`_score_split`) over all the row's complete blocks: logits to a scratch row, the
-   softmax statistics per head beside them;
+1. the scoring of `select.py` (`_score_split`), each program over its split of the row's complete blocks
+   (`DecodeOptions.step_split_blocks`; one split up to that many): logits to a scratch row, the softmax
+   statistics per head and split beside them; the row's last program to finish (an atomic count) goes on:
 2. the row finishing of `select.py` (`_finish_row`): the block indices, written to the output row;
 3. the attention of `attend.py` (`_attend_split`) over those blocks, one split, into the output.
 
