@@ -4,7 +4,8 @@ of `model(...)` (what `generate()` runs per token, without its bookkeeping).
 
     python benchmarks/decode_profile.py --context 131072 --batch 1
 
-Prints milliseconds per step with and without the growing attention mask (`--timing-only`: nothing else), then
+Prints milliseconds per step (the median of `--repeats` runs, the modes alternating) with and without the
+growing attention mask (`--timing-only`: nothing else), then
 torch.profiler tables (CUDA and CPU time per op) and cProfile's view of the Python (our host code and Triton's
 launcher). It writes no results file:
 it is a profile, and its figures go into the README's prose with card, date and commit.
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import cProfile
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -81,13 +83,15 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per configuration")
     p.add_argument("--timing-only", action="store_true", help="print the milliseconds per step, no profiles")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per mode and mask setting (median printed)")
     p.add_argument(
         "--pad-step", type=int, default=0, help="row i is left-padded by i * PAD_STEP tokens (needs the mask)"
     )
     args = p.parse_args()
-    if args.context < 32 or args.batch < 1 or args.steps < 1:
+    if args.context < 32 or args.batch < 1 or args.steps < 1 or args.repeats < 1:
         raise SystemExit(
-            f"--context >= 32, --batch >= 1, --steps >= 1; got {args.context}, {args.batch}, {args.steps}"
+            f"--context >= 32, --batch >= 1, --steps >= 1, --repeats >= 1; got {args.context}, {args.batch}, "
+            f"{args.steps}, {args.repeats}"
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = smollm2_shaped(args.context, device)
@@ -99,9 +103,16 @@ def main():
         # warm-up as long as a timed run: compilation, and the allocator's pool for the growing KV cache (a 4-step
         # warm-up left the first timed run 1.5-5x slower than the second on the H100, 2026-12-07)
         steps(model, prompt, mode, args.steps, **pad)
-        for use_mask in (False, True) if not args.pad_step else (True,):
-            ms = steps(model, prompt, mode, args.steps, use_mask, **pad)
-            print(f"{mode}, attention_mask={use_mask}: {ms:.2f} ms per step", flush=True)
+    # the modes alternate within each repeat, so that a slow phase of the machine hits both; single runs on the H100
+    # host varied by up to 1.5x between settings that cost the same (2026-12-07)
+    times: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(args.repeats):
+        for mode in ("sparse", "full"):
+            for use_mask in (False, True) if not args.pad_step else (True,):
+                times.setdefault((mode, use_mask), []).append(steps(model, prompt, mode, args.steps, use_mask, **pad))
+    for (mode, use_mask), ms in times.items():
+        runs = " ".join(f"{t:.2f}" for t in ms)
+        print(f"{mode}, attention_mask={use_mask}: {statistics.median(ms):.2f} ms per step (median; runs {runs})")
     if args.timing_only:
         return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])

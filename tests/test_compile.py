@@ -81,14 +81,16 @@ def test_compiled_training_equals_eager(train_mode, stream, checkpointing):
         ssa_adapt.set_stream(model, stream)
     ids, mask = _padded()
     loss, grads = _loss_and_grads(model, model, ids, mask)
+    fullgraph = True
     if checkpointing:
-        # transformers' own checkpointed layers break the graph (the `kernels` layer wrapper sets a context variable
-        # inside torch.utils.checkpoint, unconverted models alike): none of the breaks may come from ssa_adapt
+        # transformers' own checkpointed layers may break the graph (from 5.2x the `kernels` layer wrapper sets a
+        # context variable inside torch.utils.checkpoint, unconverted models alike; 5.17 traces them whole): none of
+        # the breaks may come from ssa_adapt, and without any the compiled model must be one graph
         explained = torch._dynamo.explain(lambda x: model(x, attention_mask=mask, labels=x, use_cache=False).loss)(ids)
-        assert explained.graph_break_count > 0
         assert not [b for b in explained.break_reasons if any("ssa_adapt" in f.filename for f in b.user_stack)]
+        fullgraph = explained.graph_break_count == 0
         torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=not checkpointing)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
     loss_c, grads_c = _loss_and_grads(model, compiled, ids, mask)
     assert grads.keys() == grads_c.keys() and any(".ssa_gate." in n for n in grads)
     torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=0)
