@@ -26,8 +26,10 @@ with only its config.json: that architecture with random weights, the same speed
 converted with SSAConfig(16, 16, sink 1), greedy decoding of `--new-tokens` tokens after a random prompt of the
 context length, sparse and full mode; decode tokens/s = B * (N - 1) / (t(N tokens) - t(1 token)), so the prefill
 cancels. `static_generate` rows (`--generate-impls`): the same decoding with a static cache, each step replayed
-from one CUDA graph; tokens/s = B * (N - 3) / (t(N) - t(3)) (the graph is captured at step 2). Every row carries
-command, device and date; the file is rewritten after every row.
+from one CUDA graph; tokens/s = B * (N - 3) / (t(N) - t(3)) (the graph is captured at step 2). `--baseline`
+adds mode `unconverted` (the model before conversion: SDPA and transformers' own caches, its own compiled step for
+`hf_static`), which tells transformers' per-token cost apart from ours. Every row carries command, device and date;
+the file is rewritten after every row.
 
 `--sweep` first times SWEEP_VARIANTS (`DecodeOptions` changes to SWEEP_BASE, passed as `KernelOptions`) at 128k
 (`kind: sweep` rows, each with its options as a dict) and runs the layer rows and profiles with the fastest; the
@@ -245,9 +247,21 @@ def profile_layer(B, TK, HQ, H, D, steps=20, options: KernelOptions = DEFAULT_OP
 
 
 def bench_generate(
-    rec: Recorder, B, TK, HQ, H, D, layers, new_tokens, model_path=None, cprofile=False, impls=("generate",)
+    rec: Recorder,
+    B,
+    TK,
+    HQ,
+    H,
+    D,
+    layers,
+    new_tokens,
+    model_path=None,
+    cprofile=False,
+    impls=("generate",),
+    baseline=False,
 ):
-    """`model_path`: a real model of this (HQ, H, D) shape (all its layers) instead of the random `layers`-layer one
+    """baseline: also time the unconverted model (mode "unconverted": SDPA and transformers' own caches) in each
+    impl but static_generate, before converting it. `model_path`: a real model of this (HQ, H, D) shape (all its layers) instead of the random `layers`-layer one
     (a folder with config.json alone: that architecture with random weights). cprofile: print the host profile of
     one sparse and one full call instead of timing. impls: "generate" (eager, an SSACache), "hf_static"
     (`generate(cache_implementation="static")`: HF's static cache with the block means beside it, the decode step
@@ -270,7 +284,7 @@ def bench_generate(
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
     else:
         model = random_model(TK + new_tokens + 16, HQ, H, D, layers)
-    model = ssa_adapt.convert(model.cuda().eval(), ssa_adapt.SSAConfig(**SEL))
+    model = model.cuda().eval()
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (B, TK), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     mask = torch.ones_like(prompt)
@@ -294,6 +308,7 @@ def bench_generate(
         import cProfile
         import pstats
 
+        model = ssa_adapt.convert(model, ssa_adapt.SSAConfig(**SEL))
         for mode in ("sparse", "full"):
             ssa_adapt.set_inference(model, mode)
             run(2)
@@ -313,11 +328,21 @@ def bench_generate(
         assert out.shape[1] == TK + n
         return time.perf_counter() - t0
 
-    for impl in impls:
-        for mode in ("sparse", "full"):
+    # the unconverted model first (SDPA, transformers' own caches): the baseline of each generate path
+    modes = (["unconverted"] if baseline else []) + ["sparse", "full"]
+    for mode in modes:
+        if mode == "sparse":
+            torch._dynamo.reset()  # transformers keeps its compiled step on the model: compile the converted one anew
+            if hasattr(model, "_compiled_call"):
+                del model._compiled_call
+            model = ssa_adapt.convert(model, ssa_adapt.SSAConfig(**SEL))
+        for impl in impls:
+            if mode == "unconverted" and impl == "static_generate":
+                continue  # needs a converted model
             meta = dict(kind="generate", mode=mode, model=name, HQ=HQ, H=H, D=D, context=TK, batch=B, layers=layers)
             try:
-                ssa_adapt.set_inference(model, mode)
+                if mode != "unconverted":
+                    ssa_adapt.set_inference(model, mode)
                 if impl == "generate":
                     run(2)  # compile / warm up
                     t1 = min(run(1) for _ in range(2))
@@ -386,6 +411,9 @@ def main():
         default=["generate", "hf_static", "static_generate"],
         choices=["generate", "hf_static", "static_generate"],
     )
+    p.add_argument(
+        "--baseline", action="store_true", help="also time the unconverted model's generate / HF static cache paths"
+    )
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new size after this")
@@ -444,6 +472,7 @@ def main():
                     model_for(args.model, shape),
                     False,
                     tuple(args.generate_impls),
+                    args.baseline,
                 ),
             )  # fmt: skip
             for shape in shapes

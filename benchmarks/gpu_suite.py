@@ -50,9 +50,9 @@ def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
                    [py, bench("decode.py"), "--profile", "--contexts", "131072", "--out",
                     str(out / "decode-profile.json")]],
         "eager": [[py, bench("decode_profile.py"), "--timing-only", "--context", str(c), "--batch", str(b), "--steps",
-                   "24"] for c, b in ((131072, 1), (32768, 8), (4096, 1), (4096, 8))]
+                   "24", "--repeats", "3"] for c, b in ((131072, 1), (32768, 8), (4096, 1), (4096, 8))]
                  + [[py, bench("decode.py"), "--skip-layer", "--model", a.stage, "--shapes", "9,3,64", "--contexts",
-                     "131072", "--batch", "1", "--generate-impls", "generate", "static_generate", "hf_static",
+                     "131072", "--batch", "1", "--generate-impls", "generate", "static_generate", "hf_static", "--baseline",
                      "--new-tokens", "32", "--out", str(out / "decode-generate.json")]],
         "profile": [[py, bench("attention.py"), "--profile", "--T", "8192", "32768", "--shapes", "32,2,64", "32,8,64",
                      "9,3,64", "--out", str(out / "attention-profile.json")]],
