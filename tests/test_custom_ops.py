@@ -23,6 +23,8 @@ CASES = (
     "compiled-decode",
     "static-sparse",
     "static-full",
+    "static_generate-sparse",
+    "static_generate-full",
     "opcheck-select",
     "opcheck-attend",
     "opcheck-decode",
@@ -136,6 +138,34 @@ def _static_generate(mode: str) -> dict:
     return out
 
 
+def _static_generate_kernels(mode: str) -> dict:
+    """`static_generate` on the kernels (backend='triton', interpreted; no CUDA graph on the CPU): every decode step
+    through `StaticSSACache.attend`'s device-position path (what the graph replays on CUDA), the tokens of eager
+    dynamic-cache decoding, for a left-padded batch."""
+    from tiny_models import tiny_model, token_batch
+
+    import ssa_adapt
+    from ssa_adapt.decoding import static
+
+    calls = []
+    decode = static.static_cache_decode
+    static.static_cache_decode = lambda *a, **kw: calls.append(kw["mode"]) or decode(*a, **kw)
+    try:
+        config = ssa_adapt.SSAConfig(block_size=BS, block_count=3, backend="triton")  # one of the middle blocks
+        model = ssa_adapt.convert(tiny_model("llama", 2, layers=2, head_dim=16), config)
+        ssa_adapt.set_inference(model, mode)
+        ids = token_batch(2, 80)
+        mask = torch.ones_like(ids)
+        mask[0, :5] = 0  # 80 + 6 tokens: beyond the 48-token receptive field
+        eager = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        eos = model.generation_config.eos_token_id  # generate stops a row there (and pads it): the same here
+        got = ssa_adapt.static_generate(model, ids, mask, max_new_tokens=6, cuda_graph=False, eos_token_id=eos,
+                                        pad_token_id=0)  # fmt: skip
+    finally:
+        static.static_cache_decode = decode
+    return {"equal": torch.equal(eager, got), "calls": calls}
+
+
 def _opcheck(name: str) -> dict:
     from ssa_adapt.ops.triton import library as L
 
@@ -166,6 +196,8 @@ def run_one(case: str) -> dict:
         return _compiled_decode()
     if case.startswith("static-"):
         return _static_generate(case.removeprefix("static-"))
+    if case.startswith("static_generate-"):
+        return _static_generate_kernels(case.removeprefix("static_generate-"))
     return _opcheck(case.removeprefix("opcheck-"))
 
 
@@ -180,6 +212,9 @@ def test_custom_ops_interpreted(interpreted, case):
     assert "error" not in r, r.get("error")
     if case.startswith("opcheck"):
         assert r["failures"] == []
+        return
+    if case.startswith("static_generate-"):  # 5 steps after the first token, 2 layers, all on the kernels
+        assert r["equal"] and r["calls"] == [case.removeprefix("static_generate-")] * 10, r
         return
     if case.startswith("static-"):
         assert r["equal"] and r["graphs"] > 0

@@ -3,9 +3,12 @@
 An eager `generate()` step runs the model's Python and every kernel launch again for each new token; for a small
 model that host time (~1 ms per layer) hides what sparse attention saves on the GPU. Here the prompt is prefilled
 as usual (an `SSACache`, the prefill kernels), its keys, values and block means are copied into buffers sized for
-the whole generation (`StaticSSACache`), and one decode step of the whole model is captured in a CUDA graph:
+the whole generation (`StaticSSACache`: the same storage as `SSAStaticCache`, transformers' StaticCache with the
+block means beside it, which `generate(cache_implementation="static")` builds), and one decode step of the whole
+model is captured in a CUDA graph:
 
-- the cache writes each new key at a position held in a device tensor and hands the attention the whole buffer;
+- the cache writes each new key at a position held in a device tensor (transformers' static layers count it) and
+  hands the attention the whole buffer;
 - the sparse stream reads the query's position on the device (`decode_select` / `decode_attend` with `q_pos`,
   the block-mean update with a device key count), so the same launches serve every step;
 - the full stream is split-KV attention over every block of the row (the decode attention kernel, all blocks
@@ -33,69 +36,76 @@ from ..ops import (
     static_cache_decode,
 )
 from ..patching.controller import require_controller
-from .cache import SSACache
+from .cache import SSACache, SSAStaticCache
 
 __all__ = ["StaticSSACache", "static_generate"]
 
 
-class StaticSSACache(DynamicCache):
-    """A DynamicCache whose layers hold fixed-size buffers: keys / values [B, H, L, D], block means
-    [B, L // BS + 1, H, D] float32 (relative to each row's start). `index` [1] int64 is the buffer position the next
-    key goes to (the same for every row: prompts are left-padded), `start` [B] int64 each row's first real key.
-    Takes one token per row per forward pass; the attention of each converted layer asks it (`attend`)."""
+class StaticSSACache(SSAStaticCache):
+    """`SSAStaticCache` (transformers' StaticCache plus block means, what `generate(cache_implementation="static")`
+    builds) filled from a prefilled cache and decoded with every position on the device, so that one CUDA graph
+    serves every step: keys / values [B, H, L, D] in transformers' static layers (their `cumulative_length` is the
+    position the next key goes to, the same for every row: prompts are left-padded), block means
+    `ssa_means[layer] = (means [B, L // BS + 1, H, D] float32, start)` relative to each row's first real key
+    `start` [B] int64. Takes one token per row per forward pass; the attention of each converted layer asks it
+    (`attend`) instead of reading the written length on the host."""
 
-    def __init__(self, prefilled: DynamicCache, length: int, start: torch.Tensor, block_size: int, sparse_layers):
+    def __init__(self, prefilled: DynamicCache, length: int, start: torch.Tensor, block_size: int, sparse_layers,
+                 config):  # fmt: skip
         """A static cache of `length` positions holding the keys and values of the prefilled cache (its keys
-        [B, H, P, D] per layer; its layers are taken over, so it is spent); block means are computed for the layers
-        in `sparse_layers`."""
-        super().__init__()
-        prompt = prefilled.layers[0].keys.shape[2]
+        [B, H, P, D] per layer); block means are computed for the layers in `sparse_layers`. config: the model's
+        (text) config, which sizes transformers' static layers."""
+        super().__init__(config=config, max_cache_len=length)
+        keys = prefilled.layers[0].keys
+        B, H, prompt, D = keys.shape
         if length <= prompt:
             raise ValueError(f"static cache length {length} must exceed the prompt's {prompt} tokens.")
+        if len(self.layers) != len(prefilled.layers) or any(layer.is_sliding for layer in self.layers):
+            raise ValueError("StaticSSACache takes models whose layers all attend globally (no sliding windows).")
+        self.early_initialization(batch_size=B, num_heads=H, head_dim=D, dtype=keys.dtype, device=keys.device)
         self.block_size = block_size
         self.start = start.to(torch.int64)
-        self.means: dict[int, torch.Tensor] = {}
-        self.layers = prefilled.layers
-        for i, layer in enumerate(self.layers):
-            keys, values = layer.keys, layer.values
-            B, H, _, D = keys.shape
-            layer.keys = keys.new_zeros(B, H, length, D)
-            layer.values = values.new_zeros(B, H, length, D)
-            layer.keys[:, :, :prompt] = keys
-            layer.values[:, :, :prompt] = values
+        for i, (layer, done) in enumerate(zip(self.layers, prefilled.layers)):
+            layer.keys[:, :, :prompt] = done.keys
+            layer.values[:, :, :prompt] = done.values
+            layer.cumulative_length = torch.tensor(prompt, dtype=torch.int64, device=keys.device)
             if i in sparse_layers:
-                self.means[i] = block_means(keys.transpose(1, 2), self.start, block_size, length // block_size + 1)
+                means = block_means(done.keys.transpose(1, 2), self.start, block_size, length // block_size + 1)
+                self.ssa_means[i] = (means, self.start)
         self.length = length
         self._all_blocks = None
-        self.index = torch.full((1,), prompt, dtype=torch.int64, device=start.device)
         self.begin_step()
 
+    @property
+    def index(self) -> torch.Tensor:
+        """The buffer position the next key goes to (0-dim int64 on the device; the first layer's count)."""
+        return self.layers[0].cumulative_length
+
     def begin_step(self) -> None:
-        """Per-step tensors every layer reads, derived on the device from `index` (captured with the step)."""
-        pos = self.index  # the new key's buffer position
+        """Per-step tensors every layer reads, derived on the device from `index` before the step's keys are
+        written (captured with the step)."""
+        pos = self.index.reshape(1)  # the new key's buffer position
         self.key_len = pos + 1
         self.q_pos = (pos - self.start)[:, None]  # [B, 1] the query's position inside its row
         keys = torch.arange(self.length, device=pos.device)
         self.key_mask = (keys[None, :] >= self.start[:, None]) & (keys[None, :] <= pos)  # [B, L]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """key_states / value_states [B, H, 1, D] go to position `index`; -> the whole buffers [B, H, L, D]."""
+        """key_states / value_states [B, H, 1, D] go to the layer's next position; -> the whole buffers
+        [B, H, L, D] (transformers' static layer, which counts the position on the device)."""
         if key_states.shape[2] != 1:
             raise ValueError(
                 f"StaticSSACache takes one token per row per step, got {key_states.shape[2]}; prefill with an "
-                "SSACache and build the static cache with StaticSSACache.from_prefill."
+                "SSACache and build the static cache from it (static_generate does)."
             )
-        layer = self.layers[layer_idx]
-        layer.keys.index_copy_(2, self.index, key_states)
-        layer.values.index_copy_(2, self.index, value_states)
-        return layer.keys, layer.values
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def attend(self, layer_idx: int, q, k, v, *, config: SSAConfig, scale: float | None) -> torch.Tensor:
         """One decode step of layer `layer_idx` in the model's inference mode: q [B, 1, HQ, D], k, v [B, L, H, D]
         (the buffers, transposed views) -> o [B, 1, HQ, D]; full (every written key) or sparse (SSA's selection
         from the cache's block means)."""
         bs, doc_start = self.block_size, self.start[:, None]
-        if kernels_run("auto", q):  # the positions on the device: one CUDA graph serves every step
+        if kernels_run(config.backend, q):  # the positions on the device: one CUDA graph serves every step
             if config.inference_mode == "full":
                 # every block of the row: split-KV attention over the written keys (the query's position masks the
                 # rest); SDPA with a mask over the whole buffer does not split the keys and is ~20x slower at 128k
@@ -106,13 +116,13 @@ class StaticSSACache(DynamicCache):
                     self._all_blocks = every.expand(B, 1, H, n).contiguous()
                 return static_cache_decode(q, k, v, doc_start, self.q_pos, mode="full", block_size=bs, scale=scale,
                                            all_blocks=self._all_blocks)  # fmt: skip
-            return static_cache_decode(q, k, v, doc_start, self.q_pos, mode="sparse", scale=scale,
-                                       block_means=self.means[layer_idx], row_start=self.start, key_len=self.key_len,
-                                       **config.selection_kwargs())  # fmt: skip
+            means = self.ssa_means[layer_idx][0]
+            return static_cache_decode(q, k, v, doc_start, self.q_pos, mode="sparse", scale=scale, block_means=means,
+                                       row_start=self.start, key_len=self.key_len, **config.selection_kwargs())  # fmt: skip
         if config.inference_mode == "full":
             return masked_decode_attention(q, k, v, self.key_mask, scale)
         # eager path (CPU reference): the written keys, known on the host
-        n, means = int(self.key_len), self.means[layer_idx]
+        n, means = int(self.key_len), self.ssa_means[layer_idx][0]
         append_block_means(means, self.start, k[:, :n], bs)  # in place: means holds every block
         return sparse_attention(q, k[:, :n], v[:, :n], block_means=means[:, : n // bs], doc_start=doc_start,
                                 scale=scale, backend="reference", **config.selection_kwargs())  # fmt: skip
@@ -191,16 +201,15 @@ def static_generate(
     prefilled = SSACache()
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                    **{CACHE_KEYWORD: prefilled}).logits[:, -1]  # fmt: skip
-    cache = StaticSSACache(prefilled, P + max_new_tokens, start, cfg.block_size, set(ctrl.layers))
+    config = model.config.get_text_config(decoder=True)
+    cache = StaticSSACache(prefilled, P + max_new_tokens, start, cfg.block_size, set(ctrl.layers), config)
     ids = torch.empty(B, 1, dtype=torch.long, device=device)
     tokens = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     def step() -> torch.Tensor:
         cache.begin_step()
-        out = model(input_ids=ids, position_ids=cache.q_pos, use_cache=True, **{CACHE_KEYWORD: cache}).logits[:, -1]
-        cache.index.add_(1)
-        return out
+        return model(input_ids=ids, position_ids=cache.q_pos, use_cache=True, **{CACHE_KEYWORD: cache}).logits[:, -1]
 
     graph = static_logits = None
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph

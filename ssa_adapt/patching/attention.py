@@ -40,8 +40,10 @@ def ssa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """query [B, HQ, T, D], key/value [B, H, TK, D] (HF layout) -> (attn_output [B, T, HQ, D], None)."""
     cache = kwargs.get("ssa_cache")
-    layer = static_layer(module, cache)
-    if layer is not None:  # transformers' StaticCache: see static_cache.py
+    # transformers' StaticCache (see static_cache.py), unless the cache attends itself with positions on the device
+    # (static_generate's StaticSSACache, in `_attend`)
+    layer = static_layer(module, cache) if getattr(cache, "attend", None) is None else None
+    if layer is not None:
         if torch.compiler.is_compiling():  # the written length is a device value
             if traceable(module, cache, query):
                 return compiled_static_attention(module, layer, query, key, value, attention_mask, scaling, kwargs)
