@@ -29,8 +29,9 @@ cancels. `static_generate` rows (`--generate-impls`): the same decoding with a s
 from one CUDA graph; tokens/s = B * (N - 3) / (t(N) - t(3)) (the graph is captured at step 2). `--baseline`
 adds mode `unconverted` (the model before conversion: SDPA and transformers' own caches, its own compiled step for
 `hf_static`), which tells transformers' per-token cost apart from ours. `hf_static` rows (transformers' compiled
-static-cache step): tokens/s = B * (N - 4) / (t(N) - t(4)), since every call builds a fresh cache whose first decode
-steps record CUDA graphs again (rows before 2026-12-07 17:30 UTC used t(1), which counted that recording). Every row carries command, device and date;
+static-cache step): tokens/s = B * (N - 4) / (t(N) - t(4)), since every call builds a fresh cache, whose new static
+addresses may make its first decode steps record CUDA graphs again (rows before 2026-12-07 17:30 UTC used t(1), which
+would count that). Every row carries command, device and date;
 the file is rewritten after every row.
 
 `--sweep` first times SWEEP_VARIANTS (`DecodeOptions` changes to SWEEP_BASE, passed as `KernelOptions`) at 128k
@@ -352,7 +353,7 @@ def bench_generate(
                     rate = B * (new_tokens - 1) / max(tn - t1, 1e-9)
                 elif impl == "hf_static":  # the longest call first: the shorter ones reuse its cache (no recompile)
                     # Each call builds a fresh static cache (transformers does, for the unconverted model too), so
-                    # its first decode steps record CUDA graphs again: the base is t(4), as static_generate's t(3)
+                    # its first decode steps may record CUDA graphs again: the base is t(4), as static_generate's t(3)
                     t_compile = run(new_tokens, cache_implementation="static")
                     t1 = min(run(4, cache_implementation="static") for _ in range(2))
                     tn = min(run(new_tokens, cache_implementation="static") for _ in range(2))
