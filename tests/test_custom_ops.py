@@ -141,18 +141,44 @@ def _static_generate(mode: str) -> dict:
 def _static_generate_kernels(mode: str) -> dict:
     """`static_generate` on the kernels (backend='triton', interpreted; no CUDA graph on the CPU): every decode step
     through `StaticSSACache.attend`'s device-position path (what the graph replays on CUDA), the tokens of eager
-    dynamic-cache decoding, for a left-padded batch."""
+    dynamic-cache decoding, for a left-padded batch. Also the host syncs of the decode steps, which CUDA-graph capture
+    refuses: calls of `item`, `bool`, `int`, `float`, `tolist` or `__index__` on a tensor from our code or
+    transformers' between a step's `begin_step` and the end of its forward (syncs inside torch ops, such as
+    `nonzero`, are not seen here)."""
+    import sys
+
     from tiny_models import tiny_model, token_batch
 
     import ssa_adapt
     from ssa_adapt.decoding import static
 
-    calls = []
-    decode = static.static_cache_decode
+    calls, syncs, stepping = [], [], [False]
+    decode, begin = static.static_cache_decode, static.StaticSSACache.begin_step
     static.static_cache_decode = lambda *a, **kw: calls.append(kw["mode"]) or decode(*a, **kw)
+
+    def begin_step(self):
+        begin(self)
+        stepping[0] = True
+
+    def probe(name, method):
+        def f(self, *args, **kwargs):
+            where = sys._getframe(1).f_code.co_filename
+            if stepping[0] and ("ssa_adapt" in where or "transformers" in where):
+                syncs.append(f"{name} in {where.split('site-packages/')[-1]}:{sys._getframe(1).f_lineno}")
+            return method(self, *args, **kwargs)
+
+        return f
+
+    methods = {
+        n: getattr(torch.Tensor, n) for n in ("item", "__bool__", "__int__", "__float__", "tolist", "__index__")
+    }
+    static.StaticSSACache.begin_step = begin_step
+    for name, method in methods.items():
+        setattr(torch.Tensor, name, probe(name, method))
     try:
         config = ssa_adapt.SSAConfig(block_size=BS, block_count=3, backend="triton")  # one of the middle blocks
         model = ssa_adapt.convert(tiny_model("llama", 2, layers=2, head_dim=16), config)
+        model.register_forward_hook(lambda *args: stepping.__setitem__(0, False))
         ssa_adapt.set_inference(model, mode)
         ids = token_batch(2, 80)
         mask = torch.ones_like(ids)
@@ -162,8 +188,10 @@ def _static_generate_kernels(mode: str) -> dict:
         got = ssa_adapt.static_generate(model, ids, mask, max_new_tokens=6, cuda_graph=False, eos_token_id=eos,
                                         pad_token_id=0)  # fmt: skip
     finally:
-        static.static_cache_decode = decode
-    return {"equal": torch.equal(eager, got), "calls": calls}
+        static.static_cache_decode, static.StaticSSACache.begin_step = decode, begin
+        for name, method in methods.items():
+            setattr(torch.Tensor, name, method)
+    return {"equal": torch.equal(eager, got), "calls": calls, "syncs": sorted(set(syncs))}
 
 
 def _opcheck(name: str) -> dict:
@@ -215,6 +243,7 @@ def test_custom_ops_interpreted(interpreted, case):
         return
     if case.startswith("static_generate-"):  # 5 steps after the first token, 2 layers, all on the kernels
         assert r["equal"] and r["calls"] == [case.removeprefix("static_generate-")] * 10, r
+        assert r["syncs"] == [], r["syncs"]
         return
     if case.startswith("static-"):
         assert r["equal"] and r["graphs"] > 0
