@@ -614,9 +614,10 @@ def test_decode_dispatch_gpu():
             setattr(triton_ops, n, fn)
 
 
-def teacher_forced(device, prompt=600, total=700, dtype=torch.float32, backend="auto", block_count=4):
+def teacher_forced(device, prompt=600, total=700, dtype=torch.float32, backend="auto", block_count=4, mode="sparse"):
     """A tiny converted Llama (G = 3, D = 64, 16 x `block_count` blocks, one sink), a left-padded batch of two:
-    logits of the no-cache sparse forward and of prefill + one-token cached steps, at the decoded positions."""
+    logits of the no-cache forward and of prefill + one-token cached steps in inference `mode`, at the decoded
+    positions."""
     from tiny_models import cache_kwargs, tiny_model, token_batch
 
     import ssa_adapt
@@ -625,6 +626,7 @@ def teacher_forced(device, prompt=600, total=700, dtype=torch.float32, backend="
     model = tiny_model("llama", 3, kv_heads=2, layers=2, head_dim=64, max_position_embeddings=2 * total)
     config = ssa_adapt.SSAConfig(block_size=16, block_count=block_count, backend=backend)
     model = ssa_adapt.convert(model.to(device, dtype), config)
+    ssa_adapt.set_inference(model, mode)
     ids = token_batch(2, total).to(device)
     mask = torch.ones_like(ids)
     mask[1, :37] = 0  # row 1 is left-padded: its document starts at key 37
@@ -663,6 +665,14 @@ def test_cached_decoding_with_kernels_equals_no_cache_forward_gpu():
     # measured on an H200 (2026-11-29): dense 5.4e-07; 4 blocks: 0.445 of positions within 1e-4, top-1 0.965
     assert dense < 1e-4
     assert exact > 0.25 and agree > 0.9
+
+
+@pytest.mark.gpu
+def test_full_mode_left_padded_decoding_equals_no_cache_forward_gpu():
+    """Full mode, a left-padded batch: cached decode steps (SDPA over each row's keys from its document start,
+    `ops.masked_decode_attention`) against the no-cache forward (document masks), to float32 rounding."""
+    logits, reference = teacher_forced("cuda", mode="full")
+    assert rel_rms(logits, reference) < 1e-4
 
 
 @pytest.mark.gpu
