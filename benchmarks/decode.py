@@ -34,6 +34,9 @@ addresses may make its first decode steps record CUDA graphs again (rows before 
 would count that). Every row carries command, device and date;
 the file is rewritten after every row.
 
+`--step-sweep` only times the one-launch eager step's variants (STEP_VARIANTS: `DecodeOptions` changes to the
+defaults) over the shapes, contexts and batches, GPU time (CUDA graph) and eager, as rows of kind `step_sweep`.
+
 `--sweep` first times SWEEP_VARIANTS (`DecodeOptions` changes to SWEEP_BASE, passed as `KernelOptions`) at 128k
 (`kind: sweep` rows, each with its options as a dict) and runs the layer rows and profiles with the fastest; the
 rows' `decode_options` records the options they ran with (`generate` runs the defaults: the model passes none).
@@ -233,6 +236,49 @@ def sweep_settings(args, variants=SWEEP_VARIANTS) -> tuple[list[dict], KernelOpt
     return rows, best
 
 
+# One-launch step variants timed by --step-sweep (`DecodeOptions` changes to the defaults): the GPU time of the
+# eager step at short contexts is its phases' latency chain in one program (finishing, then the attention's
+# `attend_keys`-wide steps), at long ones the split scoring and the one-program finishing.
+STEP_VARIANTS = [
+    {},
+    dict(attend_keys=64),
+    dict(attend_keys=128),
+    dict(finish_blocks=256),
+    dict(step_warps=4),
+    dict(step_split_blocks=256),
+    dict(step_split_blocks=1024),
+    dict(score_blocks=128),
+]
+
+
+def step_sweep(args, rec: Recorder) -> None:
+    """Time the one-launch decode step (`decode_sparse_step`, through the dispatcher) for each of STEP_VARIANTS over
+    the shapes, batches and contexts: GPU time (CUDA graph) and eager; rows of kind "step_sweep", and the summed GPU
+    time per variant printed."""
+    for change in STEP_VARIANTS:
+        options = KernelOptions(decode=dataclasses.replace(DEFAULT_OPTIONS.decode, fused_step=True, **change))
+        total = 0.0
+        for HQ, H, D in args.shapes:
+            for TK in args.contexts:
+                for B in args.batch:
+                    meta = dict(kind="step_sweep", variant=change, HQ=HQ, H=H, D=D, context=TK, batch=B)
+                    q, k, v, means = layer_inputs(B, TK, HQ, H, D)
+                    step = partial(ops.sparse_attention, q, k, v, block_means=means, backend="triton",
+                                   kernel_options=options, **SEL)  # fmt: skip
+                    try:
+                        with torch.no_grad():
+                            gpu, eager = timed(graphed(step)), timed(step)
+                    except Exception as e:  # a variant that does not compile for this shape: say why, go on
+                        rec.add(note=f"{type(e).__name__}: {str(e)[:160]}", **meta)
+                        continue
+                    total += gpu
+                    rec.add(graph_ms=gpu, eager_ms=eager, **meta)
+                    print(
+                        f"step {change} ({HQ}, {H}, {D}) {TK} x {B}: graph {gpu * 1e3:.1f} us, eager {eager * 1e3:.1f} us"
+                    )
+        print(f"step sweep {change}: {total * 1e3:.1f} us of GPU time summed", flush=True)
+
+
 def profile_layer(B, TK, HQ, H, D, steps=20, options: KernelOptions = DEFAULT_OPTIONS) -> list[dict]:
     """GPU time per kernel of the sparse decode step (selection + attention from block means), torch.profiler."""
     from profiling import kernel_times
@@ -430,6 +476,9 @@ def main():
     p.add_argument(
         "--sweep", action="store_true", help="first pick the decode kernel settings at 128k (SWEEP_VARIANTS)"
     )
+    p.add_argument(
+        "--step-sweep", action="store_true", help="only time the one-launch step's variants (STEP_VARIANTS)"
+    )
     args = p.parse_args()
     args.out = result_path("decode", args.out)
     sweep_rows, options = sweep_settings(args) if args.sweep else ([], DEFAULT_OPTIONS)
@@ -458,6 +507,9 @@ def main():
     rec = Recorder(Path(args.out), meta)
     for row in sweep_rows:
         rec.add(**row)
+    if args.step_sweep:
+        step_sweep(args, rec)
+        return
     shapes = args.shapes
     jobs = []
     if not args.skip_layer:
