@@ -120,3 +120,31 @@ def test_static_cache_on_sliding_window_layers_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"Layer 1 keeps sliding-window attention.*cache_implementation=None"):
         model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 24)
+
+
+def test_eager_static_decoding_reads_the_written_length_once_per_step(monkeypatch):
+    """Eagerly over transformers' StaticCache the written length is a device count: it is read on the host (a wait
+    for the GPU) once per forward pass for all layers, which also share one padding computation; the tokens stay
+    those of the dynamic cache."""
+    import sys
+
+    from ssa_adapt.patching import attention
+
+    model = ssa_adapt.convert(tiny_model("llama", 2, layers=3), SMALL)
+    ids, mask = _left_padded()
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    reads, starts, forwards = [], [], []
+    read = torch.Tensor.__int__
+
+    def spy_int(self):
+        if sys._getframe(1).f_code.co_filename.endswith("static_cache.py"):
+            reads.append(1)
+        return read(self)
+
+    document_starts = attention.document_starts
+    monkeypatch.setattr(torch.Tensor, "__int__", spy_int)
+    monkeypatch.setattr(attention, "document_starts", lambda *a, **k: starts.append(1) or document_starts(*a, **k))
+    model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    static = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+    assert len(forwards) == 8 and 0 < len(reads) <= len(forwards) and len(starts) == len(forwards), (reads, starts)

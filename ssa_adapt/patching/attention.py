@@ -49,7 +49,9 @@ def ssa_attention_forward(
                 return compiled_static_attention(module, layer, query, key, value, attention_mask, scaling, kwargs)
             return _eager_attention_forward(module, query, key, value, attention_mask, dropout, scaling,
                                             sliding_window, **kwargs)  # fmt: skip
-        key, value, attention_mask = written(layer, key, value, attention_mask)
+        state = getattr(module, "ssa_state", None)
+        ctrl = state.controller if state is not None else None
+        key, value, attention_mask = written(layer, key, value, attention_mask, ctrl)
         refresh_block_means(module, cache, layer, key, attention_mask)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     device = q.device.type

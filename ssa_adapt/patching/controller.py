@@ -38,7 +38,7 @@ class SSAController:
         self.align_losses: dict[int, torch.Tensor] = {}
         self.sparsity: dict[int, torch.Tensor] | None = None  # filled while recording statistics
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._padding: tuple | None = None  # (key, (doc_start, key_mask)) once per forward pass for all layers
+        self._per_forward: dict[str, tuple] = {}  # name -> (key, value): computed once per forward for all layers
         self._indices: dict[int, tuple] = {}  # layer -> (input probes, block indices) of this forward pass
         self._trained_selection = config.selection_kwargs()  # of conversion or of the last training pass
         self._set_for_inference: dict[str, int] = {}  # selection fields set_inference changed since then
@@ -63,7 +63,7 @@ class SSAController:
         if training and self.stream is None and self.config.train_mode == "ssa":
             self.drawn = self._draw()
         self.align_losses = {}
-        self._padding = None
+        self._per_forward = {}
         self._indices = {}
 
     def _warn_inference_selection(self) -> None:
@@ -100,15 +100,25 @@ class SSAController:
         return indices
 
     def padding(self, key: tuple, compute) -> tuple:
-        """`compute()` once per forward pass for all layers (the layers' inputs identify it: `key` holds sizes,
-        compared by value, and tensors, compared by identity); compiled, every layer computes it (no state kept,
-        so that checkpointed layers have no side effect)."""
+        """The layers' (doc_start, key_mask): `once_per_forward("padding", key, compute)`; key holds three sizes
+        and then tensors."""
+        return self.once_per_forward("padding", key, compute, sizes=3)
+
+    def once_per_forward(self, name: str, key: tuple, compute, sizes: int = 0):
+        """`compute()` once per forward pass for all layers that ask under `name` (the layers' inputs identify it:
+        the first `sizes` entries of `key` compared by value, the rest, tensors or None, by identity); compiled,
+        every layer computes it (no state kept, so that checkpointed layers have no side effect)."""
         if torch.compiler.is_compiling():
             return compute()
-        cached = self._padding
-        if cached is None or cached[0][:3] != key[:3] or any(a is not b for a, b in zip(cached[0][3:], key[3:])):
-            self._padding = (key, compute())
-        return self._padding[1]
+        cached = self._per_forward.get(name)
+        if (
+            cached is None
+            or len(cached[0]) != len(key)
+            or cached[0][:sizes] != key[:sizes]
+            or any(a is not b for a, b in zip(cached[0][sizes:], key[sizes:]))
+        ):
+            cached = self._per_forward[name] = (key, compute())
+        return cached[1]
 
     def training_stream(self) -> str:
         """The stream the residual continues with in SSA training, drawn once per forward pass."""

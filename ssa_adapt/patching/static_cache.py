@@ -38,15 +38,25 @@ def static_layer(module: nn.Module, cache) -> StaticLayer | None:
     return layer if isinstance(layer, StaticLayer) else None
 
 
-def written(layer: StaticLayer, key, value, attention_mask) -> tuple:
+def written(layer: StaticLayer, key, value, attention_mask, ctrl=None) -> tuple:
     """(keys, values [B, H, n, D], mask [B, n] or None) written so far; n is the 2D padding mask's length when it
     is shorter than the buffer (a mask of the tokens so far), else the layer's count (`ssa_attention_mask` pads
-    generate's mask to the buffer's length, zeros after the tokens so far)."""
+    generate's mask to the buffer's length, zeros after the tokens so far). Reading the count waits for the GPU:
+    with the controller `ctrl`, once per forward pass for all layers (every layer has written as many keys), and the
+    cut mask is then one object for all of them (their padding computation is shared through it)."""
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
         n = attention_mask.shape[-1]
-    else:
+        return key[:, :, :n], value[:, :, :n], attention_mask
+
+    def count() -> tuple:
         n = int(layer.cumulative_length)
-    mask = attention_mask[:, :n] if attention_mask is not None and attention_mask.dim() == 2 else attention_mask
+        cut = attention_mask[:, :n] if attention_mask is not None and attention_mask.dim() == 2 else attention_mask
+        return n, cut
+
+    if ctrl is not None and attention_mask is not None:
+        n, mask = ctrl.once_per_forward("written", (key.shape[2], attention_mask), count, sizes=1)
+    else:
+        n, mask = count()
     return key[:, :, :n], value[:, :, :n], mask
 
 
