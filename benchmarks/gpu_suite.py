@@ -9,9 +9,10 @@ Jobs (first GPU first, in the order given; `multi` waits for the others and take
   tests      pytest -m gpu tests/ (every GPU test; SmolLM2's only with --model's assets in the cache)
   attention  benchmarks/attention.py --sweep over the five head shapes and 8k-128k
   decode     benchmarks/decode.py --sweep (per-layer rows), then --profile at 128k
-  eager      benchmarks/decode_profile.py --timing-only (eager steps, sparse vs full) at 128k x 1, 32k x 8, 4k x 1 and
-             4k x 8, then decode.py's generate rows (eager, static_generate, HF's compiled static cache) on SmolLM2's
-             architecture (--stage's config.json) at 128k, batch 1
+  eager      benchmarks/decode_profile.py --timing-only (eager steps, sparse vs full, medians of 3 runs) at 128k x 1,
+             32k x 8, 4k x 1 and 4k x 8, then decode.py's generate rows (eager, static_generate, HF's compiled static
+             cache, and the unconverted model's: --baseline) on SmolLM2's architecture (--stage's config.json) at
+             128k, batch 1
   profile    benchmarks/attention.py --profile: per-kernel times of the sparse stream at 8k and 32k, three shapes
   real       benchmarks/attention_real.py: SmolLM2's own q/k/v at 32k (needs the SmolLM2 asset and --tokens)
   prefill    benchmarks/prefill.py: the Llama-3.2-1B shape, converted sparse against unconverted, 32k / 128k
