@@ -24,14 +24,16 @@ static-cache paths replay).
 with `--model FOLDER` the real model for the rows of its shape (SmolLM2: all 30 layers, RoPE run past 8k; a folder
 with only its config.json: that architecture with random weights, the same speed),
 converted with SSAConfig(16, 16, sink 1), greedy decoding of `--new-tokens` tokens after a random prompt of the
-context length, sparse and full mode; decode tokens/s = B * (N - 1) / (t(N tokens) - t(1 token)), so the prefill
-cancels. `static_generate` rows (`--generate-impls`): the same decoding with a static cache, each step replayed
-from one CUDA graph; tokens/s = B * (N - 3) / (t(N) - t(3)) (the graph is captured at step 2). `--baseline`
-adds mode `unconverted` (the model before conversion: SDPA and transformers' own caches, its own compiled step for
-`hf_static`), which tells transformers' per-token cost apart from ours. `hf_static` rows (transformers' compiled
-static-cache step): tokens/s = B * (N - 4) / (t(N) - t(4)), since every call builds a fresh cache, whose new static
-addresses may make its first decode steps record CUDA graphs again (rows before 2026-12-07 17:30 UTC used t(1), which
-would count that). Every row carries command, device and date;
+context length, sparse and full mode; decode tokens/s = B / the median decode step, timed between the calls of a
+logits processor (`StepClock`: once per new token, after the step's forward; `generate` waits for the GPU each step),
+so the prefill is left out (the faster of two calls; rows before 2026-12-07 19:00 UTC: B * (N - 1) / (t(N tokens) -
+t(1 token)), which the prefill's run-to-run noise reaches). `static_generate` rows
+(`--generate-impls`): the same decoding with a static cache, each step replayed from one CUDA graph; tokens/s =
+B * (N - 3) / (t(N) - t(3)) (the graph is captured at step 2). `--baseline` adds mode `unconverted` (the model
+before conversion: SDPA and transformers' own caches, its own compiled step for `hf_static`), which tells
+transformers' per-token cost apart from ours. `hf_static` rows (transformers' compiled static-cache step): the median
+step as for `generate` (ends-based: B * (N - 4) / (t(N) - t(4)), since every call builds a fresh cache whose new
+addresses may make its first decode steps record CUDA graphs again). Every row carries command, device and date;
 the file is rewritten after every row.
 
 `--step-sweep` only times the one-launch eager step's variants (STEP_VARIANTS: `DecodeOptions` changes to the
@@ -315,7 +317,7 @@ def bench_generate(
     one sparse and one full call instead of timing. impls: "generate" (eager, an SSACache), "hf_static"
     (`generate(cache_implementation="static")`: HF's static cache with the block means beside it, the decode step
     compiled by transformers) and / or "static_generate" (our static cache, each step replayed from a CUDA graph)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessorList
 
     import ssa_adapt
 
@@ -392,18 +394,22 @@ def bench_generate(
             try:
                 if mode != "unconverted":
                     ssa_adapt.set_inference(model, mode)
-                if impl == "generate":
-                    run(2)  # compile / warm up
-                    t1 = min(run(1) for _ in range(2))
-                    tn = min(run(new_tokens) for _ in range(2))
-                    rate = B * (new_tokens - 1) / max(tn - t1, 1e-9)
+                if impl == "generate":  # two calls (the first compiles at its first steps), the faster median
+                    clocks = [StepClock(), StepClock()]
+                    t1, tn = None, min(run(new_tokens, logits_processor=LogitsProcessorList([c])) for c in clocks)
+                    meta["step_ms"] = min(c.median_step_ms() for c in clocks)
+                    rate = B * 1e3 / meta["step_ms"]
                 elif impl == "hf_static":  # the longest call first: the shorter ones reuse its cache (no recompile)
                     # Each call builds a fresh static cache (transformers does, for the unconverted model too), so
                     # its first decode steps may record CUDA graphs again: the base is t(4), as static_generate's t(3)
                     t_compile = run(new_tokens, cache_implementation="static")
                     t1 = min(run(4, cache_implementation="static") for _ in range(2))
-                    tn = min(run(new_tokens, cache_implementation="static") for _ in range(2))
-                    rate = B * (new_tokens - 4) / max(tn - t1, 1e-9)
+                    clocks = [StepClock(), StepClock()]
+                    tn = min(run(new_tokens, cache_implementation="static", logits_processor=LogitsProcessorList([c]))
+                             for c in clocks)  # fmt: skip
+                    meta["decode_tokens_per_s_ends"] = B * (new_tokens - 4) / max(tn - t1, 1e-9)
+                    meta["step_ms"] = min(c.median_step_ms() for c in clocks)
+                    rate = B * 1e3 / meta["step_ms"]
                     meta["first_call_s"] = t_compile
                 else:  # static_generate: steps 2.. replay the graph captured at step 2; t(3) holds the capture
                     run_static(4)
@@ -414,6 +420,23 @@ def bench_generate(
             except Exception as e:
                 rec.add(impl=impl, note=f"{type(e).__name__}: {str(e)[:160]}", **meta)
             torch.cuda.empty_cache()
+
+
+class StepClock:
+    """A logits processor that only notes the time: `generate` calls it once per new token, after that step's
+    forward, and waits for the GPU every step (its stopping check), so the gaps between calls are decode steps
+    (prefill excluded)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+    def median_step_ms(self) -> float:
+        gaps = sorted(b - a for a, b in zip(self.times, self.times[1:]))
+        return gaps[len(gaps) // 2] * 1e3 if gaps else float("nan")
 
 
 def random_model(max_positions, HQ, H, D, layers):

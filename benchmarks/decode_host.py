@@ -9,6 +9,13 @@ interpreter the kernels' host functions run as on CUDA, and their launches are r
 step measures the host code alone (its outputs are meaningless). Full mode runs SDPA for real, on a few hundred
 keys: its time is the reference the sparse layers' overhead is compared with. Prints the microseconds of a whole
 decode step (embedding, MLPs and head included) in both modes and their difference per layer.
+
+    python benchmarks/decode_host.py --cuda [--context 256]
+
+On a GPU instead: host microseconds per call of one layer's decode attention, launches included, on a short cache
+(so that the GPU is never the limit): SDPA (`ops.full_attention`, full mode) against the sparse stream's one-launch
+step (`ops.sparse_attention` from block means) through its cached compiled kernel (`DecodeOptions.cached_launch`)
+and through Triton's launcher, for SmolLM2's and Llama-3.2-1B's heads at batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels' host functions run on the CPU
+if "--cuda" not in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels' host functions run on the CPU
 
 import torch  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402, F401  (CPU mode: its launches are replaced)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,13 +71,57 @@ def step_us(model, mode: str, prompt: int, steps: int, batch: int = 1, runs: int
     return min(times)
 
 
+def cuda_launch_us(context: int, calls: int = 2000) -> None:
+    """Per-call host microseconds (the fastest of 5 loops of `calls` calls without a wait; with a short cache the
+    GPU keeps up, so the loop runs at the host's pace) of full and sparse decode attention, one layer."""
+    import dataclasses
+
+    from ssa_adapt import ops
+    from ssa_adapt.ops.triton.options import DEFAULT_OPTIONS
+
+    def per_call(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        return best
+
+    triton_launcher = dataclasses.replace(
+        DEFAULT_OPTIONS, decode=dataclasses.replace(DEFAULT_OPTIONS.decode, cached_launch=False)
+    )
+    for HQ, H, D in ((9, 3, 64), (32, 8, 64)):
+        for B in (1, 8):
+            g = torch.Generator("cuda").manual_seed(0)
+            q = torch.randn(B, 1, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            k, v = (torch.randn(B, context, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "kv")
+            means = k[:, : context // 16 * 16].float().unflatten(1, (-1, 16)).mean(2)
+            sel = dict(block_size=16, block_count=16, sink_blocks=1, local_blocks=1, block_means=means)
+            full = partial(ops.full_attention, q, k, v)
+            sparse = partial(ops.sparse_attention, q, k, v, **sel)
+            with torch.no_grad():
+                sdpa, cached = per_call(full), per_call(sparse)
+                plain = per_call(partial(sparse, kernel_options=triton_launcher))
+            print(f"({HQ}, {H}, {D}) batch {B}, {context} keys, host us per call: SDPA {sdpa:.1f}, sparse step "
+                  f"cached launch {cached:.1f}, sparse step Triton's launcher {plain:.1f}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--batch", type=int, default=1, help="rows; past the first, left-padded as generate pads them")
+    p.add_argument("--cuda", action="store_true", help="time one layer's launches on the GPU (see above)")
+    p.add_argument("--context", type=int, default=256, help="--cuda: cached keys")
     a = p.parse_args()
+    if a.cuda:
+        cuda_launch_us(a.context)
+        return
     model = tiny_model(a.layers)
     run = interpreter.InterpretedFunction.run
     interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None  # launches left out

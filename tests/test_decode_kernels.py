@@ -580,6 +580,37 @@ def test_decode_kernels_gpu(case, poisoned):
 
 
 @pytest.mark.gpu
+def test_decode_step_cached_launch_equals_triton_launch_gpu():
+    """The one-launch step through the compiled kernels it keeps (`DecodeOptions.cached_launch`, the default) equals
+    the step through Triton's launcher bit for bit, over a growing cache whose block count crosses the values Triton
+    specialises on (1, 16, multiples of 16), in bf16 and fp32, with queries at an address off 16-byte alignment
+    (which Triton's launcher serves each time)."""
+    from ssa_adapt.ops.triton import decode_sparse_step
+    from ssa_adapt.ops.triton.decode import step
+    from ssa_adapt.ops.triton.options import DecodeOptions, KernelOptions
+
+    g = torch.Generator("cuda").manual_seed(0)
+    B, HQ, H, D, total = 2, 6, 2, 64, 560
+    plain = KernelOptions(decode=DecodeOptions(cached_launch=False))
+    calls = 0
+    for dtype in (torch.bfloat16, torch.float32):
+        k, v = (torch.randn(B, total, H, D, device="cuda", dtype=dtype, generator=g) for _ in "kv")
+        q = torch.randn(B, 1, HQ, D, device="cuda", dtype=dtype, generator=g)
+        odd = torch.randn(B * HQ * D + 1, device="cuda", dtype=dtype, generator=g)[1:].view(B, 1, HQ, D)
+        assert odd.data_ptr() % 16
+        for TK in range(9, total, 5):
+            nb = TK // 16
+            means = k[:, : nb * 16].float().unflatten(1, (nb, 16)).mean(2)
+            for qq in (q, odd):
+                sel = dict(block_count=4, sink_blocks=1, local_blocks=1)
+                o, i = decode_sparse_step(qq, k[:, :TK], v[:, :TK], means, **sel)
+                o_plain, i_plain = decode_sparse_step(qq, k[:, :TK], v[:, :TK], means, options=plain, **sel)
+                assert torch.equal(i, i_plain) and torch.equal(o, o_plain), (dtype, TK)
+                calls += 1
+    assert 0 < len(step._STEP) < calls / 4  # compiled kernels were kept and reused
+
+
+@pytest.mark.gpu
 def test_decode_dispatch_gpu():
     """On CUDA, backend='auto' decode steps run the one-launch decode step (the split launches with
     `fused_step=False`); calls that need gradients select with the decode kernel and attend with the prefill one."""

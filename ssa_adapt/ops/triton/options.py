@@ -117,6 +117,10 @@ class DecodeOptions:
     # row's last program to finish scoring finishes and attends), so that a long context is not scanned by one
     # program alone (8192 blocks at 128k); None: one program per row at every length.
     step_split_blocks: int | None = 512
+    # The one-launch step launched through the compiled kernel Triton returned for the same specialisation
+    # (`compiled_launch.CompiledLaunch`: Triton's per-call binding and key hashing skipped), True, or through
+    # Triton's launcher each call, False.
+    cached_launch: bool = True
 
     def __post_init__(self):
         tiles = ("score_blocks", "chunk_blocks", "chunk_small", "finish_blocks", "finish_groups", "finish_cap",
@@ -131,7 +135,7 @@ class DecodeOptions:
             raise ValueError(f"DecodeOptions.score_precision={self.score_precision!r}: use 'tf32x3' or 'ieee'.")
         if self.finish not in ("auto", "chunks", "row"):
             raise ValueError(f"DecodeOptions.finish={self.finish!r}: use 'auto', 'chunks' or 'row'.")
-        for name in ("finish_fast", "fused_step"):
+        for name in ("finish_fast", "fused_step", "cached_launch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DecodeOptions.{name}={getattr(self, name)!r}: must be a bool.")
 

@@ -31,6 +31,7 @@ import triton.language as tl
 from ...reference import check_qkv
 from .. import utils
 from ..cache_means import _write_completed_block_mean
+from ..compiled_launch import CompiledLaunch, specialization_key
 from ..options import DEFAULT_OPTIONS, KernelOptions
 from ..utils import cdiv, check_block_size, check_doc_start, next_pow2
 from .attend import _attend_split
@@ -143,17 +144,22 @@ def _splits(nb: int, opt) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_constants(H, G, D, block_size, S, sink, local, opt, f32: bool, has_docs: bool, append: bool) -> dict:
-    """The step kernel's compile-time arguments and warps for one configuration (built once: a decode step's host
-    time is the limit of eager decoding)."""
-    return dict(
+def _launch_constants(H, G, D, block_size, S, sink, local, opt, f32: bool, has_docs: bool, append: bool,
+                      nsplit: int) -> tuple[dict, dict]:  # fmt: skip
+    """The step kernel's compile-time arguments and launch options for one configuration (built once: a decode
+    step's host time is the limit of eager decoding)."""
+    constants = dict(
         H=H, G=G, GF=max(2, next_pow2(G)), GS=max(16, next_pow2(G)), D=D, BD=max(16, next_pow2(D)), BS=block_size,
         S=S, SP=max(2, next_pow2(S)), FP=max(2, next_pow2(sink + local)), SINK=sink, LOCAL=local,
         BN_SCORE=opt.score_blocks, BN_FINISH=opt.finish_blocks, LG=min(opt.finish_groups, opt.finish_blocks),
         CAP=opt.finish_cap, FAST=opt.finish_fast, NBK=max(1, opt.attend_keys // block_size),
         PRECISION=opt.score_precision, DOT_PREC="ieee" if f32 else "tf32", HAS_DOCS=has_docs, APPEND=append,
-        BSP=next_pow2(block_size), num_warps=opt.step_warps,
+        BSP=next_pow2(block_size), SPLIT=nsplit > 1, NSP=_stats_chunk(nsplit, G, opt.stats_chunk),
     )  # fmt: skip
+    return constants, dict(num_warps=opt.step_warps)
+
+
+_STEP = CompiledLaunch(_decode_step_kernel)
 
 
 def decode_sparse_step(
@@ -217,14 +223,18 @@ def decode_sparse_step(
         return out, indices
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kbar = last_dim_contiguous(block_means if block_means.dtype == torch.float32 else block_means.float())
-    meta = _launch_constants(H, G, D, block_size, S, sink_blocks, local_blocks, opt, q.dtype == torch.float32,
-                             ds is not None, means_start is not None)  # fmt: skip
+    config = (H, G, D, block_size, S, sink_blocks, local_blocks, opt, q.dtype == torch.float32, ds is not None,
+              means_start is not None, nsplit)  # fmt: skip
+    constants, launch_options = _launch_constants(*config)
     count = _row_counts(q.device, units) if nsplit > 1 else None
-    _decode_step_kernel[(units, nsplit)](
-        q, k, v, kbar, ds, means_start, count, scratch, indices, out,
-        scale * math.log2(math.e),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        T, TK, NB, nsplit, bps, SPLIT=nsplit > 1, NSP=_stats_chunk(nsplit, G, opt.stats_chunk), **meta,
-    )  # fmt: skip
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+               v.stride(1), v.stride(2), kbar.stride(0), kbar.stride(1), kbar.stride(2))  # fmt: skip
+    tensors = (q, k, v, kbar, ds, means_start, count, scratch, indices, out)
+    args = (*tensors, scale * math.log2(math.e), *strides, T, TK, NB, nsplit, bps)
+    if opt.cached_launch:  # TK: left unspecialised (PER_STEP), only its width counts
+        spec = specialization_key(tensors, (*strides, T, NB, nsplit, bps))
+        key = None if spec is None else (config, q.dtype, spec, TK < 2**31)
+        _STEP.launch((units, nsplit), args, key, constants, launch_options)
+    else:
+        _decode_step_kernel[(units, nsplit)](*args, **constants, **launch_options)
     return out, indices
