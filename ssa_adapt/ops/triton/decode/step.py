@@ -227,8 +227,7 @@ def decode_sparse_step(
               means_start is not None, nsplit)  # fmt: skip
     constants, launch_options = _launch_constants(*config)
     count = _row_counts(q.device, units) if nsplit > 1 else None
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-               v.stride(1), v.stride(2), kbar.stride(0), kbar.stride(1), kbar.stride(2))  # fmt: skip
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *kbar.stride()[:3])
     tensors = (q, k, v, kbar, ds, means_start, count, scratch, indices, out)
     args = (*tensors, scale * math.log2(math.e), *strides, T, TK, NB, nsplit, bps)
     if opt.cached_launch:  # TK: left unspecialised (PER_STEP), only its width counts
