@@ -385,11 +385,14 @@ def test_decode_interpreted(interpreted, case):
 def test_cached_decoding_interpreted(interpreted):
     """End to end on a tiny model, every kernel interpreted (backend='triton'): prefill through the prefill
     kernels, then one-token steps through the one-launch decode step (which also completes the cached block means:
-    no separate update launch), equal the no-cache forward."""
+    no separate update launch), equal the no-cache forward; the steps' compiled-launch keys exist (aligned cache
+    tensors) and repeat (on a GPU all but a few steps skip Triton's launcher)."""
     res = interpreted[E2E]
     assert "error" not in res, res.get("error")
     assert res["decode_calls"] == res["expected_calls"], res
     assert res["logits"] < 1e-4, res
+    launches, unkeyed, distinct = res["launch_keys"]
+    assert launches == 2 * 16 and unkeyed == 0 and distinct <= 4, res
 
 
 def run_e2e() -> dict:
@@ -399,11 +402,13 @@ def run_e2e() -> dict:
 
     from ssa_adapt.ops import dispatch
     from ssa_adapt.ops import triton as triton_ops
+    from ssa_adapt.ops.triton.decode import step
 
-    calls = []
+    calls, keys = [], []
     names = ("decode_select", "decode_attend", "decode_sparse_step", "select_blocks", "attend_blocks")
     kernels = {n: getattr(triton_ops, n) for n in names}
     append = dispatch.append_block_means
+    launch = step._STEP.launch
 
     def spy(name):
         return lambda *a, **kw: calls.append(name) or kernels[name](*a, **dict(kw, options=POISONED))
@@ -412,16 +417,21 @@ def run_e2e() -> dict:
         for n in names:
             setattr(triton_ops, n, spy(n))
         dispatch.append_block_means = lambda *a, **kw: calls.append("decode_append_means") or append(*a, **kw)
+        step._STEP.launch = lambda grid, args, key, *rest: keys.append(key) or launch(grid, args, key, *rest)
         logits, reference = teacher_forced("cpu", prompt=70, total=86, backend="triton")
     finally:
         for n, fn in kernels.items():
             setattr(triton_ops, n, fn)
         dispatch.append_block_means = append
+        del step._STEP.launch  # the class's method again
     decode_calls = {n: calls.count(n) for n in sorted(set(calls)) if n.startswith("decode_")}
     # one launch per layer and step: 2 layers x 16 steps through the fused step, none split, and no separate update
     # of the block means: the step writes the blocks that complete (row 0's at 80 keys, row 1's, from key 37, at 85)
+    # the compiled-launch keys of those steps (on a GPU, a key seen before reuses its compiled kernel): the cache's
+    # tensors are aligned (no None key), and the steps share a few keys (the block count's specialisations)
     return {"logits": rel_rms(logits, reference), "decode_calls": decode_calls,
-            "expected_calls": {"decode_sparse_step": 2 * 16}}  # fmt: skip
+            "expected_calls": {"decode_sparse_step": 2 * 16},
+            "launch_keys": [len(keys), sum(k is None for k in keys), len(set(keys) - {None})]}  # fmt: skip
 
 
 def test_cpu_dispatch_stays_on_the_reference(monkeypatch):
