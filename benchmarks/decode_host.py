@@ -91,9 +91,10 @@ def cuda_launch_us(context: int, calls: int = 2000) -> None:
             best = min(best, (time.perf_counter() - t0) / calls * 1e6)
         return best
 
-    triton_launcher = dataclasses.replace(
-        DEFAULT_OPTIONS, decode=dataclasses.replace(DEFAULT_OPTIONS.decode, cached_launch=False)
-    )
+    def launched(cached: bool):
+        return dataclasses.replace(DEFAULT_OPTIONS, decode=dataclasses.replace(DEFAULT_OPTIONS.decode,
+                                                                               cached_launch=cached))  # fmt: skip
+
     for HQ, H, D in ((9, 3, 64), (32, 8, 64)):
         for B in (1, 8):
             g = torch.Generator("cuda").manual_seed(0)
@@ -104,8 +105,9 @@ def cuda_launch_us(context: int, calls: int = 2000) -> None:
             full = partial(ops.full_attention, q, k, v)
             sparse = partial(ops.sparse_attention, q, k, v, **sel)
             with torch.no_grad():
-                sdpa, cached = per_call(full), per_call(sparse)
-                plain = per_call(partial(sparse, kernel_options=triton_launcher))
+                sdpa = per_call(full)
+                cached = per_call(partial(sparse, kernel_options=launched(True)))
+                plain = per_call(partial(sparse, kernel_options=launched(False)))
             print(f"({HQ}, {H}, {D}) batch {B}, {context} keys, host us per call: SDPA {sdpa:.1f}, sparse step "
                   f"cached launch {cached:.1f}, sparse step Triton's launcher {plain:.1f}", flush=True)  # fmt: skip
 

@@ -18,13 +18,14 @@ from ssa_adapt.ops.triton.compiled_launch import CompiledLaunch, specialization_
 
 
 class FakeCompiled:
-    """What `CompiledKernel[grid](*args)` would launch: recorded."""
+    """What `CompiledKernel[grid](*args)` would launch: recorded. Its runner reads grid[0], grid[1] and grid[2], as
+    Triton's does (3.6-3.9)."""
 
     def __init__(self, log):
         self.log = log
 
     def __getitem__(self, grid):
-        return lambda *args: self.log.append(("compiled", grid, args))
+        return lambda *args: self.log.append(("compiled", (grid[0], grid[1], grid[2]), args))
 
 
 class FakeJit:
@@ -52,7 +53,9 @@ def test_a_key_seen_once_launches_the_compiled_kernel_with_every_argument_in_ord
     launch.launch((3, 1), (x, 5), key, dict(B=2, A=1), dict(num_warps=4))
     assert fn.log == [("triton", (3, 1), (x, 5), dict(B=2, A=1, num_warps=4))]
     launch.launch((7, 2), (x, 6), key, dict(B=2, A=1), dict(num_warps=4))
-    assert fn.log[1] == ("compiled", (7, 2), (x, 6, 1, 2))  # constexprs in the signature's order, after the args
+    # three grid sizes (Triton's own launcher pads them, its compiled kernel's runner does not); the constexprs in the
+    # signature's order, after the runtime arguments
+    assert fn.log[1] == ("compiled", (7, 2, 1), (x, 6, 1, 2))
     assert len(fn.log) == 2 and len(launch) == 1
 
 

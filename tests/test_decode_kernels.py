@@ -410,8 +410,11 @@ def run_e2e() -> dict:
     append = dispatch.append_block_means
     launch = step._STEP.launch
 
+    # the step launched through its kept compiled kernels (`DecodeOptions.cached_launch`), whose keys are recorded
+    cached = dataclasses.replace(POISONED, decode=dataclasses.replace(POISONED.decode, cached_launch=True))
+
     def spy(name):
-        return lambda *a, **kw: calls.append(name) or kernels[name](*a, **dict(kw, options=POISONED))
+        return lambda *a, **kw: calls.append(name) or kernels[name](*a, **dict(kw, options=cached))
 
     try:
         for n in names:
@@ -591,7 +594,7 @@ def test_decode_kernels_gpu(case, poisoned):
 
 @pytest.mark.gpu
 def test_decode_step_cached_launch_equals_triton_launch_gpu():
-    """The one-launch step through the compiled kernels it keeps (`DecodeOptions.cached_launch`, the default) equals
+    """The one-launch step through the compiled kernels it keeps (`DecodeOptions.cached_launch`) equals
     the step through Triton's launcher bit for bit, over a growing cache whose block count crosses the values Triton
     specialises on (1, 16, multiples of 16), in bf16 and fp32, with queries at an address off 16-byte alignment
     (which Triton's launcher serves each time)."""
@@ -602,6 +605,7 @@ def test_decode_step_cached_launch_equals_triton_launch_gpu():
     g = torch.Generator("cuda").manual_seed(0)
     B, HQ, H, D, total = 2, 6, 2, 64, 560
     plain = KernelOptions(decode=DecodeOptions(cached_launch=False))
+    cached = KernelOptions(decode=DecodeOptions(cached_launch=True))
     calls = 0
     for dtype in (torch.bfloat16, torch.float32):
         k, v = (torch.randn(B, total, H, D, device="cuda", dtype=dtype, generator=g) for _ in "kv")
@@ -613,7 +617,7 @@ def test_decode_step_cached_launch_equals_triton_launch_gpu():
             means = k[:, : nb * 16].float().unflatten(1, (nb, 16)).mean(2)
             for qq in (q, odd):
                 sel = dict(block_count=4, sink_blocks=1, local_blocks=1)
-                o, i = decode_sparse_step(qq, k[:, :TK], v[:, :TK], means, **sel)
+                o, i = decode_sparse_step(qq, k[:, :TK], v[:, :TK], means, options=cached, **sel)
                 o_plain, i_plain = decode_sparse_step(qq, k[:, :TK], v[:, :TK], means, options=plain, **sel)
                 assert torch.equal(i, i_plain) and torch.equal(o, o_plain), (dtype, TK)
                 calls += 1

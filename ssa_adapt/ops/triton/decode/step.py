@@ -232,7 +232,7 @@ def decode_sparse_step(
     args = (*tensors, scale * math.log2(math.e), *strides, T, TK, NB, nsplit, bps)
     if opt.cached_launch:  # TK: left unspecialised (PER_STEP), only its width counts
         spec = specialization_key(tensors, (*strides, T, NB, nsplit, bps))
-        key = None if spec is None else (config, q.dtype, spec, TK < 2**31)
+        key = None if spec is None else (config, q.dtype, k.dtype, v.dtype, spec, TK < 2**31)
         _STEP.launch((units, nsplit), args, key, constants, launch_options)
     else:
         _decode_step_kernel[(units, nsplit)](*args, **constants, **launch_options)
