@@ -36,6 +36,9 @@ step as for `generate` (ends-based: B * (N - 4) / (t(N) - t(4)), since every cal
 addresses may make its first decode steps record CUDA graphs again). Every row carries command, device and date;
 the file is rewritten after every row.
 
+Eager sparse `generate` runs twice while `DecodeOptions.cached_launch` is off by default: as is and with the
+step launched through its kept compiled kernels (`ssa_adapt.set_kernel_options`; rows' `cached_launch`).
+
 `--step-sweep` only times the one-launch eager step's variants (STEP_VARIANTS: `DecodeOptions` changes to the
 defaults) over the shapes, contexts and batches, GPU time (CUDA graph) and eager, as rows of kind `step_sweep`.
 
@@ -387,13 +390,20 @@ def bench_generate(
             if hasattr(model, "_compiled_call"):
                 del model._compiled_call
             model = ssa_adapt.convert(model, ssa_adapt.SSAConfig(**SEL))
-        for impl in impls:
+        # eager sparse generate also with the step launched through its kept compiled kernels (cached_launch)
+        cached = KernelOptions(decode=dataclasses.replace(DEFAULT_OPTIONS.decode, cached_launch=True))
+        runs = [(impl, None) for impl in impls]
+        if mode == "sparse" and "generate" in impls and not DEFAULT_OPTIONS.decode.cached_launch:
+            runs.insert(impls.index("generate") + 1, ("generate", cached))
+        for impl, kernel_options in runs:
             if mode == "unconverted" and impl == "static_generate":
                 continue  # needs a converted model
             meta = dict(kind="generate", mode=mode, model=name, HQ=HQ, H=H, D=D, context=TK, batch=B, layers=layers)
             try:
                 if mode != "unconverted":
                     ssa_adapt.set_inference(model, mode)
+                    ssa_adapt.set_kernel_options(model, kernel_options)
+                    meta["cached_launch"] = (kernel_options or DEFAULT_OPTIONS).decode.cached_launch
                 if impl == "generate":  # two calls (the first compiles at its first steps), the faster median
                     clocks = [StepClock(), StepClock()]
                     t1, tn = None, min(run(new_tokens, logits_processor=LogitsProcessorList([c])) for c in clocks)

@@ -370,3 +370,39 @@ def test_gate_runs_once_per_layer_in_the_autocast_dtype():
     assert calls == [torch.bfloat16] * model.config.num_hidden_layers
     gates = [layer.self_attn.ssa_gate.weight for layer in model.model.layers]
     assert all(w.dtype == torch.float32 and w.grad is not None and w.grad.abs().sum() > 0 for w in gates)
+
+
+def test_set_kernel_options_reaches_the_ops_and_is_not_saved(monkeypatch):
+    """`set_kernel_options` hands its KernelOptions to every op call of SSA attention (the sparse stream in eval,
+    the selection, attention and alignment loss in SSA training), None again once cleared; it is not in the
+    saved config. The ops are spied on where the layers call them (the reference backend runs underneath)."""
+    pytest.importorskip("triton")
+    from ssa_adapt.ops.triton.options import DecodeOptions, KernelOptions
+    from ssa_adapt.patching import streams
+
+    seen = []
+
+    def spy(name):
+        original = getattr(streams, name)
+        return lambda *a, **kw: seen.append((name, kw.get("kernel_options"))) or original(*a, **kw)
+
+    for name in ("sparse_attention", "attend_blocks", "alignment_loss"):
+        monkeypatch.setattr(streams, name, spy(name))
+    model = ssa_adapt.convert(tiny_model(), SMALL)
+    options = KernelOptions(decode=DecodeOptions(fused_step=False))
+    ssa_adapt.set_kernel_options(model, options)
+    ids = token_batch(length=64)
+    with torch.no_grad():
+        model(ids)  # eval: the sparse stream
+    _ssa_train_step(model, ids, "sparse")  # training: selection, attention, alignment
+    assert {name for name, _ in seen} == {"sparse_attention", "attend_blocks", "alignment_loss"}
+    assert all(got is options for _, got in seen), seen
+    assert "kernel_options" not in model.config.ssa_config
+    seen.clear()
+    ssa_adapt.set_kernel_options(model, None)
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert seen and all(got is None for _, got in seen)
+    with pytest.raises(TypeError, match="must be a KernelOptions or None; got dict"):
+        ssa_adapt.set_kernel_options(model, {"decode": {"cached_launch": True}})

@@ -33,6 +33,7 @@ class SSAController:
         self.base_attn_implementation = base_attn_implementation
         self.layers = layers
         self.stream: str | None = None  # fixed by set_stream(); None draws one per forward pass
+        self.kernel_options = None  # KernelOptions for the Triton kernels (set_kernel_options); None: their defaults
         self.drawn: str | None = None  # the stream drawn for the current forward pass
         self.generator = torch.Generator().manual_seed(seed)
         self.align_losses: dict[int, torch.Tensor] = {}

@@ -1,4 +1,4 @@
-"""`convert`, `unload`, `set_inference`, `set_stream`, `reconfigure` and the loss helpers: the lifecycle of a
+"""`convert`, `unload`, `set_inference`, `set_stream`, `set_kernel_options`, `reconfigure` and the loss helpers: the lifecycle of a
 converted model."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ __all__ = [
     "unload",
     "set_inference",
     "set_stream",
+    "set_kernel_options",
     "reconfigure",
     "get_controller",
     "is_converted",
@@ -211,6 +212,21 @@ def _apply(model: nn.Module, changes: dict, for_inference: bool = False) -> SSAC
     ctrl.reconfigure(ctrl.config.replace(**changes), for_inference=for_inference)
     setattr(controller_owner(model, ctrl).config, CONFIG_KEY, ctrl.config.to_dict())
     return ctrl.config
+
+
+def set_kernel_options(model: nn.Module, options=None) -> None:
+    """Pass `ssa_adapt.ops.triton.options.KernelOptions` to every Triton kernel the converted model's SSA attention
+    calls (selection, sparse attention, decode steps, alignment loss), or None for the kernels' defaults. Runtime
+    tuning only: not part of the SSAConfig, not saved; the PyTorch reference ignores it."""
+    if options is not None:
+        from ..ops.triton.options import KernelOptions  # the kernels' package (needs triton)
+
+        if not isinstance(options, KernelOptions):
+            raise TypeError(
+                f"set_kernel_options: options must be a KernelOptions or None; got {type(options).__name__}. "
+                "Build one with ssa_adapt.ops.triton.options.KernelOptions(decode=DecodeOptions(...))."
+            )
+    require_controller(model).kernel_options = options
 
 
 def set_stream(model: nn.Module, stream: str | None) -> None:

@@ -62,7 +62,8 @@ class LayerCall:
     def selection(self) -> dict:
         """The keyword arguments of the selection ops for this call."""
         cfg = self.config
-        return dict(cfg.selection_kwargs(), scale=self.scale, doc_start=self.doc_start, backend=cfg.backend)
+        return dict(cfg.selection_kwargs(), scale=self.scale, doc_start=self.doc_start, backend=cfg.backend,
+                    kernel_options=self.ctrl.kernel_options)  # fmt: skip
 
     def gated(self, out: torch.Tensor) -> torch.Tensor:
         """out [B, T, HQ, D] times SSA's per-head gate [B, T, HQ, 1] when the layer has one: computed at the first
@@ -88,7 +89,7 @@ class LayerCall:
         means, pending = self._cached_means()
         if means is None and self.module.training and torch.is_grad_enabled():
             indices = self.ctrl.training_indices(self.state.layer_idx, q, k, selection)
-            attend = {n: selection[n] for n in ("block_size", "scale", "doc_start", "backend")}
+            attend = {n: selection[n] for n in ("block_size", "scale", "doc_start", "backend", "kernel_options")}
             return attend_blocks(q, k, v, indices, **attend), indices
         return sparse_attention(q, k, v, return_indices=True, block_means=means, means_start=pending, **selection)
 
@@ -123,7 +124,8 @@ def ssa_training(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
     o_full = call.gated(call.full())
     o_sparse, indices = call.sparse()
     o_sparse = call.gated(o_sparse)
-    ctrl.align_losses[call.state.layer_idx] = alignment_loss(o_full, o_sparse, cfg.align_loss, backend=cfg.backend)
+    ctrl.align_losses[call.state.layer_idx] = alignment_loss(o_full, o_sparse, cfg.align_loss, backend=cfg.backend,
+                                                             kernel_options=ctrl.kernel_options)  # fmt: skip
     return (o_full if ctrl.training_stream() == "full" else o_sparse), indices
 
 
