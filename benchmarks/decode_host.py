@@ -15,7 +15,8 @@ decode step (embedding, MLPs and head included) in both modes and their differen
 On a GPU instead: host microseconds per call of one layer's decode attention, launches included, on a short cache
 (so that the GPU is never the limit): SDPA (`ops.full_attention`, full mode) against the sparse stream's one-launch
 step (`ops.sparse_attention` from block means) through its cached compiled kernel (`DecodeOptions.cached_launch`)
-and through Triton's launcher, for SmolLM2's and Llama-3.2-1B's heads at batch 1 and 8.
+and through Triton's launcher, for SmolLM2's and Llama-3.2-1B's heads at batch 1 and 8, written to
+benchmarks/results/decode-host-<card>.{json,md} (`--out`).
 """
 
 from __future__ import annotations
@@ -71,10 +72,15 @@ def step_us(model, mode: str, prompt: int, steps: int, batch: int = 1, runs: int
     return min(times)
 
 
-def cuda_launch_us(context: int, calls: int = 2000) -> None:
+def cuda_launch_us(context: int, out: str | None, commit: str | None, calls: int = 2000) -> None:
     """Per-call host microseconds (the fastest of 5 loops of `calls` calls without a wait; with a short cache the
-    GPU keeps up, so the loop runs at the host's pace) of full and sparse decode attention, one layer."""
+    GPU keeps up, so the loop runs at the host's pace) of full and sparse decode attention, one layer; the rows go
+    to `out` (default benchmarks/results/decode-host-<card>.json) and a markdown beside it."""
     import dataclasses
+    import datetime
+
+    import triton
+    from run_info import git_commit, result_path
 
     from ssa_adapt import ops
     from ssa_adapt.ops.triton.options import DEFAULT_OPTIONS
@@ -95,6 +101,7 @@ def cuda_launch_us(context: int, calls: int = 2000) -> None:
         return dataclasses.replace(DEFAULT_OPTIONS, decode=dataclasses.replace(DEFAULT_OPTIONS.decode,
                                                                                cached_launch=cached))  # fmt: skip
 
+    rows = []
     for HQ, H, D in ((9, 3, 64), (32, 8, 64)):
         for B in (1, 8):
             g = torch.Generator("cuda").manual_seed(0)
@@ -110,6 +117,32 @@ def cuda_launch_us(context: int, calls: int = 2000) -> None:
                 plain = per_call(partial(sparse, kernel_options=launched(False)))
             print(f"({HQ}, {H}, {D}) batch {B}, {context} keys, host us per call: SDPA {sdpa:.1f}, sparse step "
                   f"cached launch {cached:.1f}, sparse step Triton's launcher {plain:.1f}", flush=True)  # fmt: skip
+            rows.append(dict(HQ=HQ, H=H, D=D, batch=B, context=context, sdpa_us=sdpa, step_kept_kernel_us=cached,
+                             step_triton_launcher_us=plain))  # fmt: skip
+    result = dict(command="python " + " ".join(sys.argv), device=torch.cuda.get_device_name(),
+                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  commit=git_commit(commit), torch=torch.__version__, triton=triton.__version__, rows=rows)  # fmt: skip
+    write_launch_results(Path(result_path("decode-host", out)), result, context, calls)
+
+
+def write_launch_results(path: Path, result: dict, context: int, calls: int) -> None:
+    """`result` (command, device, date, commit, rows) as JSON at `path` and its table as markdown beside it."""
+    import json
+
+    from run_info import markdown_header
+
+    rows = result["rows"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    table = "\n".join(f"| ({r['HQ']}, {r['H']}, {r['D']}) | {r['batch']} | {r['sdpa_us']:.1f} | "
+                      f"{r['step_kept_kernel_us']:.1f} | {r['step_triton_launcher_us']:.1f} |" for r in rows)  # fmt: skip
+    path.with_suffix(".md").write_text(
+        markdown_header("Host time of one layer's decode attention per call (us)", result)
+        + f"\n{context} cached keys, bf16, 16 x 16 blocks, sink 1; the fastest of 5 loops of {calls} calls without a "
+        "wait (a call whose GPU time exceeded its host time would show the former).\n\n"
+        "| (HQ, H, D) | batch | SDPA | sparse step, kept compiled kernel | sparse step, Triton's launcher |\n"
+        "|---|---|---|---|---|\n" + table + "\n"
+    )
 
 
 def main() -> None:
@@ -120,9 +153,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help="rows; past the first, left-padded as generate pads them")
     p.add_argument("--cuda", action="store_true", help="time one layer's launches on the GPU (see above)")
     p.add_argument("--context", type=int, default=256, help="--cuda: cached keys")
+    p.add_argument("--out", default=None, help="--cuda: default benchmarks/results/decode-host-<card>.json")
+    p.add_argument("--commit", default=None, help="--cuda: the commit measured (default: git here)")
     a = p.parse_args()
     if a.cuda:
-        cuda_launch_us(a.context)
+        cuda_launch_us(a.context, a.out, a.commit)
         return
     model = tiny_model(a.layers)
     run = interpreter.InterpretedFunction.run

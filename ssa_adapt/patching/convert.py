@@ -1,5 +1,5 @@
-"""`convert`, `unload`, `set_inference`, `set_stream`, `set_kernel_options`, `reconfigure` and the loss helpers: the lifecycle of a
-converted model."""
+"""`convert`, `unload`, `set_inference`, `set_stream`, `set_kernel_options`, `reconfigure` and the loss helpers:
+the lifecycle of a converted model."""
 
 from __future__ import annotations
 

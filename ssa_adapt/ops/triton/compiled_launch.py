@@ -4,14 +4,14 @@
 Every `kernel[grid](...)` call runs Triton's launcher in Python: it binds the arguments to the signature,
 specialises each one (types, 16-byte alignment of pointers, integers equal to 1 or divisible by 16), hashes that
 list with the compile options into a cache key, checks the kernel's globals, then calls the compiled kernel's
-launcher. For the one-launch decode step (31 runtime and 28 compile-time arguments) this was the largest part of an
+launcher. For the one-launch decode step (28 runtime and 28 compile-time arguments) this was the largest part of an
 eager sparse layer's host time, and eager decoding is bound by the host (README.md of this folder, section 6).
 
 `CompiledLaunch` keeps, per key of its own, the `CompiledKernel` that Triton's launcher returned, and launches it
 directly (`CompiledKernel[grid](*args)`, the API Triton's own ahead-of-time users call) until the key changes.
 The caller's key must tell apart every two calls that Triton would specialise differently: its compile-time
-arguments and launch options, and `specialization_key` of the runtime arguments (per tensor whether its address
-is 16-byte aligned, None staying None; per integer whether it is 1, below 16 or divisible by 16; dtypes the caller
+arguments and launch options, and `specialization_key` of the runtime arguments (which tensors are None, and no
+key unless all are 16-byte aligned; per integer its value below 17, else its residue mod 16; dtypes the caller
 fixes or adds). Two calls with one key therefore select the same compiled kernel of Triton's own cache; a key seen
 for the first time goes through Triton's launcher (which compiles if needed), and what it returned is kept.
 
