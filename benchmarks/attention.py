@@ -178,6 +178,9 @@ SWEEP = {
         SelectOptions(rows=128, warps=8),
         SelectOptions(lanes=64),
         SelectOptions(blocks=128),
+        # a register cap: more programs per SM, the passes still free of spills (kernel README section 1)
+        SelectOptions(max_registers=128),
+        SelectOptions(max_registers=96),
     ],
     "fwd": [
         AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)

@@ -86,6 +86,9 @@ GPU_CASES = [
     _case(1, 777, 2, 5, 64, "float32", S=8),
     _case(1, 65536, 2, 16, 64, "bfloat16", S=16, rows=256),
     _case(1, 32768, 8, 4, 64, "bfloat16", S=16, rows=256),
+    # the selection under a register cap (more programs per SM): spills outside its passes at G = 2-3
+    _case(1, 2047, 3, 3, 64, "bfloat16", S=16, select=dict(max_registers=96)),
+    _case(1, 3333, 8, 2, 128, "bfloat16", S=16, select=dict(max_registers=128)),
 ]
 
 
@@ -352,6 +355,30 @@ def test_fla_backend_gpu():
     q4, k4, v4, _ = make_inputs(_case(1, 256, 8, 4, 64, "bfloat16"), "cuda")
     with pytest.raises(ValueError, match="power of two >= 16"):
         ops.attend_blocks(q4, k4, v4, ops.select_blocks(q4, k4), backend="fla")
+
+
+def test_select_register_cap_reaches_the_launch(monkeypatch):
+    """SelectOptions.max_registers becomes the launch's `maxnreg` (ptxas's register cap), and only when set; bad
+    values fail when the options are built. The launches are replaced (a recorder, block means of zeros): their
+    compiled path needs a GPU (the GPU cases above run the capped kernel)."""
+    from ssa_adapt.ops.triton import select as sel
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(sel, "_select_kernel", Recorder())
+    monkeypatch.setattr(sel, "block_means", lambda k, bs, *a, **kw: torch.zeros(1, 2, k.shape[1] // bs, 64))
+    q, k = torch.randn(1, 64, 4, 64), torch.randn(1, 64, 2, 64)
+    for cap in (None, 96):
+        sel.select_blocks(q, k, block_count=4, options=KernelOptions(select=SelectOptions(max_registers=cap)))
+    assert "maxnreg" not in launches[0] and launches[1]["maxnreg"] == 96
+    assert launches[1]["num_warps"] == SelectOptions().warps
+    for bad in (100, 16, 256, True, 96.0):
+        with pytest.raises(ValueError, match="max_registers"):
+            SelectOptions(max_registers=bad)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")

@@ -29,7 +29,10 @@ class SelectOptions:
     passes 2 and 3 (at least the budget, >= 16 compiled); cap: keys above the lower bound kept per token (more: the
     exact fallback); warps; means_slots: slots per block-means program; interior: chunks that hold only candidates
     of every token of the tile run without masks (True, False, or "auto": on for padded groups of at least
-    `interior_min_group` rows, where it was faster on the H200)."""
+    `interior_min_group` rows, where it was faster on the H200); max_registers: a cap on the selection kernel's
+    registers per thread (ptxas `.maxnreg`), so that more programs share an SM (65536 registers / (128 threads x
+    cap)); None leaves the count to the compiler (157 at G = 3-4, 255 at G = 1-2 with Triton 3.6: three and two
+    programs per SM). Compiled for sm_90 the three passes stay free of spills down to 96 (README.md section 1)."""
 
     rows: int = 64
     blocks: int = 64
@@ -39,11 +42,18 @@ class SelectOptions:
     means_slots: int = 32
     interior: bool | str = "auto"
     interior_min_group: int = 16
+    max_registers: int | None = None
 
     def __post_init__(self):
         _check_positive(self, ("rows", "blocks", "lanes", "cap", "warps", "means_slots", "interior_min_group"))
         if self.interior not in (True, False, "auto"):
             raise ValueError(f"SelectOptions.interior={self.interior!r}: use True, False or 'auto'.")
+        r = self.max_registers
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or not 24 <= r <= 255 or r % 8):
+            raise ValueError(
+                f"SelectOptions.max_registers={r!r}: use None (the compiler's choice) or a multiple of 8 from 24 to "
+                "248 (registers per thread)."
+            )
 
 
 @dataclass(frozen=True)

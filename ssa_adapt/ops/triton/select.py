@@ -494,5 +494,6 @@ def select_blocks(
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
         num_warps=opt.warps,
+        **({} if opt.max_registers is None else {"maxnreg": opt.max_registers}),
     )
     return out

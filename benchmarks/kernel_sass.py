@@ -1,0 +1,172 @@
+"""The selection kernel compiled ahead of time for sm_90 (no GPU needed): registers, spill instructions, shared
+memory, programs per SM and the instructions of each pass's loop body, per group size and register cap.
+
+    python benchmarks/kernel_sass.py [--G 1 2 3 4 8 16] [--D 64] [--max-registers none 128 96]
+        # -> benchmarks/results/kernel-sass-sm90.{json,md}
+
+Compiled as the JIT compiles a launch (pointers 16-byte aligned; without that hint the block means' loads come out
+as 16-bit scalar loads and every count below doubles), with `SelectOptions()` and no documents. The counts come
+from the SASS of Triton's bundled `nvdisasm` and `cuobjdump`: a loop is a backward branch to a label, its size the
+instructions from the label to the branch; `STL` / `LDL` are register spills. Loops in program order: pass 1
+(statistics, `blocks` = 64 per step), pass 2 (lower bound, `lanes` = 32), the bound's rank loop, pass 3
+(survivors, 32), then the exact fallback's loops and the survivors' ranking. Instructions per thread and step;
+with 4 warps a step of pass 1 holds 32 (row, block) elements per thread and one of passes 2 and 3 16.
+Which Triton compiled them matters (the GPU machine's is named in its results); this file records its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from run_info import git_commit  # noqa: E402  (benchmarks/ is on the path of its scripts)
+
+from ssa_adapt.ops.triton import select as sel  # noqa: E402
+from ssa_adapt.ops.triton.options import SelectOptions  # noqa: E402
+from ssa_adapt.ops.triton.utils import group_pad  # noqa: E402
+
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = 227 * 1024  # usable per SM on sm_90 (1 KB of the 228 is reserved per program)
+
+
+def tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_select(G: int, D: int, max_registers: int | None, options: SelectOptions | None = None):
+    """The selection kernel for (G, D) as `select_blocks` launches it on a GPU."""
+    opt = options or SelectOptions()
+    GP = group_pad(G)
+    lanes = max(opt.lanes, 16)
+    consts = dict(
+        H=2, G=G, GP=GP, D=D, BD=max(16, D), BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, opt.rows // GP),
+        BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes),
+        INTERIOR=GP >= opt.interior_min_group, HAS_DOCS=False, DOT_PREC="tf32",
+    )  # fmt: skip
+    types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32")
+    names = list(inspect.signature(sel._select_kernel.fn).parameters)
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    src = ASTSource(fn=sel._select_kernel, signature=sig, constexprs=consts, attrs=aligned)
+    options = dict(num_warps=opt.warps)
+    if max_registers is not None:
+        options["maxnreg"] = max_registers
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass_of(compiled) -> tuple[int, str]:
+    """(registers per thread, the SASS) of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        Path(cubin).write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool("nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1)), sass
+
+
+def loops(sass: str) -> tuple[list[str], list[list[str]]]:
+    """(every instruction, the body of each loop: a backward branch to a label, from the label to the branch)."""
+    ins, labels, bodies = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ins)
+        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            ins.append(m.group(1))
+    for i, text in enumerate(ins):
+        branch = re.search(r"BRA\s.*?`\((\.L_x_\d+)\)", text)
+        if branch and labels.get(branch.group(1), i + 1) <= i:
+            bodies.append(ins[labels[branch.group(1)] : i + 1])
+    return ins, bodies
+
+
+def spills(instructions: list[str]) -> int:
+    return sum(1 for x in instructions if re.search(r"\b(STL|LDL)\b", x))
+
+
+def row(G: int, D: int, max_registers: int | None) -> dict:
+    compiled = compile_select(G, D, max_registers)
+    regs, sass = sass_of(compiled)
+    ins, bodies = loops(sass)
+    shared = compiled.metadata.shared
+    threads = 32 * SelectOptions().warps
+    per_sm = min(REGISTERS_PER_SM // (threads * ((regs + 7) // 8 * 8)), SHARED_PER_SM // (shared + 1024), 32)
+    return dict(
+        G=G, D=D, max_registers=max_registers, registers=regs, shared_bytes=shared, programs_per_sm=per_sm,
+        spill_instructions=spills(ins), pass_loops=[len(b) for b in bodies[:4]],
+        pass_loop_spills=[spills(b) for b in bodies[:4]], loops=[len(b) for b in bodies],
+    )  # fmt: skip
+
+
+def markdown(result: dict) -> str:
+    out = [
+        "# The selection kernel compiled for sm_90 (ahead of time, no GPU)",
+        "",
+        f"{result['date']}, commit {result['commit']}, triton {result['triton']}, `SelectOptions()` defaults, 4 warps.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "Instructions per thread and step of each loop: pass 1 (64 blocks), pass 2 (32), the bound's rank loop, "
+        "pass 3 (32); spill instructions (STL / LDL) in the whole kernel and inside those four loops; programs per "
+        "SM from registers (65536 per SM, 128 threads per program) and shared memory.",
+        "",
+        "| G | D | register cap | registers | programs / SM | shared KB | pass 1 / 2 / rank / 3 | spills: all / in those loops |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        cap = "-" if r["max_registers"] is None else r["max_registers"]
+        out.append(
+            f"| {r['G']} | {r['D']} | {cap} | {r['registers']} | {r['programs_per_sm']} | "
+            f"{r['shared_bytes'] / 1024:.1f} | {' / '.join(map(str, r['pass_loops']))} | "
+            f"{r['spill_instructions']} / {sum(r['pass_loop_spills'])} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--G", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16])
+    p.add_argument("--D", type=int, nargs="+", default=[64])
+    p.add_argument("--max-registers", nargs="+", default=["none", "128", "96"])
+    p.add_argument("--out", default="benchmarks/results/kernel-sass-sm90.json")
+    p.add_argument("--md", default="benchmarks/results/kernel-sass-sm90.md")
+    p.add_argument("--commit", default=None)
+    a = p.parse_args()
+    caps = [None if c.lower() == "none" else int(c) for c in a.max_registers]
+    result = dict(
+        benchmark="selection kernel, compiled ahead of time for sm_90",
+        command="python " + " ".join(sys.argv),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=git_commit(a.commit),
+        triton=triton.__version__,
+        rows=[],
+    )
+    for D in a.D:
+        for G in a.G:
+            for cap in caps:
+                r = row(G, D, cap)
+                print(json.dumps(r), flush=True)
+                result["rows"].append(r)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(a.md).write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
