@@ -6,7 +6,8 @@ the output.
         [--stage .stage/train --model PATH --data FILE.jsonl]      # for the train / multi jobs
 
 Jobs (first GPU first, in the order given; `multi` waits for the others and takes every GPU):
-  tests      pytest -m gpu tests/ (every GPU test; SmolLM2's only with --model's assets in the cache)
+  tests      pytest -m gpu tests/ (every GPU test, or those --tests-k selects; SmolLM2's only with --model's assets
+             in the cache)
   attention  benchmarks/attention.py --sweep over the five head shapes and 8k-128k
   decode     benchmarks/decode.py --sweep (per-layer rows), then --profile at 128k
   eager      benchmarks/decode_profile.py --timing-only (eager steps, sparse vs full, medians of 3 runs) at 128k x 1,
@@ -43,7 +44,8 @@ def job_commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
     card, multi = card_slug(), card_slug(max(torch.cuda.device_count(), 1))  # result files are named per card
     bench = lambda name: str(REPO / "benchmarks" / name)  # noqa: E731
     jobs = {
-        "tests": [[py, "-m", "pytest", "-q", "-s", "-m", "gpu", str(REPO / "tests")]],
+        "tests": [[py, "-m", "pytest", "-q", "-s", "-m", "gpu", str(REPO / "tests")]
+                  + (["-k", a.tests_k] if a.tests_k else [])],
         "attention": [[py, bench("attention.py"), "--sweep", "--T", "32768", "65536", "8192", "16384", "131072",
                        "--out", str(out / f"attention-{card}.json"), "--md", str(out / f"attention-{card}.md"),
                        "--budget-s", str(a.attention_budget_s)]],
@@ -83,6 +85,7 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--data", default=None)
     p.add_argument("--tokens", default=None, help="token ids (.npy, uint16) of the real-activation window")
+    p.add_argument("--tests-k", default=None, help="the tests job's pytest -k expression (default: every GPU test)")
     p.add_argument("--train-steps", type=int, default=200)
     p.add_argument(
         "--train-compile", choices=["off", "on", "both"], default="off", help="train_throughput's --torch_compile"
