@@ -84,8 +84,7 @@ def _chunk_logits(b_q, p_kb, s0, NSLOT, BD: tl.constexpr, BN: tl.constexpr, DOT_
 def _importances(
     b_s,  # [M, BN] the chunk's logits (`_chunk_logits`)
     s0,  # first slot of the chunk
-    b_m,  # [M] softmax max (log2 domain); +BIG for rows without a normaliser
-    b_il,  # [M] 1 / softmax normaliser (0 for rows without one)
+    b_c,  # [M] log2 of the softmax normaliser with its max, m + log2(l) (log2 domain); +BIG for rows without one
     t_base,  # [BT] slot of the token's document block 0
     t_n,  # [BT] the token's candidates are SINK <= j < SINK + t_n
     BT: tl.constexpr,
@@ -98,11 +97,12 @@ def _importances(
     and j itself, [BT, BN] int32 (relative to the token's document).
 
     Rows are ordered (token // TL, head, token % TL) (`_row_token_head`), so the group sum is a reshape and a sum.
-    Rows without a normaliser (padded heads, tokens past T, no complete block) have max +BIG and 1 / l = 0, so their
+    A head's probability is one exponential, exp2(L - (m + log2 l)): the normaliser rides in the exponent, not in a
+    multiply. Rows without a normaliser (padded heads, tokens past T, no complete block) have +BIG there, so their
     exp2 is exactly 0 and no row mask is needed. A candidate of a token is a complete block of every row of that
     token; elsewhere exp2 may overflow, and the candidate mask replaces those values."""
     o_s = s0 + tl.arange(0, BN)
-    b_p = tl.exp2(b_s - b_m[:, None]) * b_il[:, None]
+    b_p = tl.exp2(b_s - b_c[:, None])
     # probabilities summed over the group's heads, [BT, BN]
     b_i = tl.reshape(tl.sum(tl.reshape(b_p, [BT // TL, GP, TL, BN]), 1), [BT, BN])
     jt = o_s[None, :] - t_base[:, None]
@@ -120,10 +120,28 @@ def _row_token_head(o_r, GP: tl.constexpr, TL: tl.constexpr):
 
 
 @triton.jit
-def _interior(s0, lo_in, hi_in, BN: tl.constexpr):
-    """Whether the chunk [s0, s0 + BN) lies inside [lo_in, hi_in), the blocks every valid row (token) of the tile
-    takes part in: such a chunk needs no masks."""
-    return (s0 >= lo_in) & (s0 + BN <= hi_in)
+def _stats_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, b_m, b_l, BD: tl.constexpr, BN: tl.constexpr,
+                 MASKED: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """Pass 1's online softmax statistics (max b_m, normaliser b_l, [M]) updated with the chunk of slots
+    [s0, s0 + BN). MASKED: logits of blocks that are not complete blocks of the row's document become -inf (a chunk
+    inside every row's complete blocks needs no mask: the same values)."""
+    o_s = s0 + tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    if MASKED:
+        # [BN, BD]
+        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
+        # [M, BN]
+        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
+        j = o_s[None, :] - r_base[:, None]
+        # 0 <= j < r_nc as one unsigned compare
+        b_s = tl.where(j.to(tl.uint32) < tl.maximum(r_nc, 0).to(tl.uint32)[:, None], b_s, float("-inf"))
+    else:
+        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :])
+        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
+    m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    b_e = tl.exp2(b_s - m_use[:, None])
+    return m_new, b_l * tl.exp2(b_m - m_use) + tl.sum(b_e, 1)
 
 
 @triton.jit
@@ -193,7 +211,7 @@ def _rank_survivors(p_sf, cnt, CAP: tl.constexpr, ROW: tl.constexpr, KP: tl.cons
 
 
 @triton.jit
-def _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_m, b_il, t_base, t_n, bound,
+def _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_c, t_base, t_n, bound,
                     BT: tl.constexpr, GP: tl.constexpr, TL: tl.constexpr, BD: tl.constexpr, LANES: tl.constexpr,
                     KP: tl.constexpr, SINK: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     """A tile where some token has more than CAP candidates at or above its bound: an online top-KP over those
@@ -205,7 +223,7 @@ def _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_m, b_il, t_base, t_n, bound,
     b_thr = tl.full([BT], -1, dtype=tl.int64)  # smallest key kept (-1 while the list is not full)
     for s0 in range(lo2, hi2, LANES):
         b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
-        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_n, BT, GP, TL, LANES, SINK)
+        b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
         key = (b_i.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - jt).to(tl.int64)
         key = tl.where((b_i >= bound[:, None]) & (key > b_thr[:, None]), key, -1)
         n = tl.max(tl.max(key, 1), 0)
@@ -298,33 +316,27 @@ def _select_kernel(
     hi = tl.max(tl.where(m_r, r_base + r_nc, 0), 0)
     b_m = tl.full([M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([M], dtype=tl.float32)
-    # chunks inside [lo_in, hi_in) hold complete blocks of every valid row: no masks there
-    lo_in = tl.max(tl.where(m_r, r_base, 0), 0)
-    hi_in = tl.min(tl.where(m_r, r_base + r_nc, NSLOT), 0)
-    if not INTERIOR:
-        hi_in = lo_in - 1
-    for s0 in range(lo, hi, BN):
-        o_s = s0 + tl.arange(0, BN)
-        if _interior(s0, lo_in, hi_in, BN):
-            b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :])
-            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
-        else:
-            # [BN, BD]
-            b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
-            # [M, BN]
-            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
-            j = o_s[None, :] - r_base[:, None]
-            # 0 <= j < r_nc as one unsigned compare
-            b_s = tl.where(j.to(tl.uint32) < tl.maximum(r_nc, 0).to(tl.uint32)[:, None], b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_e = tl.exp2(b_s - m_use[:, None])
-        b_l = b_l * tl.exp2(b_m - m_use) + tl.sum(b_e, 1)
-        b_m = m_new
-    # rows without a normaliser: exp2(logit - BIG) = 0 in passes 2 and 3, with 1 / l = 0
+    # chunks inside [lo_in, hi_in) hold complete blocks of every valid row and need no masks: with INTERIOR they
+    # run in a loop of their own between the masked chunks before and after them (one loop per kind of chunk, so
+    # that each loop's loads are software-pipelined; a branch inside one loop kept them synchronous)
+    if INTERIOR:
+        lo_in = tl.max(tl.where(m_r, r_base, 0), 0)
+        hi_in = tl.min(tl.where(m_r, r_base + r_nc, NSLOT), 0)
+        n_ch = tl.cdiv(hi - lo, BN)
+        c_lo = tl.minimum(tl.maximum(tl.cdiv(lo_in - lo, BN), 0), n_ch)
+        c_hi = tl.minimum(tl.maximum((hi_in - lo) // BN, c_lo), n_ch)
+        for c in range(0, c_lo):
+            b_m, b_l = _stats_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, b_m, b_l, BD, BN, True, DOT_PREC)
+        for c in range(c_lo, c_hi):
+            b_m, b_l = _stats_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, b_m, b_l, BD, BN, False, DOT_PREC)
+        for c in range(c_hi, n_ch):
+            b_m, b_l = _stats_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, b_m, b_l, BD, BN, True, DOT_PREC)
+    else:
+        for s0 in range(lo, hi, BN):
+            b_m, b_l = _stats_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, b_m, b_l, BD, BN, True, DOT_PREC)
+    # passes 2 and 3 take exp2(logit - (m + log2 l)); rows without a normaliser get BIG there, so exp2 gives 0
     has_l = m_r & (b_l > 0)
-    b_m = tl.where(has_l, b_m, 1e30)
-    b_il = tl.where(has_l, 1.0 / tl.where(b_l > 0, b_l, 1.0), 0.0)
+    b_c = tl.where(has_l, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), 1e30)
 
     # ---- pass 2: a lower bound on each token's budget-th best importance. Lane i of a chunk keeps the best
     # importance of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima belong to
@@ -332,7 +344,7 @@ def _select_kernel(
     b_lane = tl.full([BT, LANES], -1.0, dtype=tl.float32)
     for s0 in range(lo2, hi2, LANES):
         b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
-        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_n, BT, GP, TL, LANES, SINK)
+        b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
         b_lane = tl.maximum(b_lane, b_i)
     bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
 
@@ -348,7 +360,7 @@ def _select_kernel(
     tri = (o_l[:, None] <= o_l[None, :]).to(tl.float16)  # [LANES, LANES]
     for s0 in range(lo2, hi2, LANES):
         b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
-        b_i, jt = _importances(b_s, s0, b_m, b_il, t_base, t_n, BT, GP, TL, LANES, SINK)
+        b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
         keep = b_i >= bound[:, None]
         if PREFIX_DOT:
             at = cnt[:, None] + tl.dot(keep.to(tl.float16), tri).to(tl.int32) - 1
@@ -361,7 +373,7 @@ def _select_kernel(
         cnt += tl.sum(keep.to(tl.int32), 1)
     tl.debug_barrier()
     if tl.max(cnt, 0) > CAP:
-        j_top = _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_m, b_il, t_base, t_n, bound,
+        j_top = _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_c, t_base, t_n, bound,
                                 BT, GP, TL, BD, LANES, KP, SINK, DOT_PREC)  # fmt: skip
     else:
         j_top = _rank_survivors(p_sf, cnt, CAP, ROW, KP, BT)
