@@ -181,6 +181,9 @@ SWEEP = {
         # a register cap: more programs per SM, the passes still free of spills (kernel README section 1)
         SelectOptions(max_registers=128),
         SelectOptions(max_registers=96),
+        # interior chunks in loops of their own (passes 1 and 2) at every group size, with and without a cap
+        SelectOptions(interior=True),
+        SelectOptions(interior=True, max_registers=128),
     ],
     "fwd": [
         AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)

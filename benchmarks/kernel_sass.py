@@ -1,16 +1,18 @@
 """The selection kernel compiled ahead of time for sm_90 (no GPU needed): registers, spill instructions, shared
 memory, programs per SM and the instructions of each pass's loop body, per group size and register cap.
 
-    python benchmarks/kernel_sass.py [--G 1 2 3 4 8 16] [--D 64] [--max-registers none 128 96]
+    python benchmarks/kernel_sass.py [--G 1 2 3 4 8 16] [--D 64] [--max-registers none 128 96] [--interior auto on]
         # -> benchmarks/results/kernel-sass-sm90.{json,md}
 
 Compiled as the JIT compiles a launch (pointers 16-byte aligned; without that hint the block means' loads come out
 as 16-bit scalar loads and every count below doubles), with `SelectOptions()` and no documents. The counts come
 from the SASS of Triton's bundled `nvdisasm` and `cuobjdump`: a loop is a backward branch to a label, its size the
-instructions from the label to the branch; `STL` / `LDL` are register spills. Loops in program order: pass 1
-(statistics, `blocks` = 64 per step), pass 2 (lower bound, `lanes` = 32), the bound's rank loop, pass 3
-(survivors, 32), then the exact fallback's loops and the survivors' ranking. Instructions per thread and step;
-with 4 warps a step of pass 1 holds 32 (row, block) elements per thread and one of passes 2 and 3 16.
+instructions from the label to the branch; `STL` / `LDL` are register spills. Loops in program order, with
+interior chunks off: pass 1 (statistics, `blocks` = 64 per step), pass 2 (lower bound, `lanes` = 32), the bound's
+rank loop, pass 3 (survivors, 32), then the exact fallback's loops and the survivors' ranking; with them on, pass 1
+and pass 2 are three loops each (pass 1: masked chunks before the interior, interior, masked after; pass 2:
+interior, then the masked ones before and after). Instructions per thread and step; with 4 warps a step of pass 1
+holds 32 (row, block) elements per thread and one of passes 2 and 3 16.
 Which Triton compiled them matters (the GPU machine's is named in its results); this file records its own.
 """
 
@@ -47,15 +49,16 @@ def tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_select(G: int, D: int, max_registers: int | None, options: SelectOptions | None = None):
+def compile_select(G: int, D: int, max_registers: int | None, interior: bool | str = "auto"):
     """The selection kernel for (G, D) as `select_blocks` launches it on a GPU."""
-    opt = options or SelectOptions()
+    opt = SelectOptions(interior=interior, max_registers=max_registers)
     GP = group_pad(G)
     lanes = max(opt.lanes, 16)
     consts = dict(
         H=2, G=G, GP=GP, D=D, BD=max(16, D), BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, opt.rows // GP),
         BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes),
-        INTERIOR=GP >= opt.interior_min_group, HAS_DOCS=False, DOT_PREC="tf32",
+        INTERIOR=GP >= opt.interior_min_group if opt.interior == "auto" else opt.interior, HAS_DOCS=False,
+        DOT_PREC="tf32",
     )  # fmt: skip
     types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32")
     names = list(inspect.signature(sel._select_kernel.fn).parameters)
@@ -99,17 +102,17 @@ def spills(instructions: list[str]) -> int:
     return sum(1 for x in instructions if re.search(r"\b(STL|LDL)\b", x))
 
 
-def row(G: int, D: int, max_registers: int | None) -> dict:
-    compiled = compile_select(G, D, max_registers)
+def row(G: int, D: int, max_registers: int | None, interior: bool | str) -> dict:
+    compiled = compile_select(G, D, max_registers, interior)
     regs, sass = sass_of(compiled)
     ins, bodies = loops(sass)
     shared = compiled.metadata.shared
     threads = 32 * SelectOptions().warps
     per_sm = min(REGISTERS_PER_SM // (threads * ((regs + 7) // 8 * 8)), SHARED_PER_SM // (shared + 1024), 32)
     return dict(
-        G=G, D=D, max_registers=max_registers, registers=regs, shared_bytes=shared, programs_per_sm=per_sm,
-        spill_instructions=spills(ins), pass_loops=[len(b) for b in bodies[:4]],
-        pass_loop_spills=[spills(b) for b in bodies[:4]], loops=[len(b) for b in bodies],
+        G=G, D=D, max_registers=max_registers, interior=interior, registers=regs, shared_bytes=shared,
+        programs_per_sm=per_sm, spill_instructions=spills(ins), loops=[len(b) for b in bodies],
+        loop_spills=[spills(b) for b in bodies],
     )  # fmt: skip
 
 
@@ -121,19 +124,21 @@ def markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        "Instructions per thread and step of each loop: pass 1 (64 blocks), pass 2 (32), the bound's rank loop, "
-        "pass 3 (32); spill instructions (STL / LDL) in the whole kernel and inside those four loops; programs per "
-        "SM from registers (65536 per SM, 128 threads per program) and shared memory.",
+        "Instructions per thread and step of each loop in program order (interior chunks off: pass 1 (64 blocks), "
+        "pass 2 (32), the bound's rank loop, pass 3 (32), the fallback's, the ranking's; on: pass 1 as masked / "
+        "interior / masked loops, pass 2 as interior / masked / masked, then the same); spill instructions (STL / "
+        "LDL) in the whole kernel and inside loops; programs per SM from registers (65536 per SM, 128 threads per "
+        "program) and shared memory.",
         "",
-        "| G | D | register cap | registers | programs / SM | shared KB | pass 1 / 2 / rank / 3 | spills: all / in those loops |",
-        "|---|---|---|---|---|---|---|---|",
+        "| G | D | interior | register cap | registers | programs / SM | shared KB | loops | spills: all / in loops |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         cap = "-" if r["max_registers"] is None else r["max_registers"]
         out.append(
-            f"| {r['G']} | {r['D']} | {cap} | {r['registers']} | {r['programs_per_sm']} | "
-            f"{r['shared_bytes'] / 1024:.1f} | {' / '.join(map(str, r['pass_loops']))} | "
-            f"{r['spill_instructions']} / {sum(r['pass_loop_spills'])} |"
+            f"| {r['G']} | {r['D']} | {r['interior']} | {cap} | {r['registers']} | {r['programs_per_sm']} | "
+            f"{r['shared_bytes'] / 1024:.1f} | {' / '.join(map(str, r['loops']))} | "
+            f"{r['spill_instructions']} / {sum(r['loop_spills'])} |"
         )
     return "\n".join(out) + "\n"
 
@@ -143,11 +148,13 @@ def main() -> None:
     p.add_argument("--G", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16])
     p.add_argument("--D", type=int, nargs="+", default=[64])
     p.add_argument("--max-registers", nargs="+", default=["none", "128", "96"])
+    p.add_argument("--interior", nargs="+", default=["auto"], choices=["auto", "on", "off"])
     p.add_argument("--out", default="benchmarks/results/kernel-sass-sm90.json")
     p.add_argument("--md", default="benchmarks/results/kernel-sass-sm90.md")
     p.add_argument("--commit", default=None)
     a = p.parse_args()
     caps = [None if c.lower() == "none" else int(c) for c in a.max_registers]
+    interiors = [{"auto": "auto", "on": True, "off": False}[x] for x in a.interior]
     result = dict(
         benchmark="selection kernel, compiled ahead of time for sm_90",
         command="python " + " ".join(sys.argv),
@@ -158,8 +165,8 @@ def main() -> None:
     )
     for D in a.D:
         for G in a.G:
-            for cap in caps:
-                r = row(G, D, cap)
+            for cap, interior in ((c, i) for i in interiors for c in caps):
+                r = row(G, D, cap, interior)
                 print(json.dumps(r), flush=True)
                 result["rows"].append(r)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,13 @@ def _chunk_logits(b_q, p_kb, s0, NSLOT, BD: tl.constexpr, BN: tl.constexpr, DOT_
 
 
 @triton.jit
+def _group_probabilities(b_s, b_c, BT: tl.constexpr, GP: tl.constexpr, TL: tl.constexpr, BN: tl.constexpr):
+    """exp2(L - (m + log2 l)) of [M, BN] logits summed over each token's heads -> [BT, BN] float32, no mask."""
+    b_p = tl.exp2(b_s - b_c[:, None])
+    return tl.reshape(tl.sum(tl.reshape(b_p, [BT // TL, GP, TL, BN]), 1), [BT, BN])
+
+
+@triton.jit
 def _importances(
     b_s,  # [M, BN] the chunk's logits (`_chunk_logits`)
     s0,  # first slot of the chunk
@@ -102,13 +109,25 @@ def _importances(
     exp2 is exactly 0 and no row mask is needed. A candidate of a token is a complete block of every row of that
     token; elsewhere exp2 may overflow, and the candidate mask replaces those values."""
     o_s = s0 + tl.arange(0, BN)
-    b_p = tl.exp2(b_s - b_c[:, None])
-    # probabilities summed over the group's heads, [BT, BN]
-    b_i = tl.reshape(tl.sum(tl.reshape(b_p, [BT // TL, GP, TL, BN]), 1), [BT, BN])
+    b_i = _group_probabilities(b_s, b_c, BT, GP, TL, BN)
     jt = o_s[None, :] - t_base[:, None]
     # SINK <= jt < SINK + t_n as one unsigned compare
     cand = (jt - SINK).to(tl.uint32) < t_n.to(tl.uint32)[:, None]
     return tl.where(cand, b_i, -1.0), jt
+
+
+@triton.jit
+def _lane_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, b_lane, BT: tl.constexpr, GP: tl.constexpr, TL: tl.constexpr,
+                BD: tl.constexpr, LANES: tl.constexpr, SINK: tl.constexpr, MASKED: tl.constexpr,
+                DOT_PREC: tl.constexpr):  # fmt: skip
+    """Pass 2 on the chunk of slots [s0, s0 + LANES): the lane maxima b_lane [BT, LANES] raised by its importances
+    (MASKED: non-candidates count as -1; a chunk of candidates of every valid token needs no mask)."""
+    b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
+    if MASKED:
+        b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
+    else:
+        b_i = _group_probabilities(b_s, b_c, BT, GP, TL, LANES)
+    return tl.maximum(b_lane, b_i)
 
 
 @triton.jit
@@ -341,11 +360,27 @@ def _select_kernel(
     # ---- pass 2: a lower bound on each token's budget-th best importance. Lane i of a chunk keeps the best
     # importance of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima belong to
     # distinct candidates, so their budget-th largest cannot exceed the budget-th largest of all candidates.
+    # With INTERIOR the chunks that hold candidates of every valid token (c_lo2 <= c < c_hi2) run without the
+    # candidate mask, in a loop of their own (rows of tokens past T have m + log2 l = BIG: importance 0, and they
+    # choose nothing).
     b_lane = tl.full([BT, LANES], -1.0, dtype=tl.float32)
-    for s0 in range(lo2, hi2, LANES):
-        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
-        b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
-        b_lane = tl.maximum(b_lane, b_i)
+    n2 = tl.cdiv(hi2 - lo2, LANES)
+    c_lo2 = n2
+    c_hi2 = n2
+    if INTERIOR:
+        lo_c = tl.max(tl.where(m_t, t_base + SINK, 0), 0)
+        hi_c = tl.min(tl.where(m_t, t_base + t_hi, NSLOT), 0)
+        c_lo2 = tl.minimum(tl.maximum(tl.cdiv(lo_c - lo2, LANES), 0), n2)
+        c_hi2 = tl.minimum(tl.maximum((hi_c - lo2) // LANES, c_lo2), n2)
+        for c in range(c_lo2, c_hi2):
+            b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane,
+                                 BT, GP, TL, BD, LANES, SINK, False, DOT_PREC)  # fmt: skip
+    for c in range(0, c_lo2):
+        b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane,
+                             BT, GP, TL, BD, LANES, SINK, True, DOT_PREC)  # fmt: skip
+    for c in range(c_hi2, n2):
+        b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane,
+                             BT, GP, TL, BD, LANES, SINK, True, DOT_PREC)  # fmt: skip
     bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
 
     # ---- pass 3: the candidates at or above the bound (about `budget` of them; the same importances bit for
