@@ -1,8 +1,9 @@
-"""The selection kernel compiled ahead of time for sm_90 (no GPU needed): registers, spill instructions, shared
-memory, programs per SM and the instructions of each pass's loop body, per group size and register cap.
+"""The selection kernel, and the sparse attention's forward and dq kernels, compiled ahead of time for sm_90 (no
+GPU needed): registers, spill instructions, shared memory, programs per SM and the instructions of each loop body,
+per group size and register cap (selection) and per warps and keys per step (attention).
 
     python benchmarks/kernel_sass.py [--G 1 2 3 4 8 16] [--D 64] [--max-registers none 128 96] [--interior auto on]
-        # -> benchmarks/results/kernel-sass-sm90.{json,md}
+        [--attend-warps 1 2 4] [--attend-keys 32 64]      # -> benchmarks/results/kernel-sass-sm90.{json,md}
 
 Compiled as the JIT compiles a launch (pointers 16-byte aligned; without that hint the block means' loads come out
 as 16-bit scalar loads and every count below doubles), with `SelectOptions()` and no documents. The counts come
@@ -13,7 +14,10 @@ rank loop, pass 3 (survivors, 32), then the exact fallback's loops and the survi
 and pass 2 are three loops each (pass 1: masked chunks before the interior, interior, masked after; pass 2:
 interior, then the masked ones before and after). Instructions per thread and step; with 4 warps a step of pass 1
 holds 32 (row, block) elements per thread and one of passes 2 and 3 16.
-Which Triton compiled them matters (the GPU machine's is named in its results); this file records its own.
+The attention kernels (one program per (token, KV head), the group padded to 16 rows, so every G <= 16 compiles the
+same loop) have one loop, a step of `keys` gathered keys: its instructions times the warps, per key, is the issued
+work per (token, KV head) and key. Which Triton compiled them matters (the GPU machine's is named in its results);
+this file records its own.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from run_info import git_commit  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
+from ssa_adapt.ops.triton import attend as att  # noqa: E402
 from ssa_adapt.ops.triton import select as sel  # noqa: E402
 from ssa_adapt.ops.triton.options import SelectOptions  # noqa: E402
 from ssa_adapt.ops.triton.utils import group_pad  # noqa: E402
@@ -69,6 +74,34 @@ def compile_select(G: int, D: int, max_registers: int | None, interior: bool | s
     if max_registers is not None:
         options["maxnreg"] = max_registers
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_attend(kind: str, D: int, warps: int, keys: int, stages: int = 3):
+    """The forward ("fwd") or dq ("dq") kernel of the sparse attention as `attend_fwd` / `attend_bwd` launch it
+    (G = 3: the group padded to 16 rows; 16 x 16 blocks)."""
+    fn = att._attend_fwd_kernel if kind == "fwd" else att._attend_bwd_dq_kernel
+    consts = dict(H=3, G=3, GR=16, D=D, BD=max(16, D), BS=16, S=16, NB=keys // 16, HAS_DOCS=False, DOT_PREC="tf32")
+    types = {n: "*bf16" for n in ("q", "k", "v", "o", "do", "dq")}
+    types.update(block_indices="*i32", doc_start="*i64", lse="*fp32", delta="*fp32", scale_log2="fp32", scale="fp32")
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def attend_row(kind: str, D: int, warps: int, keys: int) -> dict:
+    compiled = compile_attend(kind, D, warps, keys)
+    regs, sass = sass_of(compiled)
+    ins, bodies = loops(sass)
+    body = max(bodies, key=len)
+    shared = compiled.metadata.shared
+    per_sm = min(REGISTERS_PER_SM // (32 * warps * ((regs + 7) // 8 * 8)), SHARED_PER_SM // (shared + 1024), 32)
+    return dict(
+        kernel=kind, D=D, warps=warps, keys=keys, registers=regs, shared_bytes=shared, programs_per_sm=per_sm,
+        warps_per_sm=per_sm * warps, loop=len(body), warp_instructions_per_key=len(body) * warps / keys,
+        barriers_per_step=sum(1 for x in body if "BAR.SYNC" in x), spill_instructions=spills(ins),
+    )  # fmt: skip
 
 
 def sass_of(compiled) -> tuple[int, str]:
@@ -118,11 +151,13 @@ def row(G: int, D: int, max_registers: int | None, interior: bool | str) -> dict
 
 def markdown(result: dict) -> str:
     out = [
-        "# The selection kernel compiled for sm_90 (ahead of time, no GPU)",
+        "# The selection and sparse attention kernels compiled for sm_90 (ahead of time, no GPU)",
         "",
         f"{result['date']}, commit {result['commit']}, triton {result['triton']}, `SelectOptions()` defaults, 4 warps.",
         "",
         f"Command: `{result['command']}`",
+        "",
+        "## Selection",
         "",
         "Instructions per thread and step of each loop in program order (interior chunks off: pass 1 (64 blocks), "
         "pass 2 (32), the bound's rank loop, pass 3 (32), the fallback's, the ranking's; on: pass 1 as masked / "
@@ -140,6 +175,24 @@ def markdown(result: dict) -> str:
             f"{r['shared_bytes'] / 1024:.1f} | {' / '.join(map(str, r['loops']))} | "
             f"{r['spill_instructions']} / {sum(r['loop_spills'])} |"
         )
+    if result.get("attend_rows"):
+        out += [
+            "",
+            "## Sparse attention forward and dq (one program per (token, KV head), 16 rows, 16 x 16 blocks, 3 stages)",
+            "",
+            "Loop: instructions per thread (so per warp) and step of `keys` keys; warp-instructions per key: the "
+            "loop times the warps over the keys, the issued work per (token, KV head) and key.",
+            "",
+            "| kernel | D | warps | keys / step | registers | shared KB | programs (warps) / SM | loop | warp-instr. / key "
+            "| barriers / step | spills |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["attend_rows"]:
+            out.append(
+                f"| {r['kernel']} | {r['D']} | {r['warps']} | {r['keys']} | {r['registers']} | "
+                f"{r['shared_bytes'] / 1024:.1f} | {r['programs_per_sm']} ({r['warps_per_sm']}) | {r['loop']} | "
+                f"{r['warp_instructions_per_key']:.1f} | {r['barriers_per_step']} | {r['spill_instructions']} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -149,6 +202,8 @@ def main() -> None:
     p.add_argument("--D", type=int, nargs="+", default=[64])
     p.add_argument("--max-registers", nargs="+", default=["none", "128", "96"])
     p.add_argument("--interior", nargs="+", default=["auto"], choices=["auto", "on", "off"])
+    p.add_argument("--attend-warps", type=int, nargs="*", default=[1, 2, 4])
+    p.add_argument("--attend-keys", type=int, nargs="*", default=[32, 64])
     p.add_argument("--out", default="benchmarks/results/kernel-sass-sm90.json")
     p.add_argument("--md", default="benchmarks/results/kernel-sass-sm90.md")
     p.add_argument("--commit", default=None)
@@ -156,12 +211,13 @@ def main() -> None:
     caps = [None if c.lower() == "none" else int(c) for c in a.max_registers]
     interiors = [{"auto": "auto", "on": True, "off": False}[x] for x in a.interior]
     result = dict(
-        benchmark="selection kernel, compiled ahead of time for sm_90",
+        benchmark="selection and sparse attention kernels, compiled ahead of time for sm_90",
         command="python " + " ".join(sys.argv),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         commit=git_commit(a.commit),
         triton=triton.__version__,
         rows=[],
+        attend_rows=[],
     )
     for D in a.D:
         for G in a.G:
@@ -169,6 +225,13 @@ def main() -> None:
                 r = row(G, D, cap, interior)
                 print(json.dumps(r), flush=True)
                 result["rows"].append(r)
+    for D in a.D:
+        for kind in ("fwd", "dq"):
+            for warps in a.attend_warps:
+                for keys in a.attend_keys:
+                    r = attend_row(kind, D, warps, keys)
+                    print(json.dumps(r), flush=True)
+                    result["attend_rows"].append(r)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     Path(a.md).write_text(markdown(result))

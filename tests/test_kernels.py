@@ -89,6 +89,9 @@ GPU_CASES = [
     # the selection under a register cap (more programs per SM): spills outside its passes at G = 2-3
     _case(1, 2047, 3, 3, 64, "bfloat16", S=16, select=dict(max_registers=96)),
     _case(1, 3333, 8, 2, 128, "bfloat16", S=16, select=dict(max_registers=128)),
+    # the attention's forward and dq with fewer warps per program, and the selection with interior chunks
+    _case(1, 2047, 3, 3, 64, "bfloat16", S=16, attend=dict(fwd_warps=2), select=dict(interior=True)),
+    _case(1, 3333, 8, 2, 128, "bfloat16", S=16, attend=dict(fwd_warps=1, fwd_keys=32)),
 ]
 
 
