@@ -184,6 +184,7 @@ SWEEP = {
         # interior chunks in loops of their own (passes 1 and 2) at every group size, with and without a cap
         SelectOptions(interior=True),
         SelectOptions(interior=True, max_registers=128),
+        SelectOptions(max_registers=128, stages=2),  # at D = 128: 4 programs per SM instead of 3 (shared memory)
     ],
     "fwd": [
         AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)

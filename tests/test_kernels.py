@@ -361,7 +361,8 @@ def test_fla_backend_gpu():
 
 
 def test_select_register_cap_reaches_the_launch(monkeypatch):
-    """SelectOptions.max_registers becomes the launch's `maxnreg` (ptxas's register cap), and only when set; bad
+    """SelectOptions.max_registers becomes the launch's `maxnreg` (ptxas's register cap), and only when set, and
+    SelectOptions.stages its `num_stages`; bad
     values fail when the options are built. The launches are replaced (a recorder, block means of zeros): their
     compiled path needs a GPU (the GPU cases above run the capped kernel)."""
     from ssa_adapt.ops.triton import select as sel
@@ -378,10 +379,14 @@ def test_select_register_cap_reaches_the_launch(monkeypatch):
     for cap in (None, 96):
         sel.select_blocks(q, k, block_count=4, options=KernelOptions(select=SelectOptions(max_registers=cap)))
     assert "maxnreg" not in launches[0] and launches[1]["maxnreg"] == 96
-    assert launches[1]["num_warps"] == SelectOptions().warps
+    assert launches[1]["num_warps"] == SelectOptions().warps and launches[1]["num_stages"] == SelectOptions().stages
+    sel.select_blocks(q, k, block_count=4, options=KernelOptions(select=SelectOptions(stages=2)))
+    assert launches[2]["num_stages"] == 2
     for bad in (100, 16, 256, True, 96.0):
         with pytest.raises(ValueError, match="max_registers"):
             SelectOptions(max_registers=bad)
+    with pytest.raises(ValueError, match="stages"):
+        SelectOptions(stages=0)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")

@@ -27,7 +27,8 @@ class SelectOptions:
 
     rows: tokens x padded group per program (M); blocks: blocks per step of pass 1; lanes: blocks per step of
     passes 2 and 3 (at least the budget, >= 16 compiled); cap: keys above the lower bound kept per token (more: the
-    exact fallback); warps; means_slots: slots per block-means program; interior: chunks that hold only candidates
+    exact fallback); warps; stages: the software pipeline's depth for the block means' loads (shared memory per
+    program grows with it: 32 KB at D = 64, 64 KB at D = 128 with 3); means_slots: slots per block-means program; interior: chunks that hold only candidates
     of every token of the tile run without masks (True, False, or "auto": on for padded groups of at least
     `interior_min_group` rows, where it was faster on the H200); max_registers: a cap on the selection kernel's
     registers per thread (ptxas `.maxnreg`), so that more programs share an SM (65536 registers / (128 threads x
@@ -39,13 +40,16 @@ class SelectOptions:
     lanes: int = 32
     cap: int = 64
     warps: int = 4
+    stages: int = 3
     means_slots: int = 32
     interior: bool | str = "auto"
     interior_min_group: int = 16
     max_registers: int | None = None
 
     def __post_init__(self):
-        _check_positive(self, ("rows", "blocks", "lanes", "cap", "warps", "means_slots", "interior_min_group"))
+        _check_positive(
+            self, ("rows", "blocks", "lanes", "cap", "warps", "stages", "means_slots", "interior_min_group")
+        )
         if self.interior not in (True, False, "auto"):
             raise ValueError(f"SelectOptions.interior={self.interior!r}: use True, False or 'auto'.")
         r = self.max_registers

@@ -541,6 +541,7 @@ def select_blocks(
         HAS_DOCS=ds is not None,
         DOT_PREC=dot_precision(q.dtype),
         num_warps=opt.warps,
+        num_stages=opt.stages,
         **({} if opt.max_registers is None else {"maxnreg": opt.max_registers}),
     )
     return out
