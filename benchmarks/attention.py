@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_info import git_commit, head_shape, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
+from run_info import git_commit, head_shape, markdown_header, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import triton as triton_ops  # noqa: E402
@@ -355,6 +355,14 @@ def main():
     p.add_argument("--md", default=None, help="default: benchmarks/results/attention-<card>.md")
     p.add_argument("--sweep", action="store_true", help="time selection-kernel variants at 32k first")
     p.add_argument("--sweep-all", action="store_true", help="also the attention kernels' variants")
+    p.add_argument(
+        "--sweep-parts", nargs="+", choices=["select", "fwd", "dkv"], default=None,
+        help="the variants to sweep (default: select, or all three with --sweep-all); implies --sweep",
+    )  # fmt: skip
+    p.add_argument(
+        "--sweep-only", action="store_true",
+        help="sweep, then write benchmarks/results/attention-sweep-<card>.{json,md} instead of the table",
+    )  # fmt: skip
     p.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting new sizes after this")
     p.add_argument("--profile", action="store_true", help="only the per-kernel GPU times of the sparse stream")
     p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse here)")
@@ -388,11 +396,25 @@ def main():
             args.impls.remove("fla_nsa")
             print("fla-core not installed: fla_nsa skipped", flush=True)
     rows, sweep_rows, options = [], [], KernelOptions()
-    if args.sweep:
+    parts = args.sweep_parts or (("select", "fwd", "dkv") if args.sweep_all else ("select",))
+    if args.sweep or args.sweep_parts or args.sweep_only:
         try:
-            options = sweep(sweep_rows, parts=("select", "fwd", "dkv") if args.sweep_all else ("select",))
+            options = sweep(sweep_rows, parts=tuple(parts))
         except Exception as e:  # keep the defaults and go on to the table
             print(f"sweep failed ({type(e).__name__}: {e}); using the default options", flush=True)
+    if args.sweep_only:
+        out = result_path("attention-sweep", None if args.out == result_path("attention") else args.out)
+        md_path = Path(out).with_suffix(".md")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(
+            json.dumps(dict(meta, parts=list(parts), kept=kernel_config(options), rows=sweep_rows), indent=1)
+        )
+        md = markdown_header("Kernel variants at 32k (the sum over the sweep's shapes picks the winner)", meta)
+        md += f"\nParts: {', '.join(parts)}. Kept: `{json.dumps(kernel_config(options))}`\n\n"
+        md += "\n".join(f"- {json.dumps(r)}" for r in sweep_rows) + "\n"
+        md_path.write_text(md)
+        print(md)
+        return
     shapes = args.shapes
     for T in args.T:
         for HQ, H, D in shapes:
