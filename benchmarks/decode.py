@@ -36,7 +36,7 @@ step as for `generate` (ends-based: B * (N - 4) / (t(N) - t(4)), since every cal
 addresses may make its first decode steps record CUDA graphs again). Every row carries command, device and date;
 the file is rewritten after every row.
 
-Eager sparse `generate` runs twice while `DecodeOptions.cached_launch` is off by default: as is and with the
+Eager sparse `generate` runs twice while `DecodeOptions.cached_launch` is off by default (on since 2026-12-07): as is and with the
 step launched through its kept compiled kernels (`ssa_adapt.set_kernel_options`; rows' `cached_launch`).
 
 `--step-sweep` only times the one-launch eager step's variants (STEP_VARIANTS: `DecodeOptions` changes to the

@@ -307,6 +307,7 @@ def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start, options: Ke
     options = options or DEFAULT_OPTIONS
     opt = options.attend
     B, T, TK, HQ, H, D, G, S, BD = _geometry(q, k, block_indices, block_size)
+    keys, warps, stages = opt.fwd_launch(D)
     o = utils.new_empty(q.shape, q.dtype, q.device, options.poison)
     lse = utils.new_empty((B, T, HQ), torch.float32, q.device, options.poison)
     if o.numel() == 0:
@@ -329,11 +330,11 @@ def attend_fwd(q, k, v, block_indices, block_size, scale, doc_start, options: Ke
         BD=BD,
         BS=block_size,
         S=S,
-        NB=max(1, opt.fwd_keys // block_size),
+        NB=max(1, keys // block_size),
         HAS_DOCS=doc_start is not None,
         DOT_PREC=dot_precision(q.dtype),
-        num_warps=opt.fwd_warps,
-        num_stages=opt.fwd_stages,
+        num_warps=warps,
+        num_stages=stages,
     )
     return o, lse
 
@@ -347,6 +348,7 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start,
     has_docs = doc_start is not None
     prec = dot_precision(q.dtype)
     scale_log2 = scale * math.log2(math.e)
+    keys, warps, stages = opt.fwd_launch(D)
     dq = utils.new_empty(q.shape, q.dtype, dev, options.poison)
     delta = utils.new_empty((B, T, HQ), torch.float32, dev, options.poison)
     _attend_bwd_dq_kernel[(T, B * H)](
@@ -371,11 +373,11 @@ def attend_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, doc_start,
         BD=BD,
         BS=block_size,
         S=S,
-        NB=max(1, opt.fwd_keys // block_size),
+        NB=max(1, keys // block_size),
         HAS_DOCS=has_docs,
         DOT_PREC=prec,
-        num_warps=opt.fwd_warps,
-        num_stages=opt.fwd_stages,
+        num_warps=warps,
+        num_stages=stages,
     )
 
     # reverse index: for every key block (b, h, first key), the tokens that selected it

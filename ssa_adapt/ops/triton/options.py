@@ -28,12 +28,15 @@ class SelectOptions:
     rows: tokens x padded group per program (M); blocks: blocks per step of pass 1; lanes: blocks per step of
     passes 2 and 3 (at least the budget, >= 16 compiled); cap: keys above the lower bound kept per token (more: the
     exact fallback); warps; stages: the software pipeline's depth for the block means' loads (shared memory per
-    program grows with it: 32 KB at D = 64, 64 KB at D = 128 with 3); means_slots: slots per block-means program; interior: chunks that hold only candidates
-    of every token of the tile run without masks (True, False, or "auto": on for padded groups of at least
-    `interior_min_group` rows, where it was faster on the H200); max_registers: a cap on the selection kernel's
-    registers per thread (ptxas `.maxnreg`), so that more programs share an SM (65536 registers / (128 threads x
-    cap)); None leaves the count to the compiler (157 at G = 3-4, 255 at G = 1-2 with Triton 3.6: three and two
-    programs per SM). Compiled for sm_90 the three passes stay free of spills down to 96 (README.md section 1)."""
+    program grows with it: 32 KB at D = 64, 64 KB at D = 128 with 3); means_slots: slots per block-means program;
+    interior: chunks that hold only candidates of every token of the tile run without masks, in loops of their own
+    (True, False, or "auto": on for padded groups of at least `interior_min_group` rows; every group since the
+    loops were split); max_registers: a cap on the selection kernel's registers per thread (ptxas `.maxnreg`), so
+    that more programs share an SM (65536 registers / (128 threads x cap)); None leaves the count to the compiler
+    (157 at G = 3-4, 255 at G = 1-2 with Triton 3.6: three and two programs per SM). Compiled for sm_90 the three
+    passes stay free of spills down to 96 (README.md section 1). The defaults, interior chunks at every group and
+    a cap of 128, won summed over the sweep's shapes on the H100 at 32k (2026-12-07: 8.95 ms against 9.85 without
+    either)."""
 
     rows: int = 64
     blocks: int = 64
@@ -43,8 +46,8 @@ class SelectOptions:
     stages: int = 3
     means_slots: int = 32
     interior: bool | str = "auto"
-    interior_min_group: int = 16
-    max_registers: int | None = None
+    interior_min_group: int = 1
+    max_registers: int | None = 128
 
     def __post_init__(self):
         _check_positive(
@@ -64,21 +67,39 @@ class SelectOptions:
 class AttendOptions:
     """The sparse attention forward / backward (`attend.py`).
 
-    fwd_keys: keys per step of the query-centric kernels (whole blocks); fwd_warps / fwd_stages; dkv_rows: query
-    rows per step of the dk/dv kernel; dkv_item_rows: query rows per dk/dv work item (long block lists are split so
-    that the sink block does not run alone at the end); dkv_warps / dkv_stages. Chosen on the H200 by
-    `benchmarks/attention.py --sweep`."""
+    fwd_keys: keys per step of the query-centric kernels (forward and dq; whole blocks); fwd_warps / fwd_stages
+    (None: by head dimension, `FWD_BY_HEAD_DIM`); dkv_rows: query rows per step of the dk/dv kernel; dkv_item_rows:
+    query rows per dk/dv work item (long block lists are split so that the sink block does not run alone at the
+    end); dkv_warps / dkv_stages. Chosen by `benchmarks/attention.py --sweep`."""
 
-    fwd_keys: int = 64
-    fwd_warps: int = 4
-    fwd_stages: int = 3
+    fwd_keys: int | None = None
+    fwd_warps: int | None = None
+    fwd_stages: int | None = None
     dkv_rows: int = 64
     dkv_item_rows: int = 2048
     dkv_warps: int = 4
     dkv_stages: int = 1
 
     def __post_init__(self):
-        _check_positive(self, tuple(f.name for f in dataclasses.fields(self)))
+        fwd = ("fwd_keys", "fwd_warps", "fwd_stages")
+        _check_positive(self, tuple(f.name for f in dataclasses.fields(self) if f.name not in fwd))
+        _check_positive(self, tuple(n for n in fwd if getattr(self, n) is not None))
+
+    def fwd_launch(self, head_dim: int) -> tuple[int, int, int]:
+        """(keys per step, warps, stages) of the forward and dq kernels for this head dimension: the fields where
+        set, else `FWD_BY_HEAD_DIM` (the largest entry not below head_dim, the last beyond it)."""
+        dims = sorted(FWD_BY_HEAD_DIM)
+        default = FWD_BY_HEAD_DIM[next((d for d in dims if d >= head_dim), dims[-1])]
+        return tuple(
+            default[i] if v is None else v for i, v in enumerate((self.fwd_keys, self.fwd_warps, self.fwd_stages))
+        )
+
+
+# (keys per step, warps, stages) of the forward / dq kernels by head dimension. One warp per (token, KV head) at
+# D = 64 keeps each step's row statistics inside a warp (no barriers): on the H100 at 32k (2026-12-07) the forward
+# took 0.49-1.94 ms instead of 0.93-3.70 with 4 warps and 64 keys, the backward 10-20% less; at D = 128 one warp
+# spills in dq, and 2 warps with 2 stages won (forward 4.68 against 5.52 ms, backward 7.53 against 8.39).
+FWD_BY_HEAD_DIM = {64: (32, 1, 3), 128: (64, 2, 2)}
 
 
 @dataclass(frozen=True)
@@ -133,10 +154,11 @@ class DecodeOptions:
     step_split_blocks: int | None = 512
     # The one-launch step launched through the compiled kernel Triton returned for the same specialisation
     # (`compiled_launch.CompiledLaunch`: Triton's per-call binding and key hashing skipped), True, or through
-    # Triton's launcher each call, False. H200 (2026-12-07): 44-76 us of host time per call against 65-106. Off by
-    # default until its GPU test (`test_decode_step_cached_launch_equals_triton_launch_gpu`: the same bits as
-    # Triton's launcher) has passed on a GPU: it has run there, but not yet that test.
-    cached_launch: bool = False
+    # Triton's launcher each call, False. H200 (2026-12-07): 44-76 us of host time per call against 65-106. On since
+    # its GPU test (`test_decode_step_cached_launch_equals_triton_launch_gpu`: the same bits as Triton's launcher)
+    # passed on the H100 (2026-12-07); eager generate on SmolLM2's architecture there, ms per step: 27.9 against
+    # 29.7 at 4k, 43.4 against 44.0 at 128k (batch 1).
+    cached_launch: bool = True
 
     def __post_init__(self):
         tiles = ("score_blocks", "chunk_blocks", "chunk_small", "finish_blocks", "finish_groups", "finish_cap",
