@@ -97,7 +97,7 @@ class AttendOptions:
 
 # (keys per step, warps, stages) of the forward / dq kernels by head dimension. One warp per (token, KV head) at
 # D = 64 keeps each step's row statistics inside a warp (no barriers): on the H100 at 32k (2026-12-07) the forward
-# took 0.49-1.94 ms instead of 0.93-3.70 with 4 warps and 64 keys, the backward 10-20% less; at D = 128 one warp
+# took 0.49-1.94 ms instead of 0.93-3.70 with 4 warps and 64 keys, the backward 9-20% less; at D = 128 one warp
 # spills in dq, and 2 warps with 2 stages won (forward 4.68 against 5.52 ms, backward 7.53 against 8.39).
 FWD_BY_HEAD_DIM = {64: (32, 1, 3), 128: (64, 2, 2)}
 
