@@ -36,8 +36,8 @@ step as for `generate` (ends-based: B * (N - 4) / (t(N) - t(4)), since every cal
 addresses may make its first decode steps record CUDA graphs again). Every row carries command, device and date;
 the file is rewritten after every row.
 
-Eager sparse `generate` runs twice while `DecodeOptions.cached_launch` is off by default (on since 2026-12-07): as is and with the
-step launched through its kept compiled kernels (`ssa_adapt.set_kernel_options`; rows' `cached_launch`).
+Eager sparse `generate` runs twice: with the default step launch and with `DecodeOptions.cached_launch` flipped (the
+kept compiled kernel against Triton's launcher, through `ssa_adapt.set_kernel_options`; rows' `cached_launch`).
 
 `--step-sweep` only times the one-launch eager step's variants (STEP_VARIANTS: `DecodeOptions` changes to the
 defaults) over the shapes, contexts and batches, GPU time (CUDA graph) and eager, as rows of kind `step_sweep`.
@@ -390,11 +390,12 @@ def bench_generate(
             if hasattr(model, "_compiled_call"):
                 del model._compiled_call
             model = ssa_adapt.convert(model, ssa_adapt.SSAConfig(**SEL))
-        # eager sparse generate also with the step launched through its kept compiled kernels (cached_launch)
-        cached = KernelOptions(decode=dataclasses.replace(DEFAULT_OPTIONS.decode, cached_launch=True))
+        # eager sparse generate also with the other step launch (kept compiled kernel / Triton's launcher)
+        flipped = not DEFAULT_OPTIONS.decode.cached_launch
+        other = KernelOptions(decode=dataclasses.replace(DEFAULT_OPTIONS.decode, cached_launch=flipped))
         runs = [(impl, None) for impl in impls]
-        if mode == "sparse" and "generate" in impls and not DEFAULT_OPTIONS.decode.cached_launch:
-            runs.insert(impls.index("generate") + 1, ("generate", cached))
+        if mode == "sparse" and "generate" in impls:
+            runs.insert(impls.index("generate") + 1, ("generate", other))
         for impl, kernel_options in runs:
             if mode == "unconverted" and impl == "static_generate":
                 continue  # needs a converted model

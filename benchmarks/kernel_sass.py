@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import re
@@ -33,9 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,7 +42,7 @@ from run_info import git_commit  # noqa: E402  (benchmarks/ is on the path of it
 from ssa_adapt.ops.triton import attend as att  # noqa: E402
 from ssa_adapt.ops.triton import select as sel  # noqa: E402
 from ssa_adapt.ops.triton.options import SelectOptions  # noqa: E402
-from ssa_adapt.ops.triton.utils import group_pad  # noqa: E402
+from ssa_adapt.ops.triton.utils import compile_ahead  # noqa: E402
 
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 227 * 1024  # usable per SM on sm_90 (1 KB of the 228 is reserved per program)
@@ -54,26 +52,19 @@ def tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
+SELECT_TYPES = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32")
+ATTEND_TYPES = dict(
+    {n: "*bf16" for n in ("q", "k", "v", "o", "do", "dq")},
+    block_indices="*i32", doc_start="*i64", lse="*fp32", delta="*fp32", scale_log2="fp32", scale="fp32",
+)  # fmt: skip
+
+
 def compile_select(G: int, D: int, max_registers: int | None, interior: bool | str = "auto"):
-    """The selection kernel for (G, D) as `select_blocks` launches it on a GPU."""
+    """The selection kernel for (G, D) (bf16, 16 x 16 blocks, one sink and one local block, no documents) as
+    `select_blocks` launches it on a GPU: the same constexprs and launch options (`select_kernel_config`)."""
     opt = SelectOptions(interior=interior, max_registers=max_registers)
-    GP = group_pad(G)
-    lanes = max(opt.lanes, 16)
-    consts = dict(
-        H=2, G=G, GP=GP, D=D, BD=max(16, D), BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, opt.rows // GP),
-        BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes),
-        INTERIOR=GP >= opt.interior_min_group if opt.interior == "auto" else opt.interior, HAS_DOCS=False,
-        DOT_PREC="tf32",
-    )  # fmt: skip
-    types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32")
-    names = list(inspect.signature(sel._select_kernel.fn).parameters)
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
-    src = ASTSource(fn=sel._select_kernel, signature=sig, constexprs=consts, attrs=aligned)
-    options = dict(num_warps=opt.warps)
-    if max_registers is not None:
-        options["maxnreg"] = max_registers
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    consts, launch = sel.select_kernel_config(2 if G > 1 else 1, G, D, 16, 16, 1, 1, False, torch.bfloat16, opt)
+    return compile_ahead(sel._select_kernel, consts, SELECT_TYPES, launch)
 
 
 def compile_attend(kind: str, D: int, warps: int, keys: int, stages: int = 3):
@@ -81,13 +72,7 @@ def compile_attend(kind: str, D: int, warps: int, keys: int, stages: int = 3):
     (G = 3: the group padded to 16 rows; 16 x 16 blocks)."""
     fn = att._attend_fwd_kernel if kind == "fwd" else att._attend_bwd_dq_kernel
     consts = dict(H=3, G=3, GR=16, D=D, BD=max(16, D), BS=16, S=16, NB=keys // 16, HAS_DOCS=False, DOT_PREC="tf32")
-    types = {n: "*bf16" for n in ("q", "k", "v", "o", "do", "dq")}
-    types.update(block_indices="*i32", doc_start="*i64", lse="*fp32", delta="*fp32", scale_log2="fp32", scale="fp32")
-    names = list(inspect.signature(fn.fn).parameters)
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return compile_ahead(fn, consts, ATTEND_TYPES, dict(num_warps=warps, num_stages=stages))
 
 
 def attend_row(kind: str, D: int, warps: int, keys: int) -> dict:

@@ -184,7 +184,9 @@ def run_case(c, device) -> dict:
     # selection: equal to the reference except between near-tied blocks
     select_opts = SelectOptions(**(c["select"] or {}))
     narrow = select_opts.blocks == 16  # interpreted cases with narrow chunks
-    compare = narrow or (device == "cuda" and c["G"] >= select_opts.interior_min_group)
+    # compiled, both settings are bitwise equal where that was shown (G >= 16, 2026-12-03); below, the loops differ
+    # in their code, and the selection is held to the reference within ties as every case is
+    compare = narrow or (device == "cuda" and c["G"] >= 16)
     if compare:  # interior chunks on (the result checked below) and off: the same selection
         select_opts = dataclasses.replace(select_opts, interior=True)
     options = KernelOptions(select=select_opts, attend=AttendOptions(**(c["attend"] or {})), poison=True)
@@ -394,30 +396,15 @@ def test_select_register_cap_reaches_the_launch(monkeypatch):
 def test_select_kernel_compiles_for_sm90(G):
     """The interpreter accepts code the compiler rejects: the selection kernel compiled ahead of time for sm_90 with
     the default options (down to a cubin through ptxas; no GPU needed)."""
-    import inspect
-
-    import triton
-    from triton.compiler import ASTSource
-
-    try:
-        from triton.backends.compiler import GPUTarget
-    except ImportError:
-        pytest.skip("this triton has no GPUTarget for ahead-of-time compilation")
     from ssa_adapt.ops.triton import select as sel
+    from ssa_adapt.ops.triton.utils import compile_ahead
 
-    opt = SelectOptions()
-    GP = max(1, triton.next_power_of_2(G))
-    lanes = max(opt.lanes, 16)
-    consts = dict(
-        H=2, G=G, GP=GP, D=64, BD=64, BS=16, S=16, KP=16, SINK=1, LOCAL=1, BT=max(1, opt.rows // GP),
-        BN=opt.blocks, LANES=lanes, CAP=opt.cap, ROW=max(opt.cap, lanes),
-        INTERIOR=True, HAS_DOCS=True, DOT_PREC="tf32",
-    )  # fmt: skip
+    consts, launch = sel.select_kernel_config(2, G, 64, 16, 16, 1, 1, True, torch.bfloat16, SelectOptions())
     types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32")
-    names = inspect.signature(sel._select_kernel.fn).parameters
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
-    src = ASTSource(fn=sel._select_kernel, signature=sig, constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=opt.warps))
+    try:
+        compiled = compile_ahead(sel._select_kernel, consts, types, launch)
+    except ImportError:
+        pytest.skip("this triton cannot compile ahead of time (no GPUTarget)")
     assert compiled.asm["cubin"]
 
 

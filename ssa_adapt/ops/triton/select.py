@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..reference import check_qkv
 from . import utils
-from .options import DEFAULT_OPTIONS, KernelOptions
+from .options import DEFAULT_OPTIONS, KernelOptions, SelectOptions
 from .utils import (
     cdiv,
     check_block_size,
@@ -463,6 +463,29 @@ def block_means(
     return kbar
 
 
+def select_kernel_config(H: int, G: int, D: int, block_size: int, block_count: int, sink_blocks: int,
+                         local_blocks: int, has_docs: bool, dtype: torch.dtype, opt: SelectOptions,
+                         compiled: bool = True) -> tuple[dict, dict]:  # fmt: skip
+    """The selection kernel's constexprs and launch options (num_warps, num_stages, maxnreg) for a shape and
+    `SelectOptions`: what `select_blocks` launches, and what `benchmarks/kernel_sass.py` compiles ahead of time."""
+    GP = group_pad(G)
+    KP = max(2, next_pow2(block_count))
+    # the lower bound needs at least `budget` lanes; compiled, a chunk's dot needs N >= 16 (the interpreter, which
+    # the tests use with 8 lanes, does not)
+    lanes = max(next_pow2(opt.lanes), KP, 16 if compiled else 1)
+    cap = max(2, next_pow2(opt.cap))
+    consts = dict(
+        H=H, G=G, GP=GP, D=D, BD=max(16, next_pow2(D)), BS=block_size, S=block_count, KP=KP, SINK=sink_blocks,
+        LOCAL=local_blocks, BT=max(1, opt.rows // GP), BN=next_pow2(opt.blocks), LANES=lanes, CAP=cap,
+        ROW=max(cap, lanes), INTERIOR=GP >= opt.interior_min_group if opt.interior == "auto" else opt.interior,
+        HAS_DOCS=has_docs, DOT_PREC=dot_precision(dtype),
+    )  # fmt: skip
+    launch = dict(num_warps=opt.warps, num_stages=opt.stages)
+    if opt.max_registers is not None:
+        launch["maxnreg"] = opt.max_registers
+    return consts, launch
+
+
 @torch.no_grad()
 def select_blocks(
     q: torch.Tensor,
@@ -500,48 +523,9 @@ def select_blocks(
         return out
     # the means carry the logit scale (log2 domain): one rounding to float16, as the plain means had
     kbar = block_means(k, block_size, ds, T, options, multiplier=scale * math.log2(math.e))
-    G = HQ // H
-    GP = group_pad(G)
-    BT = max(1, opt.rows // GP)
-    KP = max(2, next_pow2(block_count))
-    # the lower bound needs at least `budget` lanes; compiled, a chunk's dot needs N >= 16 (the interpreter, which
-    # the tests use with 8 lanes, does not)
-    lanes = max(next_pow2(opt.lanes), KP, 16 if q.is_cuda else 1)
-    cap = max(2, next_pow2(opt.cap))
-    interior = GP >= opt.interior_min_group if opt.interior == "auto" else opt.interior
-    blocks = next_pow2(opt.blocks)
-    row = max(cap, lanes)
-    scratch = torch.empty((B, T, H, row + cap), dtype=torch.float32, device=q.device)
-    grid = (cdiv(T, BT), B * H)
-    _select_kernel[grid](
-        q,
-        kbar,
-        ds,
-        scratch,
-        out,
-        T,
-        TK,
-        kbar.shape[2],
-        H=H,
-        G=G,
-        GP=GP,
-        D=D,
-        BD=kbar.shape[3],
-        BS=block_size,
-        S=block_count,
-        KP=KP,
-        SINK=sink_blocks,
-        LOCAL=local_blocks,
-        BT=BT,
-        BN=blocks,
-        LANES=lanes,
-        CAP=cap,
-        ROW=row,
-        INTERIOR=interior,
-        HAS_DOCS=ds is not None,
-        DOT_PREC=dot_precision(q.dtype),
-        num_warps=opt.warps,
-        num_stages=opt.stages,
-        **({} if opt.max_registers is None else {"maxnreg": opt.max_registers}),
-    )
+    consts, launch = select_kernel_config(H, HQ // H, D, block_size, block_count, sink_blocks, local_blocks,
+                                          ds is not None, q.dtype, opt, compiled=q.is_cuda)  # fmt: skip
+    scratch = torch.empty((B, T, H, consts["ROW"] + consts["CAP"]), dtype=torch.float32, device=q.device)
+    grid = (cdiv(T, consts["BT"]), B * H)
+    _select_kernel[grid](q, kbar, ds, scratch, out, T, TK, kbar.shape[2], **consts, **launch)
     return out

@@ -14,6 +14,7 @@ import triton.language as tl
 
 __all__ = [
     "cdiv",
+    "compile_ahead",
     "next_pow2",
     "new_empty",
     "dq_rows",
@@ -190,3 +191,22 @@ def dq_step(b_q, b_do, b_lse, b_delta, b_k, b_v, m_s, b_dq, scale_log2, DOT_PREC
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
     b_ds = b_p * (b_dp - b_delta[:, None])
     return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PREC)
+
+
+def compile_ahead(fn, constexprs: dict, types: dict, launch: dict, arch: int = 90):
+    """A `@triton.jit` kernel compiled for an NVIDIA target without a GPU (down to a cubin through Triton's bundled
+    ptxas), as a launch on that GPU would compile it: `constexprs` by name, `types` of the other arguments by name
+    (Triton's signature strings, "i32" where unnamed), `launch` the compile options (num_warps, num_stages,
+    maxnreg), pointers marked 16-byte aligned as the launcher specialises aligned tensors (without that the loads
+    compile to scalar ones). ImportError where this Triton cannot compile ahead of time."""
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(fn.fn).parameters)
+    constexprs = {n: v for n, v in constexprs.items() if n in names}
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch)
