@@ -16,7 +16,6 @@ token ids (for a machine without the Austen asset); without it the window is tok
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_info import git_commit, result_path  # noqa: E402  (benchmarks/ is on the path of its scripts)
+from run_info import result_path, run_record  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import triton as triton_ops  # noqa: E402
@@ -177,13 +176,10 @@ def main() -> None:
     kept = capture_qkv(model, ids, layers)
     del model
     torch.cuda.empty_cache()
-    commit = git_commit(a.commit)
-    result = dict(
-        benchmark="attention on real activations",
-        command="python " + " ".join(sys.argv),
+    result = run_record(
+        "attention on real activations",
+        a.commit,
         device=torch.cuda.get_device_name(),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        commit=commit,
         torch=torch.__version__,
         triton=triton.__version__,
         T=a.T,

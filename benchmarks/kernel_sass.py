@@ -2,7 +2,7 @@
 GPU needed): registers, spill instructions, shared memory, programs per SM and the instructions of each loop body,
 per group size and register cap (selection) and per warps and keys per step (attention).
 
-    python benchmarks/kernel_sass.py [--G 1 2 3 4 8 16] [--D 64] [--max-registers none 128 96] [--interior auto on]
+    python benchmarks/kernel_sass.py [--G 1 2 3 4 8 16] [--D 64] [--max-registers none 128 96] [--interior off on]
         [--attend-warps 1 2 4] [--attend-keys 32 64]      # -> benchmarks/results/kernel-sass-sm90.{json,md}
 
 Compiled as the JIT compiles a launch (pointers 16-byte aligned; without that hint the block means' loads come out
@@ -23,7 +23,6 @@ this file records its own.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -37,7 +36,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_info import git_commit  # noqa: E402  (benchmarks/ is on the path of its scripts)
+from run_info import run_record  # noqa: E402  (benchmarks/ is on the path of its scripts)
 
 from ssa_adapt.ops.triton import attend as att  # noqa: E402
 from ssa_adapt.ops.triton import select as sel  # noqa: E402
@@ -186,7 +185,7 @@ def main() -> None:
     p.add_argument("--G", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16])
     p.add_argument("--D", type=int, nargs="+", default=[64])
     p.add_argument("--max-registers", nargs="+", default=["none", "128", "96"])
-    p.add_argument("--interior", nargs="+", default=["auto"], choices=["auto", "on", "off"])
+    p.add_argument("--interior", nargs="+", default=["off", "on"], choices=["auto", "on", "off"])
     p.add_argument("--attend-warps", type=int, nargs="*", default=[1, 2, 4])
     p.add_argument("--attend-keys", type=int, nargs="*", default=[32, 64])
     p.add_argument("--out", default="benchmarks/results/kernel-sass-sm90.json")
@@ -195,11 +194,9 @@ def main() -> None:
     a = p.parse_args()
     caps = [None if c.lower() == "none" else int(c) for c in a.max_registers]
     interiors = [{"auto": "auto", "on": True, "off": False}[x] for x in a.interior]
-    result = dict(
-        benchmark="selection and sparse attention kernels, compiled ahead of time for sm_90",
-        command="python " + " ".join(sys.argv),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        commit=git_commit(a.commit),
+    result = run_record(
+        "selection and sparse attention kernels, compiled ahead of time for sm_90",
+        a.commit,
         triton=triton.__version__,
         rows=[],
         attend_rows=[],

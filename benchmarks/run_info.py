@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import sys
 
 from ssa_adapt.provenance import git_commit  # noqa: F401  (the benchmarks import it from here)
 
@@ -46,3 +48,15 @@ def head_shape(text: str) -> tuple[int, int, int]:
             f"{text!r}: write query heads, KV heads, head dim as HQ,H,D (e.g. 9,3,64)"
         ) from err
     return HQ, H, D
+
+
+def run_record(benchmark: str, commit: str | None = None, **extra) -> dict:
+    """The head of a benchmark's JSON: its name, the command that ran it, the UTC date, the commit measured
+    (`git_commit(commit)`), then `extra` (device, versions, settings) and whatever the benchmark adds."""
+    return dict(
+        benchmark=benchmark,
+        command="python " + " ".join(sys.argv),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=git_commit(commit),
+        **extra,
+    )
