@@ -26,7 +26,11 @@ with only its config.json: that architecture with random weights, the same speed
 converted with SSAConfig(16, 16, sink 1), greedy decoding of `--new-tokens` tokens after a random prompt of the
 context length, sparse and full mode; decode tokens/s = B / the median decode step, timed between the calls of a
 logits processor (`StepClock`: once per new token, after the step's forward; `generate` waits for the GPU each step),
-so the prefill is left out (the faster of two calls; rows before 2026-12-07 19:00 UTC: B * (N - 1) / (t(N tokens) -
+so the prefill is left out. Eager rows: after a short warm-up call each, the variants (sparse with either step
+launch, full; the unconverted model on its own) take turns for `--rounds` calls, and the row's median pools the
+steps of all its calls (`step_ms_p10_p90` and the per-call medians give the spread): the eager steps are bound by
+the host, whose drift between calls exceeded the modes' difference when each mode ran its calls back to back
+(rows before 2026-12-08: the faster of two such calls; before 2026-12-07 19:00 UTC: B * (N - 1) / (t(N tokens) -
 t(1 token)), which the prefill's run-to-run noise reaches). `static_generate` rows
 (`--generate-impls`): the same decoding with a static cache, each step replayed from one CUDA graph; tokens/s =
 B * (N - 3) / (t(N) - t(3)) (the graph is captured at step 2). `--baseline` adds mode `unconverted` (the model
@@ -36,8 +40,9 @@ step as for `generate` (ends-based: B * (N - 4) / (t(N) - t(4)), since every cal
 addresses may make its first decode steps record CUDA graphs again). Every row carries command, device and date;
 the file is rewritten after every row.
 
-Eager sparse `generate` runs twice: with the default step launch and with `DecodeOptions.cached_launch` flipped (the
-kept compiled kernel against Triton's launcher, through `ssa_adapt.set_kernel_options`; rows' `cached_launch`).
+Eager sparse `generate` runs with the default step launch and with `DecodeOptions.cached_launch` flipped (the kept
+compiled kernel against Triton's launcher, through `ssa_adapt.set_kernel_options`; rows' `cached_launch`). `hf_static`
+rows keep every step's time of their call (`step_gaps_ms`), so that slow steps show.
 
 `--step-sweep` only times the one-launch eager step's variants (STEP_VARIANTS: `DecodeOptions` changes to the
 defaults) over the shapes, contexts and batches, GPU time (CUDA graph) and eager, as rows of kind `step_sweep`.
@@ -54,6 +59,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import statistics
 import sys
 import time
 from functools import partial
@@ -313,6 +319,7 @@ def bench_generate(
     cprofile=False,
     impls=("generate",),
     baseline=False,
+    rounds=3,
 ):
     """baseline: also time the unconverted model (mode "unconverted": SDPA and transformers' own caches) in each
     impl but static_generate, before converting it. `model_path`: a real model of this (HQ, H, D) shape (all its layers) instead of the random `layers`-layer one
@@ -382,6 +389,41 @@ def bench_generate(
         assert out.shape[1] == TK + n
         return time.perf_counter() - t0
 
+    def eager_rows(variants):
+        """Eager `generate` of each variant (meta, setup) in turn, `rounds` times over (so that the host's drift
+        reaches every variant alike), after a short warm-up call each (Triton compiles at the first steps): one
+        row per variant, its steps pooled over the rounds."""
+        for _, setup in variants:
+            setup()
+            run(4)
+        gaps = [[] for _ in variants]
+        calls = [[] for _ in variants]
+        for _ in range(rounds):
+            for i, (_, setup) in enumerate(variants):
+                setup()
+                clock = StepClock()
+                seconds = run(new_tokens, logits_processor=LogitsProcessorList([clock]))
+                gaps[i] += clock.gaps_ms()
+                calls[i].append((clock.median_step_ms(), seconds))
+        for (meta, _), g, c in zip(variants, gaps, calls):
+            g = sorted(g)
+            step = statistics.median(g)
+            rec.add(impl="generate", new_tokens=new_tokens, rounds=rounds, step_ms=step,
+                    decode_tokens_per_s=B * 1e3 / step, step_ms_p10_p90=[g[len(g) // 10], g[-1 - len(g) // 10]],
+                    step_ms_per_call=[m for m, _ in c], seconds_per_call=[t for _, t in c], **meta)  # fmt: skip
+
+    def setter(mode, kernel_options):
+        def setup():
+            ssa_adapt.set_inference(model, mode)
+            ssa_adapt.set_kernel_options(model, kernel_options)
+
+        return setup
+
+    def meta_of(mode, **extra):
+        return dict(
+            kind="generate", mode=mode, model=name, HQ=HQ, H=H, D=D, context=TK, batch=B, layers=layers, **extra
+        )
+
     # the unconverted model first (SDPA, transformers' own caches): the baseline of each generate path
     modes = (["unconverted"] if baseline else []) + ["sparse", "full"]
     for mode in modes:
@@ -390,27 +432,32 @@ def bench_generate(
             if hasattr(model, "_compiled_call"):
                 del model._compiled_call
             model = ssa_adapt.convert(model, ssa_adapt.SSAConfig(**SEL))
-        # eager sparse generate also with the other step launch (kept compiled kernel / Triton's launcher)
-        flipped = not DEFAULT_OPTIONS.decode.cached_launch
-        other = KernelOptions(decode=dataclasses.replace(DEFAULT_OPTIONS.decode, cached_launch=flipped))
-        runs = [(impl, None) for impl in impls]
-        if mode == "sparse" and "generate" in impls:
-            runs.insert(impls.index("generate") + 1, ("generate", other))
-        for impl, kernel_options in runs:
-            if mode == "unconverted" and impl == "static_generate":
-                continue  # needs a converted model
-            meta = dict(kind="generate", mode=mode, model=name, HQ=HQ, H=H, D=D, context=TK, batch=B, layers=layers)
+        if "generate" in impls and mode != "full":  # full mode's eager rows run interleaved with sparse mode's
+            if mode == "unconverted":
+                variants = [(meta_of(mode), lambda: None)]
+            else:
+                # sparse with both step launches (kept compiled kernel / Triton's launcher), and full mode
+                other = KernelOptions(decode=dataclasses.replace(
+                    DEFAULT_OPTIONS.decode, cached_launch=not DEFAULT_OPTIONS.decode.cached_launch))  # fmt: skip
+                variants = [
+                    (meta_of("sparse", cached_launch=o.decode.cached_launch), setter("sparse", o))
+                    for o in (DEFAULT_OPTIONS, other)
+                ] + [(meta_of("full", cached_launch=DEFAULT_OPTIONS.decode.cached_launch), setter("full", None))]
+            try:
+                eager_rows(variants)
+            except Exception as e:
+                rec.add(impl="generate", note=f"{type(e).__name__}: {str(e)[:160]}", **meta_of(mode))
+            torch.cuda.empty_cache()
+        for impl in impls:
+            if impl == "generate" or (mode == "unconverted" and impl == "static_generate"):
+                continue  # eager rows above; static_generate needs a converted model
+            meta = meta_of(mode)
             try:
                 if mode != "unconverted":
                     ssa_adapt.set_inference(model, mode)
-                    ssa_adapt.set_kernel_options(model, kernel_options)
-                    meta["cached_launch"] = (kernel_options or DEFAULT_OPTIONS).decode.cached_launch
-                if impl == "generate":  # two calls (the first compiles at its first steps), the faster median
-                    clocks = [StepClock(), StepClock()]
-                    t1, tn = None, min(run(new_tokens, logits_processor=LogitsProcessorList([c])) for c in clocks)
-                    meta["step_ms"] = min(c.median_step_ms() for c in clocks)
-                    rate = B * 1e3 / meta["step_ms"]
-                elif impl == "hf_static":  # the longest call first: the shorter ones reuse its cache (no recompile)
+                    ssa_adapt.set_kernel_options(model, None)
+                    meta["cached_launch"] = DEFAULT_OPTIONS.decode.cached_launch
+                if impl == "hf_static":  # the longest call first: the shorter ones reuse its cache (no recompile)
                     # Each call builds a fresh static cache (transformers does, for the unconverted model too), so
                     # its first decode steps may record CUDA graphs again: the base is t(4), as static_generate's t(3)
                     t_compile = run(new_tokens, cache_implementation="static")
@@ -419,7 +466,9 @@ def bench_generate(
                     tn = min(run(new_tokens, cache_implementation="static", logits_processor=LogitsProcessorList([c]))
                              for c in clocks)  # fmt: skip
                     meta["decode_tokens_per_s_ends"] = B * (new_tokens - 4) / max(tn - t1, 1e-9)
-                    meta["step_ms"] = min(c.median_step_ms() for c in clocks)
+                    fast = min(clocks, key=StepClock.median_step_ms)
+                    meta["step_ms"] = fast.median_step_ms()
+                    meta["step_gaps_ms"] = fast.gaps_ms()  # every step of that call, in order (slow steps show)
                     rate = B * 1e3 / meta["step_ms"]
                     meta["first_call_s"] = t_compile
                 else:  # static_generate: steps 2.. replay the graph captured at step 2; t(3) holds the capture
@@ -445,9 +494,13 @@ class StepClock:
         self.times.append(time.perf_counter())
         return scores
 
+    def gaps_ms(self) -> list[float]:
+        """The decode steps' times in order, ms."""
+        return [(b - a) * 1e3 for a, b in zip(self.times, self.times[1:])]
+
     def median_step_ms(self) -> float:
-        gaps = sorted(b - a for a, b in zip(self.times, self.times[1:]))
-        return gaps[len(gaps) // 2] * 1e3 if gaps else float("nan")
+        gaps = sorted(self.gaps_ms())
+        return gaps[len(gaps) // 2] if gaps else float("nan")
 
 
 def random_model(max_positions, HQ, H, D, layers):
@@ -490,6 +543,9 @@ def main():
         "--model", default=None, help="a real model folder (e.g. SmolLM2) for the generate rows of its shape"
     )
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument(
+        "--rounds", type=int, default=3, help="eager generate: calls per variant, the variants taking turns"
+    )
     p.add_argument(
         "--generate-impls",
         nargs="+",
@@ -564,6 +620,7 @@ def main():
                     False,
                     tuple(args.generate_impls),
                     args.baseline,
+                    args.rounds,
                 ),
             )  # fmt: skip
             for shape in shapes
