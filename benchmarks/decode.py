@@ -374,10 +374,11 @@ def bench_generate(
             ssa_adapt.set_inference(model, mode)
             run(2)
             prof = cProfile.Profile()
-            prof.enable()
-            run(new_tokens)
+            # the profile starts at the first token's logits processor call, so the prefill (whose GPU time the
+            # first host sync would absorb) stays out of it; the decode steps after it are all in
+            run(new_tokens, logits_processor=LogitsProcessorList([ProfileFromFirstStep(prof)]))
             prof.disable()
-            print(f"cProfile generate {mode} B={B} TK={TK} ({HQ}, {H}, {D}), {new_tokens} tokens:")
+            print(f"cProfile generate {mode} B={B} TK={TK} ({HQ}, {H}, {D}), {new_tokens - 1} decode steps:")
             pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         return
 
@@ -482,6 +483,19 @@ def bench_generate(
             torch.cuda.empty_cache()
 
 
+class ProfileFromFirstStep:
+    """A logits processor that enables a cProfile.Profile at its first call (the end of the prefill)."""
+
+    def __init__(self, prof):
+        self.prof, self.started = prof, False
+
+    def __call__(self, input_ids, scores):
+        if not self.started:
+            self.started = True
+            self.prof.enable()
+        return scores
+
+
 class StepClock:
     """A logits processor that only notes the time: `generate` calls it once per new token, after that step's
     forward, and waits for the GPU every step (its stopping check), so the gaps between calls are decode steps
@@ -561,7 +575,9 @@ def main():
     p.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of the decode step")
     p.add_argument("--commit", default=None, help="the commit measured (default: $SSA_ADAPT_COMMIT, else git here)")
     p.add_argument(
-        "--cprofile", action="store_true", help="only print host profiles of generate (first shape, context, batch)"
+        "--cprofile",
+        action="store_true",
+        help="only print host profiles of generate's decode steps (first shape, context, batch)",
     )
     p.add_argument(
         "--sweep", action="store_true", help="first pick the decode kernel settings at 128k (SWEEP_VARIANTS)"
