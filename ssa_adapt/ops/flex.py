@@ -20,11 +20,22 @@ FLEX_BLOCK = 128
 
 
 @functools.cache
-def _flex():
+def _compiled_flex():
     """FlexAttention compiled once (its eager form materialises the scores)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention)
+
+
+def _flex():
+    """FlexAttention to call here: inside a compiled region the plain function, which the enclosing compilation
+    traces (dynamo would trace through the cached compiled wrapper anyway, ignoring the cache, with a warning);
+    eagerly the cached compiled one."""
+    if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention
+    return _compiled_flex()
 
 
 def _block_lists(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
