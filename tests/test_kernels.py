@@ -194,6 +194,9 @@ def run_case(c, device) -> dict:
     if compare:
         masked = KernelOptions(select=dataclasses.replace(select_opts, interior=False), poison=True)
         res["select_masked_equal"] = float(torch.equal(got, triton_ops.select_blocks(q, k, options=masked, **sel)))
+        # pass 3 skipping the chunks without a survivor: the same selection, bit for bit
+        skipping = KernelOptions(select=dataclasses.replace(select_opts, skip_chunks=True), poison=True)
+        res["select_skip_equal"] = float(torch.equal(got, triton_ops.select_blocks(q, k, options=skipping, **sel)))
     res["select_written"] = float(bool(((got >= -1) & (got < 2**20)).all()))
     if rows == T:
         ref = R.select_blocks(q, k, **sel)
@@ -237,6 +240,7 @@ def check(res: dict, c, parts=("select", "attend")):
             f"{res['select_rows_differ']} rows differ beyond ties: gap {res['select_gap']}"
         )
         assert res.get("select_masked_equal", 1.0) == 1.0, "interior (unmasked) chunks changed the selection"
+        assert res.get("select_skip_equal", 1.0) == 1.0, "skipping pass-3 chunks changed the selection"
     if "attend" in parts:
         errs = {n: res[n] for n in ("o", "dq", "dk", "dv")}
         assert all(e < tol for e in errs.values()), f"relative RMS errors {errs} over {tol}"
@@ -248,11 +252,60 @@ def check(res: dict, c, parts=("select", "attend")):
 # ------------------------------------------------------------------------------------------------------------
 
 
+HOT_CASE = "select-skip-chunks-hot-blocks"
+
+
+def run_hot_case(device, T=512, lanes=8) -> dict:
+    """`SelectOptions(skip_chunks=True)` where it skips: every query points at four key blocks (2, 3, 17, 30; as
+    trained models' queries favour a few blocks), so most chunks of `lanes` blocks hold no block a token chooses.
+    -> the selection with skipping on and off, the reference's gap, and the kernel's chunk counts."""
+    from ssa_adapt.ops import triton as triton_ops
+
+    g = torch.Generator().manual_seed(0)
+    B, H, G, D = 1, 2, 3, 64
+    u = torch.randn(D, generator=g)
+    u /= u.norm()
+    k = 0.3 * torch.randn(B, T, H, D, generator=g)
+    for j in (2, 3, 17, 30):
+        k[:, j * 16 : (j + 1) * 16] += 4 * u
+    q = 0.3 * torch.randn(B, T, H * G, D, generator=g) + 3 * u
+    q, k = q.to(device, torch.bfloat16), k.to(device, torch.bfloat16)
+    sel = dict(block_size=16, block_count=4, sink_blocks=1, local_blocks=1)
+    base = SelectOptions(lanes=lanes, blocks=16)
+    off = triton_ops.select_blocks(q, k, options=KernelOptions(select=base, poison=True), **sel)
+    stats = torch.zeros(2, dtype=torch.int32, device=device)
+    skipping = KernelOptions(select=dataclasses.replace(base, skip_chunks=True), poison=True)
+    on = triton_ops.select_blocks(q, k, options=skipping, skip_stats=stats, **sel)
+    ref = R.select_blocks(q, k, **sel)
+    differ, gap = selection_gap(on.cpu(), ref.cpu(), importance(q, k, None, 16, D**-0.5).cpu())
+    chunks, skipped = stats.tolist()
+    return dict(equal=float(torch.equal(on, off)), differ=differ, gap=gap, chunks=chunks, skipped=skipped)
+
+
 @pytest.fixture(scope="module")
 def interpreted():
     """Run every CPU case once under TRITON_INTERPRET=1 (two processes, one per core) -> {case id: results}."""
-    ids = [case_id(c) for c in CPU_CASES]
+    ids = [case_id(c) for c in CPU_CASES] + [HOT_CASE]
     return run_interpreted(__file__, ids)
+
+
+def test_select_skip_chunks_interpreted(interpreted):
+    """Pass 3 skips chunks (here most of them) and selects exactly what it selects without skipping."""
+    res = interpreted[HOT_CASE]
+    assert "error" not in res, res.get("error")
+    assert res["equal"] == 1.0, "skipping pass-3 chunks changed the selection"
+    assert res["gap"] <= TIE, f"{res['differ']} rows differ from the reference beyond ties: gap {res['gap']}"
+    assert 0 < res["skipped"] < res["chunks"], f"skipped {res['skipped']} of {res['chunks']} chunks"
+
+
+def test_skip_stats_needs_skip_chunks():
+    from ssa_adapt.ops.triton import select as sel
+
+    q, k = torch.randn(1, 32, 3, 64), torch.randn(1, 32, 1, 64)
+    with pytest.raises(ValueError, match="skip_chunks"):
+        sel.select_blocks(q, k, skip_stats=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="skip_chunks"):
+        SelectOptions(skip_chunks=1)
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
@@ -316,6 +369,16 @@ def test_flex_block_lists(TK, docs, window):
 @pytest.mark.gpu
 def test_kernels_gpu(case):
     check(run_case(case, "cuda"), case, parts=("select", "attend"))
+
+
+@pytest.mark.gpu
+def test_select_skip_chunks_gpu():
+    """Compiled, pass 3's chunk skipping (chunks of 32 blocks of 128; the chosen blocks all lie in the first)
+    selects as the kernel without it, within ties of the reference."""
+    res = run_hot_case("cuda", T=2048, lanes=32)
+    assert res["gap"] <= TIE, f"{res['differ']} rows differ from the reference beyond ties: gap {res['gap']}"
+    assert res["equal"] == 1.0, "skipping pass-3 chunks changed the selection"
+    assert 0 < res["skipped"] < res["chunks"], f"skipped {res['skipped']} of {res['chunks']} chunks"
 
 
 @pytest.mark.gpu
@@ -392,15 +455,18 @@ def test_select_register_cap_reaches_the_launch(monkeypatch):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
-@pytest.mark.parametrize("G", [3, 4, 16])
-def test_select_kernel_compiles_for_sm90(G):
+@pytest.mark.parametrize(
+    "G, options", [(3, {}), (4, {}), (16, {}), (3, dict(skip_chunks=True))], ids=["G3", "G4", "G16", "G3-skip"]
+)
+def test_select_kernel_compiles_for_sm90(G, options):
     """The interpreter accepts code the compiler rejects: the selection kernel compiled ahead of time for sm_90 with
-    the default options (down to a cubin through ptxas; no GPU needed)."""
+    the default options and with pass 3's chunk skipping (down to a cubin through ptxas; no GPU needed)."""
     from ssa_adapt.ops.triton import select as sel
     from ssa_adapt.ops.triton.utils import compile_ahead
 
-    consts, launch = sel.select_kernel_config(2, G, 64, 16, 16, 1, 1, True, torch.bfloat16, SelectOptions())
-    types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", out="*i32")
+    consts, launch = sel.select_kernel_config(2, G, 64, 16, 16, 1, 1, True, torch.bfloat16, SelectOptions(**options))
+    types = dict(q="*bf16", kbar="*fp16", doc_start="*i64", scratch="*fp32", chunk_max="*bf16", chunk_list="*i32",
+                 skip_stats="*i32", out="*i32")  # fmt: skip
     try:
         compiled = compile_ahead(sel._select_kernel, consts, types, launch)
     except ImportError:
@@ -415,7 +481,7 @@ def test_select_kernel_compiles_for_sm90(G):
 
 def _main(out: str, ids: list[str]) -> None:
     cases = {case_id(c): c for c in CPU_CASES}
-    write_interpreted(out, ids, lambda i: run_case(cases[i], "cpu"))
+    write_interpreted(out, ids, lambda i: run_hot_case("cpu") if i == HOT_CASE else run_case(cases[i], "cpu"))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ class SelectOptions:
     (157 at G = 3-4, 255 at G = 1-2 with Triton 3.6: three and two programs per SM). Compiled for sm_90 the three
     passes stay free of spills down to 96 (README.md section 1). The defaults, interior chunks at every group and
     a cap of 128, won summed over the sweep's shapes on the H100 at 32k (2026-12-07: 8.95 ms against 9.85 without
-    either)."""
+    either). skip_chunks: pass 2 also keeps each token's best importance per chunk (bfloat16, `[B, T, H, chunks]`
+    of scratch), and pass 3 skips the chunks where no token of the tile reaches its bound (README.md section 1:
+    most chunks on a trained model's activations, none on random inputs); not yet timed, so off."""
 
     rows: int = 64
     blocks: int = 64
@@ -48,11 +50,14 @@ class SelectOptions:
     interior: bool | str = "auto"
     interior_min_group: int = 1
     max_registers: int | None = 128
+    skip_chunks: bool = False
 
     def __post_init__(self):
         _check_positive(
             self, ("rows", "blocks", "lanes", "cap", "warps", "stages", "means_slots", "interior_min_group")
         )
+        if not isinstance(self.skip_chunks, bool):
+            raise ValueError(f"SelectOptions.skip_chunks={self.skip_chunks!r}: use True or False.")
         if self.interior not in (True, False, "auto"):
             raise ValueError(f"SelectOptions.interior={self.interior!r}: use True, False or 'auto'.")
         r = self.max_registers

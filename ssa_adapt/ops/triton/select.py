@@ -117,16 +117,19 @@ def _importances(
 
 
 @triton.jit
-def _lane_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, b_lane, BT: tl.constexpr, GP: tl.constexpr, TL: tl.constexpr,
-                BD: tl.constexpr, LANES: tl.constexpr, SINK: tl.constexpr, MASKED: tl.constexpr,
-                DOT_PREC: tl.constexpr):  # fmt: skip
+def _lane_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, b_lane, p_cm, m_t, BT: tl.constexpr, GP: tl.constexpr,
+                TL: tl.constexpr, BD: tl.constexpr, LANES: tl.constexpr, SINK: tl.constexpr, MASKED: tl.constexpr,
+                SKIP: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     """Pass 2 on the chunk of slots [s0, s0 + LANES): the lane maxima b_lane [BT, LANES] raised by its importances
-    (MASKED: non-candidates count as -1; a chunk of candidates of every valid token needs no mask)."""
+    (MASKED: non-candidates count as -1; a chunk of candidates of every valid token needs no mask). SKIP: each
+    valid token's best importance in the chunk also goes to p_cm [BT] (bfloat16) for pass 3."""
     b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
     if MASKED:
         b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
     else:
         b_i = _group_probabilities(b_s, b_c, BT, GP, TL, LANES)
+    if SKIP:
+        tl.store(p_cm, tl.max(b_i, 1).to(tl.bfloat16), mask=m_t)
     return tl.maximum(b_lane, b_i)
 
 
@@ -263,17 +266,43 @@ def _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_c, t_base, t_n, bound,
     return j_top
 
 
-@triton.jit(do_not_specialize=["T", "TK", "NSLOT"])
+@triton.jit
+def _survivor_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, bound, cnt, p_sf, tri, BT: tl.constexpr,
+                    GP: tl.constexpr, TL: tl.constexpr, BD: tl.constexpr, LANES: tl.constexpr, SINK: tl.constexpr,
+                    CAP: tl.constexpr, ROW: tl.constexpr, PREFIX_DOT: tl.constexpr,
+                    DOT_PREC: tl.constexpr):  # fmt: skip
+    """Pass 3 on the chunk of slots [s0, s0 + LANES): its candidates at or above their token's bound appended to
+    the token's scratch row p_sf [BT] (importances, then their blocks' bits ROW columns later) -> the counts cnt
+    [BT] raised by the chunk's survivors."""
+    b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
+    b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
+    keep = b_i >= bound[:, None]
+    if PREFIX_DOT:
+        at = cnt[:, None] + tl.dot(keep.to(tl.float16), tri).to(tl.int32) - 1
+    else:
+        at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+    m_st = keep & (at < CAP)
+    p_at = p_sf[:, None] + at
+    tl.store(p_at, b_i, mask=m_st)
+    tl.store(p_at + ROW, jt.to(tl.float32, bitcast=True), mask=m_st)
+    return cnt + tl.sum(keep.to(tl.int32), 1)
+
+
+@triton.jit(do_not_specialize=["T", "TK", "NSLOT", "NCH"])
 def _select_kernel(
     q,  # [B, T, HQ, D]
     kbar,  # [B, H, NSLOT, BD]
     doc_start,  # [B, T] int64 or None
     scratch,  # [B, T, H, ROW + CAP] float32: the lane maxima (for their ranks), then the survivors' importances;
     # from column ROW the survivors' blocks (int32 bits)
+    chunk_max,  # SKIP: [B, T, H, NCH] bfloat16, each token's best importance per chunk of pass 2 (else unused)
+    chunk_list,  # SKIP: [B * H, tiles, NCH] int32, each tile's chunks with a survivor (else unused)
+    skip_stats,  # SKIP: int32 [2] or None: pass 3's chunks and the skipped ones, added atomically
     out,  # [B, T, H, S] int32
     T,
     TK,
     NSLOT,
+    NCH,
     H: tl.constexpr,
     G: tl.constexpr,
     GP: tl.constexpr,
@@ -290,6 +319,7 @@ def _select_kernel(
     CAP: tl.constexpr,
     ROW: tl.constexpr,
     INTERIOR: tl.constexpr,  # pass 1's chunks inside every row's range skip the masks (False: every chunk masked)
+    SKIP: tl.constexpr,  # pass 3 skips the chunks where no token of the tile reaches its bound
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -329,6 +359,7 @@ def _select_kernel(
     o_k = tl.arange(0, KP)
     p_row = ((i_b * T + o_t) * H + i_h).to(tl.int64)  # [BT] the tokens' scratch rows
     p_sf = scratch + p_row * (ROW + CAP)
+    p_cm = chunk_max + p_row * NCH  # [BT] (SKIP only)
 
     # ---- pass 1: per-row softmax max and normaliser over the complete blocks
     lo = tl.min(tl.where(m_r, r_base, NSLOT), 0)
@@ -373,14 +404,14 @@ def _select_kernel(
         c_lo2 = tl.minimum(tl.maximum(tl.cdiv(lo_c - lo2, LANES), 0), n2)
         c_hi2 = tl.minimum(tl.maximum((hi_c - lo2) // LANES, c_lo2), n2)
         for c in range(c_lo2, c_hi2):
-            b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane,
-                                 BT, GP, TL, BD, LANES, SINK, False, DOT_PREC)  # fmt: skip
+            b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane, p_cm + c, m_t,
+                                 BT, GP, TL, BD, LANES, SINK, False, SKIP, DOT_PREC)  # fmt: skip
     for c in range(0, c_lo2):
-        b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane,
-                             BT, GP, TL, BD, LANES, SINK, True, DOT_PREC)  # fmt: skip
+        b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane, p_cm + c, m_t,
+                             BT, GP, TL, BD, LANES, SINK, True, SKIP, DOT_PREC)  # fmt: skip
     for c in range(c_hi2, n2):
-        b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane,
-                             BT, GP, TL, BD, LANES, SINK, True, DOT_PREC)  # fmt: skip
+        b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane, p_cm + c, m_t,
+                             BT, GP, TL, BD, LANES, SINK, True, SKIP, DOT_PREC)  # fmt: skip
     bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
 
     # ---- pass 3: the candidates at or above the bound (about `budget` of them; the same importances bit for
@@ -393,19 +424,34 @@ def _select_kernel(
     PREFIX_DOT: tl.constexpr = (BT >= 16) & (LANES >= 16)  # the shapes a tensor-core product takes
     o_l = tl.arange(0, LANES)
     tri = (o_l[:, None] <= o_l[None, :]).to(tl.float16)  # [LANES, LANES]
-    for s0 in range(lo2, hi2, LANES):
-        b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
-        b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
-        keep = b_i >= bound[:, None]
-        if PREFIX_DOT:
-            at = cnt[:, None] + tl.dot(keep.to(tl.float16), tri).to(tl.int32) - 1
-        else:
-            at = cnt[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
-        m_st = keep & (at < CAP)
-        p_at = p_sf[:, None] + at
-        tl.store(p_at, b_i, mask=m_st)
-        tl.store(p_at + ROW, jt.to(tl.float32, bitcast=True), mask=m_st)
-        cnt += tl.sum(keep.to(tl.int32), 1)
+    if SKIP:
+        # a chunk holds a survivor of a token only if the token's best importance there (pass 2, rounded to
+        # bfloat16: within 2^-9 relative) reaches its bound, lowered here by 2^-7 to stay on the safe side
+        # the tile's hot chunks, listed in order first (so that pass 3's loop has no branch and keeps its loads
+        # asynchronous)
+        hot_bound = bound * (1.0 - 1.0 / 128)
+        p_list = chunk_list + (i_bh * tl.num_programs(0) + i_t) * NCH
+        o_cb = tl.arange(0, 32)
+        n_hot = 0
+        for c0 in range(0, n2, 32):
+            cc = c0 + o_cb
+            m_cc = m_t[:, None] & (cc < n2)[None, :]
+            b_cm = tl.load(p_cm[:, None] + cc[None, :], mask=m_cc, other=float("-inf")).to(tl.float32)
+            hot = tl.max((b_cm >= hot_bound[:, None]).to(tl.int32), 0)  # [32]
+            tl.store(p_list + n_hot + tl.cumsum(hot, 0) - 1, cc, mask=hot > 0)
+            n_hot += tl.sum(hot, 0)
+        tl.debug_barrier()
+        for i in range(0, n_hot):
+            c = tl.load(p_list + i)
+            cnt = _survivor_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, bound, cnt, p_sf, tri,
+                                  BT, GP, TL, BD, LANES, SINK, CAP, ROW, PREFIX_DOT, DOT_PREC)  # fmt: skip
+        if skip_stats is not None:
+            tl.atomic_add(skip_stats, n2)
+            tl.atomic_add(skip_stats + 1, n2 - n_hot)
+    else:
+        for s0 in range(lo2, hi2, LANES):
+            cnt = _survivor_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, bound, cnt, p_sf, tri,
+                                  BT, GP, TL, BD, LANES, SINK, CAP, ROW, PREFIX_DOT, DOT_PREC)  # fmt: skip
     tl.debug_barrier()
     if tl.max(cnt, 0) > CAP:
         j_top = _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_c, t_base, t_n, bound,
@@ -478,7 +524,7 @@ def select_kernel_config(H: int, G: int, D: int, block_size: int, block_count: i
         H=H, G=G, GP=GP, D=D, BD=max(16, next_pow2(D)), BS=block_size, S=block_count, KP=KP, SINK=sink_blocks,
         LOCAL=local_blocks, BT=max(1, opt.rows // GP), BN=next_pow2(opt.blocks), LANES=lanes, CAP=cap,
         ROW=max(cap, lanes), INTERIOR=GP >= opt.interior_min_group if opt.interior == "auto" else opt.interior,
-        HAS_DOCS=has_docs, DOT_PREC=dot_precision(dtype),
+        SKIP=opt.skip_chunks, HAS_DOCS=has_docs, DOT_PREC=dot_precision(dtype),
     )  # fmt: skip
     launch = dict(num_warps=opt.warps, num_stages=opt.stages)
     if opt.max_registers is not None:
@@ -498,6 +544,7 @@ def select_blocks(
     scale: float | None = None,
     doc_start: torch.Tensor | None = None,
     options: KernelOptions | None = None,
+    skip_stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SSA block selection (no gradient). q [B, T, HQ, D], k [B, TK, H, D] -> [B, T, H, block_count] int32.
 
@@ -505,10 +552,22 @@ def select_blocks(
     block, and the best other complete blocks by I(j) = sum over the group of softmax_j(scale * q . mean(k_j)),
     `block_count` in all, ascending, -1 padded. doc_start [B, T] (or None) restarts block numbering per document.
     options: kernel variants and tunables (`KernelOptions.select`, `.poison`); None for the defaults.
+    skip_stats: with `SelectOptions(skip_chunks=True)`, an int32 [2] tensor on q's device to which the kernel adds
+    (pass 3's chunks, of them skipped) (benchmarks and tests read the skip rate from it).
     """
     options = options or DEFAULT_OPTIONS
     opt = options.select
     B, T, TK, HQ, H, D = check_qkv(q, k)
+    if skip_stats is not None and not (
+        opt.skip_chunks
+        and skip_stats.dtype == torch.int32
+        and skip_stats.shape == (2,)
+        and skip_stats.device == q.device
+    ):
+        raise ValueError(
+            "skip_stats must be an int32 [2] tensor on q's device, with SelectOptions(skip_chunks=True); got "
+            f"{skip_stats.dtype} {tuple(skip_stats.shape)} on {skip_stats.device}, skip_chunks={opt.skip_chunks}."
+        )
     check_block_size(block_size)
     if sink_blocks < 0 or local_blocks < 0 or block_count < 1 or sink_blocks + local_blocks > block_count:
         raise ValueError(
@@ -526,6 +585,12 @@ def select_blocks(
     consts, launch = select_kernel_config(H, HQ // H, D, block_size, block_count, sink_blocks, local_blocks,
                                           ds is not None, q.dtype, opt, compiled=q.is_cuda)  # fmt: skip
     scratch = torch.empty((B, T, H, consts["ROW"] + consts["CAP"]), dtype=torch.float32, device=q.device)
+    # pass 2's chunks per tile start at the tile's first candidate slot: at most cdiv(NSLOT, LANES) + 1 of them
+    nch = cdiv(kbar.shape[2], consts["LANES"]) + 1 if consts["SKIP"] else 1
     grid = (cdiv(T, consts["BT"]), B * H)
-    _select_kernel[grid](q, kbar, ds, scratch, out, T, TK, kbar.shape[2], **consts, **launch)
+    chunk_max = torch.empty((B, T, H, nch) if consts["SKIP"] else (1,), dtype=torch.bfloat16, device=q.device)
+    chunk_list = torch.empty((B * H, grid[0], nch) if consts["SKIP"] else (1,), dtype=torch.int32, device=q.device)
+    _select_kernel[grid](
+        q, kbar, ds, scratch, chunk_max, chunk_list, skip_stats, out, T, TK, kbar.shape[2], nch, **consts, **launch
+    )
     return out
