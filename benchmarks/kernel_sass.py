@@ -122,15 +122,15 @@ def spills(instructions: list[str]) -> int:
     return sum(1 for x in instructions if re.search(r"\b(STL|LDL)\b", x))
 
 
-def row(G: int, D: int, max_registers: int | None, interior: bool | str) -> dict:
-    compiled = compile_select(G, D, max_registers, interior)
+def row(G: int, D: int, max_registers: int | None, interior: bool | str, skip: bool = False) -> dict:
+    compiled = compile_select(G, D, max_registers, interior, skip)
     regs, sass = sass_of(compiled)
     ins, bodies = loops(sass)
     shared = compiled.metadata.shared
     threads = 32 * SelectOptions().warps
     per_sm = min(REGISTERS_PER_SM // (threads * ((regs + 7) // 8 * 8)), SHARED_PER_SM // (shared + 1024), 32)
     return dict(
-        G=G, D=D, max_registers=max_registers, interior=interior, registers=regs, shared_bytes=shared,
+        G=G, D=D, max_registers=max_registers, interior=interior, skip_chunks=skip, registers=regs, shared_bytes=shared,
         programs_per_sm=per_sm, spill_instructions=spills(ins), loops=[len(b) for b in bodies],
         loop_spills=[spills(b) for b in bodies],
     )  # fmt: skip
@@ -150,15 +150,18 @@ def markdown(result: dict) -> str:
         "pass 2 (32), the bound's rank loop, pass 3 (32), the fallback's, the ranking's; on: pass 1 as masked / "
         "interior / masked loops, pass 2 as interior / masked / masked, then the same); spill instructions (STL / "
         "LDL) in the whole kernel and inside loops; programs per SM from registers (65536 per SM, 128 threads per "
-        "program) and shared memory.",
+        "program) and shared memory. With pass 3's chunk skipping (`skip_chunks`) the listing of the tile's hot "
+        "chunks is one more loop (32 chunks per step) before pass 3.",
         "",
-        "| G | D | interior | register cap | registers | programs / SM | shared KB | loops | spills: all / in loops |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| G | D | interior | skip chunks | register cap | registers | programs / SM | shared KB | loops "
+        "| spills: all / in loops |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         cap = "-" if r["max_registers"] is None else r["max_registers"]
         out.append(
-            f"| {r['G']} | {r['D']} | {r['interior']} | {cap} | {r['registers']} | {r['programs_per_sm']} | "
+            f"| {r['G']} | {r['D']} | {r['interior']} | {r.get('skip_chunks', False)} | {cap} | {r['registers']} | "
+            f"{r['programs_per_sm']} | "
             f"{r['shared_bytes'] / 1024:.1f} | {' / '.join(map(str, r['loops']))} | "
             f"{r['spill_instructions']} / {sum(r['loop_spills'])} |"
         )
@@ -189,6 +192,7 @@ def main() -> None:
     p.add_argument("--D", type=int, nargs="+", default=[64])
     p.add_argument("--max-registers", nargs="+", default=["none", "128", "96"])
     p.add_argument("--interior", nargs="+", default=["off", "on"], choices=["auto", "on", "off"])
+    p.add_argument("--skip-chunks", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--attend-warps", type=int, nargs="*", default=[1, 2, 4])
     p.add_argument("--attend-keys", type=int, nargs="*", default=[32, 64])
     p.add_argument("--out", default="benchmarks/results/kernel-sass-sm90.json")
@@ -206,8 +210,8 @@ def main() -> None:
     )
     for D in a.D:
         for G in a.G:
-            for cap, interior in ((c, i) for i in interiors for c in caps):
-                r = row(G, D, cap, interior)
+            for cap, interior, skip in ((c, i, k == "on") for k in a.skip_chunks for i in interiors for c in caps):
+                r = row(G, D, cap, interior, skip)
                 print(json.dumps(r), flush=True)
                 result["rows"].append(r)
     for D in a.D:
