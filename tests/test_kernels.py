@@ -332,7 +332,7 @@ def test_flex_block_lists(TK, docs, window):
     """The FlexAttention block mask lists every key block a query block sees, and calls full only full blocks."""
     from ssa_adapt.ops import flex
 
-    T, BS = 150, flex.FLEX_BLOCK
+    T, BS = 150, 16
     upper = (torch.arange(T) + TK - T).expand(1, T)
     lower = torch.zeros_like(upper)
     if docs is not None:
@@ -341,12 +341,7 @@ def test_flex_block_lists(TK, docs, window):
         lower = doc_start_from_cu_seqlens(torch.tensor(docs), T)
     if window is not None:
         lower = torch.maximum(lower, upper - window + 1)
-    old = flex.FLEX_BLOCK
-    flex.FLEX_BLOCK = BS = 16
-    try:
-        bm = flex.visible_block_mask(lower, upper, TK)
-    finally:
-        flex.FLEX_BLOCK = old
+    bm = flex.visible_block_mask(lower, upper, TK, block_size=BS)
     keys = torch.arange(TK)
     vis = (keys[None, :] >= lower[0][:, None]) & (keys[None, :] <= upper[0][:, None])
     for a in range(-(-T // BS)):

@@ -44,13 +44,13 @@ def _block_lists(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return visible.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
 
 
-def visible_block_mask(lower: torch.Tensor, upper: torch.Tensor, TK: int):
-    """BlockMask for per-query key intervals [lower, upper] ([B, T] int64 each): full blocks (every query of the
-    query block sees every key) skip the mask_mod; partial ones apply it."""
+def visible_block_mask(lower: torch.Tensor, upper: torch.Tensor, TK: int, block_size: int = FLEX_BLOCK):
+    """BlockMask for per-query key intervals [lower, upper] ([B, T] int64 each) in blocks of `block_size` queries
+    and keys: full blocks (every query of the query block sees every key) skip the mask_mod; partial ones apply it."""
     from torch.nn.attention.flex_attention import BlockMask
 
     B, T = lower.shape
-    BS = FLEX_BLOCK
+    BS = block_size
     nq, nk = -(-T // BS), -(-TK // BS)
     pad = nq * BS - T
     lo = torch.nn.functional.pad(lower, (0, pad), value=TK)  # padded queries see nothing
