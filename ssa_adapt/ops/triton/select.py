@@ -441,10 +441,15 @@ def _select_kernel(
             tl.store(p_list + n_hot + tl.cumsum(hot, 0) - 1, cc, mask=hot > 0)
             n_hot += tl.sum(hot, 0)
         tl.debug_barrier()
-        for i in range(0, n_hot):
-            c = tl.load(p_list + i)
-            cnt = _survivor_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, bound, cnt, p_sf, tri,
-                                  BT, GP, TL, BD, LANES, SINK, CAP, ROW, PREFIX_DOT, DOT_PREC)  # fmt: skip
+        if n_hot < n2:
+            for i in range(0, n_hot):
+                c = tl.load(p_list + i)
+                cnt = _survivor_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, bound, cnt, p_sf, tri,
+                                      BT, GP, TL, BD, LANES, SINK, CAP, ROW, PREFIX_DOT, DOT_PREC)  # fmt: skip
+        else:  # nothing to skip: the plain loop (no list to read)
+            for s0 in range(lo2, hi2, LANES):
+                cnt = _survivor_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, bound, cnt, p_sf, tri,
+                                      BT, GP, TL, BD, LANES, SINK, CAP, ROW, PREFIX_DOT, DOT_PREC)  # fmt: skip
         if skip_stats is not None:
             tl.atomic_add(skip_stats, n2)
             tl.atomic_add(skip_stats + 1, n2 - n_hot)
