@@ -160,7 +160,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         cap = "-" if r["max_registers"] is None else r["max_registers"]
         out.append(
-            f"| {r['G']} | {r['D']} | {r['interior']} | {r.get('skip_chunks', False)} | {cap} | {r['registers']} | "
+            f"| {r['G']} | {r['D']} | {r['interior']} | {r['skip_chunks']} | {cap} | {r['registers']} | "
             f"{r['programs_per_sm']} | "
             f"{r['shared_bytes'] / 1024:.1f} | {' / '.join(map(str, r['loops']))} | "
             f"{r['spill_instructions']} / {sum(r['loop_spills'])} |"

@@ -289,13 +289,18 @@ def interpreted():
     return run_interpreted(__file__, ids)
 
 
-def test_select_skip_chunks_interpreted(interpreted):
-    """Pass 3 skips chunks (here most of them) and selects exactly what it selects without skipping."""
-    res = interpreted[HOT_CASE]
+def check_hot(res: dict) -> None:
+    """`run_hot_case`'s results: some chunks skipped (not all), the same selection as without skipping, within
+    ties of the reference."""
     assert "error" not in res, res.get("error")
     assert res["equal"] == 1.0, "skipping pass-3 chunks changed the selection"
     assert res["gap"] <= TIE, f"{res['differ']} rows differ from the reference beyond ties: gap {res['gap']}"
     assert 0 < res["skipped"] < res["chunks"], f"skipped {res['skipped']} of {res['chunks']} chunks"
+
+
+def test_select_skip_chunks_interpreted(interpreted):
+    """Pass 3 skips chunks (here most of them) and selects exactly what it selects without skipping."""
+    check_hot(interpreted[HOT_CASE])
 
 
 def test_skip_stats_needs_skip_chunks():
@@ -370,10 +375,7 @@ def test_kernels_gpu(case):
 def test_select_skip_chunks_gpu():
     """Compiled, pass 3's chunk skipping (chunks of 32 blocks of 128; the chosen blocks all lie in the first)
     selects as the kernel without it, within ties of the reference."""
-    res = run_hot_case("cuda", T=2048, lanes=32)
-    assert res["gap"] <= TIE, f"{res['differ']} rows differ from the reference beyond ties: gap {res['gap']}"
-    assert res["equal"] == 1.0, "skipping pass-3 chunks changed the selection"
-    assert 0 < res["skipped"] < res["chunks"], f"skipped {res['skipped']} of {res['chunks']} chunks"
+    check_hot(run_hot_case("cuda", T=2048, lanes=32))
 
 
 @pytest.mark.gpu

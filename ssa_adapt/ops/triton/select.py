@@ -425,10 +425,9 @@ def _select_kernel(
     o_l = tl.arange(0, LANES)
     tri = (o_l[:, None] <= o_l[None, :]).to(tl.float16)  # [LANES, LANES]
     if SKIP:
-        # a chunk holds a survivor of a token only if the token's best importance there (pass 2, rounded to
-        # bfloat16: within 2^-9 relative) reaches its bound, lowered here by 2^-7 to stay on the safe side
-        # the tile's hot chunks, listed in order first (so that pass 3's loop has no branch and keeps its loads
-        # asynchronous)
+        # A chunk holds a survivor of a token only if the token's best importance there (pass 2, rounded to
+        # bfloat16: within 2^-9 relative) reaches its bound, lowered here by 2^-7 to stay on the safe side. The
+        # tile's hot chunks are listed first, so that pass 3's loop has no branch and keeps its loads asynchronous.
         hot_bound = bound * (1.0 - 1.0 / 128)
         p_list = chunk_list + (i_bh * tl.num_programs(0) + i_t) * NCH
         o_cb = tl.arange(0, 32)
