@@ -3,7 +3,7 @@ GPU needed): registers, spill instructions, shared memory, programs per SM and t
 per group size and register cap (selection) and per warps and keys per step (attention).
 
     python benchmarks/kernel_sass.py [--G 1 2 3 4 8 16] [--D 64] [--max-registers none 128 96] [--interior off on]
-        [--attend-warps 1 2 4] [--attend-keys 32 64]      # -> benchmarks/results/kernel-sass-sm90.{json,md}
+        [--skip-chunks off] [--attend-warps 1 2 4] [--attend-keys 32 64]   # -> benchmarks/results/kernel-sass-sm90.{json,md}
 
 Compiled as the JIT compiles a launch (pointers 16-byte aligned; without that hint the block means' loads come out
 as 16-bit scalar loads and every count below doubles), with `SelectOptions()` and no documents. The counts come
