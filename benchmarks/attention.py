@@ -188,6 +188,12 @@ SWEEP = {
         # pass 3 skipping chunks without a survivor: on random inputs it skips none, so this times its overhead
         # (`attention_real.py` times it where it skips)
         SelectOptions(skip_chunks=True),
+        # pass 3 storing one word of survivor bits per token and 32 blocks, the survivors' importances recomputed
+        # (tiles of at least 16 / 32 chunks; kernel README section 1); and the tiles in launch order (ascending),
+        # against the default's longest first
+        SelectOptions(survivor_masks=True),
+        SelectOptions(survivor_masks=True, mask_min_chunks=32),
+        SelectOptions(longest_first=False),
     ],
     "fwd": [
         AttendOptions(fwd_keys=k, fwd_warps=w, fwd_stages=s)

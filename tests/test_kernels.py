@@ -69,6 +69,10 @@ CPU_CASES = [
     # masks); the selection with every chunk masked must be bitwise the same
     _case(1, 900, 1, 16, 64, S=5, docs="varlen", select=dict(lanes=8, blocks=16)),
     _case(1, 1000, 2, 4, 64, S=6, sink=2, local=2, select=dict(lanes=8, blocks=16)),
+    # survivor masks (checked in every case): two segments of masks per late tile (a scratch row of 16 columns
+    # holds 16 words of 8 lanes, 128 blocks), and 64 lanes as two 32-bit words (the sign bit set)
+    _case(1, 2100, 1, 4, 64, S=6, select=dict(lanes=8, cap=16)),
+    _case(1, 600, 1, 3, 64, S=6, select=dict(lanes=64)),
 ]
 
 # compiled on the GPU: the benchmark's five head shapes (so compiles are shared) at odd T, documents, TK > T, and
@@ -197,17 +201,28 @@ def run_case(c, device) -> dict:
         # pass 3 skipping the chunks without a survivor: the same selection, bit for bit
         skipping = KernelOptions(select=dataclasses.replace(select_opts, skip_chunks=True), poison=True)
         res["select_skip_equal"] = float(torch.equal(got, triton_ops.select_blocks(q, k, options=skipping, **sel)))
+        # the tiles in launch order instead of longest first: the same selection
+        ascending = KernelOptions(select=dataclasses.replace(select_opts, longest_first=False), poison=True)
+        res["select_order_equal"] = float(torch.equal(got, triton_ops.select_blocks(q, k, options=ascending, **sel)))
     res["select_written"] = float(bool(((got >= -1) & (got < 2**20)).all()))
+    # pass 3 storing survivor masks (the survivors' importances recomputed), on every tile of the interpreted cases:
+    # held to the reference within ties (the recomputed importances may round differently from pass 3's)
+    masks = dataclasses.replace(select_opts, survivor_masks=True, skip_chunks=False)
+    if device != "cuda":
+        masks = dataclasses.replace(masks, mask_min_chunks=1)
+    got_masks = triton_ops.select_blocks(q, k, options=KernelOptions(select=masks, poison=True), **sel)
+    res["select_masks_written"] = float(bool(((got_masks >= -1) & (got_masks < 2**20)).all()))
     if rows == T:
         ref = R.select_blocks(q, k, **sel)
         imp = importance(q, k, ds, BS, scale)
-        got_rows = got
+        got_rows, masks_rows = got, got_masks
     else:  # the last `rows` queries of a long sequence: they see all the keys (TK = T)
         sub = dict(sel, doc_start=None)
         ref = R.select_blocks(q[:, -rows:], k, **sub)
         imp = importance(q[:, -rows:], k, None, BS, scale)
-        got_rows = got[:, -rows:]
+        got_rows, masks_rows = got[:, -rows:], got_masks[:, -rows:]
     res["select_rows_differ"], res["select_gap"] = selection_gap(got_rows.cpu(), ref.cpu(), imp.cpu())
+    res["select_masks_rows_differ"], res["select_masks_gap"] = selection_gap(masks_rows.cpu(), ref.cpu(), imp.cpu())
 
     # attention on the reference's indices (the kernel's for long sequences), float64 reference
     idx = ref if rows == T else got
@@ -241,6 +256,11 @@ def check(res: dict, c, parts=("select", "attend")):
         )
         assert res.get("select_masked_equal", 1.0) == 1.0, "interior (unmasked) chunks changed the selection"
         assert res.get("select_skip_equal", 1.0) == 1.0, "skipping pass-3 chunks changed the selection"
+        assert res.get("select_order_equal", 1.0) == 1.0, "the tiles' launch order changed the selection"
+        assert res["select_masks_written"] == 1.0, "selection with survivor masks left unwritten (poisoned) slots"
+        assert res["select_masks_gap"] <= TIE, (
+            f"survivor masks: {res['select_masks_rows_differ']} rows differ beyond ties: gap {res['select_masks_gap']}"
+        )
     if "attend" in parts:
         errs = {n: res[n] for n in ("o", "dq", "dk", "dv")}
         assert all(e < tol for e in errs.values()), f"relative RMS errors {errs} over {tol}"
@@ -311,6 +331,10 @@ def test_skip_stats_needs_skip_chunks():
         sel.select_blocks(q, k, skip_stats=torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="skip_chunks"):
         SelectOptions(skip_chunks=1)
+    with pytest.raises(ValueError, match="set one of them"):
+        SelectOptions(skip_chunks=True, survivor_masks=True)
+    with pytest.raises(ValueError, match="mask_min_chunks"):
+        SelectOptions(survivor_masks=True, mask_min_chunks=0)
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
@@ -453,11 +477,15 @@ def test_select_register_cap_reaches_the_launch(monkeypatch):
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels for the device itself")
 @pytest.mark.parametrize(
-    "G, options", [(3, {}), (4, {}), (16, {}), (3, dict(skip_chunks=True))], ids=["G3", "G4", "G16", "G3-skip"]
-)
+    "G, options",
+    [(3, {}), (4, {}), (16, {}), (3, dict(skip_chunks=True)), (3, dict(survivor_masks=True)),
+     (2, dict(survivor_masks=True, lanes=64, longest_first=False))],
+    ids=["G3", "G4", "G16", "G3-skip", "G3-masks", "G2-masks-lanes64-ascending"],
+)  # fmt: skip
 def test_select_kernel_compiles_for_sm90(G, options):
     """The interpreter accepts code the compiler rejects: the selection kernel compiled ahead of time for sm_90 with
-    the default options and with pass 3's chunk skipping (down to a cubin through ptxas; no GPU needed)."""
+    the default options, with pass 3's chunk skipping and with its survivor masks (down to a cubin through ptxas;
+    no GPU needed)."""
     from ssa_adapt.ops.triton import select as sel
     from ssa_adapt.ops.triton.utils import compile_ahead
 

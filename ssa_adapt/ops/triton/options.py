@@ -38,7 +38,14 @@ class SelectOptions:
     a cap of 128, won summed over the sweep's shapes on the H100 at 32k (2026-12-07: 8.95 ms against 9.85 without
     either). skip_chunks: pass 2 also keeps each token's best importance per chunk (bfloat16, `[B, T, H, chunks]`
     of scratch), and pass 3 skips the chunks where no token of the tile reaches its bound (README.md section 1:
-    most chunks on a trained model's activations, none on random inputs); not yet timed, so off."""
+    most chunks on a trained model's activations, none on random inputs); not yet timed, so off. survivor_masks:
+    pass 3 stores one word of survivor bits per token and 32 blocks instead of each survivor's importance and block
+    (no prefix count and no layout conversions in its loop: 212 instead of 302 instructions per thread and step at
+    G = 3, sm_90), then the words become the tokens' survivor lists and the survivors' importances are recomputed,
+    on tiles with at least `mask_min_chunks` chunks of pass 3 (shorter tiles: the plain pass 3, since the decoding
+    and the recomputation cost about what ~20 chunks save); excludes skip_chunks; not yet timed, so off.
+    longest_first: the grid's first programs take the last tiles of the causal triangle (the most blocks), so that
+    the longest tiles do not start last and run alone at the end; the selection does not change."""
 
     rows: int = 64
     blocks: int = 64
@@ -51,13 +58,21 @@ class SelectOptions:
     interior_min_group: int = 1
     max_registers: int | None = 128
     skip_chunks: bool = False
+    survivor_masks: bool = False
+    mask_min_chunks: int = 16
+    longest_first: bool = True
 
     def __post_init__(self):
-        _check_positive(
-            self, ("rows", "blocks", "lanes", "cap", "warps", "stages", "means_slots", "interior_min_group")
-        )
-        if not isinstance(self.skip_chunks, bool):
-            raise ValueError(f"SelectOptions.skip_chunks={self.skip_chunks!r}: use True or False.")
+        tiles = ("rows", "blocks", "lanes", "cap", "warps", "stages", "means_slots")
+        _check_positive(self, (*tiles, "interior_min_group", "mask_min_chunks"))
+        for name in ("skip_chunks", "survivor_masks", "longest_first"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SelectOptions.{name}={getattr(self, name)!r}: use True or False.")
+        if self.skip_chunks and self.survivor_masks:
+            raise ValueError(
+                "SelectOptions(skip_chunks=True, survivor_masks=True): pass 3 either skips chunks or stores survivor "
+                "masks; set one of them."
+            )
         if self.interior not in (True, False, "auto"):
             raise ValueError(f"SelectOptions.interior={self.interior!r}: use True, False or 'auto'.")
         r = self.max_registers

@@ -288,6 +288,83 @@ def _survivor_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, bound, cnt, p_sf, tr
     return cnt + tl.sum(keep.to(tl.int32), 1)
 
 
+@triton.jit
+def _popc(x):
+    """Set bits of each uint32 element -> int32 (SWAR: the interpreter has no popcount; used once per word)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _mask_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, bound, bit, p_w, m_t, BT: tl.constexpr, GP: tl.constexpr,
+                TL: tl.constexpr, BD: tl.constexpr, LANES: tl.constexpr, WL: tl.constexpr, SINK: tl.constexpr,
+                DOT_PREC: tl.constexpr):  # fmt: skip
+    """Pass 3 with survivor masks on the chunk of slots [s0, s0 + LANES): which candidates reach their token's
+    bound, as LANES / WL words of WL bits per token (bit [BT, W, WL]: each lane's bit), stored to p_w [BT] (word i
+    at p_w + i, float32 bits). No per-survivor store: the survivors' importances are recomputed once per tile
+    (`_survivor_importances`)."""
+    W: tl.constexpr = LANES // WL
+    b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
+    b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
+    keep = tl.reshape(b_i >= bound[:, None], [BT, W, WL])
+    words = tl.reduce_or(tl.where(keep, bit, 0), 2)  # [BT, W]
+    o_w = tl.arange(0, W)
+    tl.store(p_w[:, None] + o_w[None, :], words.to(tl.float32, bitcast=True), mask=m_t[:, None])
+
+
+@triton.jit
+def _decode_masks(p_sf, cnt, s0, n_words, m_t, WL: tl.constexpr, ROW: tl.constexpr, CAP: tl.constexpr,
+                  BT: tl.constexpr):  # fmt: skip
+    """The survivor masks of a segment (n_words words of WL bits in columns [0, n_words) of the scratch rows p_sf
+    [BT]; word i covers slots s0 + i WL ...) appended as slots to the tokens' lists (columns ROW + [0, CAP), float32
+    bits; a list's column is its token's count so far) -> the counts cnt [BT] raised by the segment's survivors.
+    Each word's survivors start at the token's count plus the bits of the words before it (a prefix over the
+    words, not over blocks); the k-th step of the loop extracts every word's k-th lowest bit."""
+    o_c = tl.arange(0, ROW)
+    m_w = m_t[:, None] & (o_c[None, :] < n_words)
+    words = tl.load(p_sf[:, None] + o_c[None, :], mask=m_w, other=0.0).to(tl.uint32, bitcast=True)
+    n_w = _popc(words)  # [BT, ROW]
+    at = cnt[:, None] + tl.cumsum(n_w, 1) - n_w
+    slot0 = s0 + o_c * WL
+    rem = words
+    for k in range(0, tl.max(tl.max(n_w, 1), 0)):
+        low = rem & (~rem + 1)
+        col = at + k
+        slot = slot0[None, :] + _popc(low - 1)
+        tl.store(p_sf[:, None] + ROW + col, slot.to(tl.float32, bitcast=True), mask=(rem != 0) & (col < CAP))
+        rem = rem ^ low
+    return cnt + tl.sum(n_w, 1)
+
+
+@triton.jit
+def _survivor_importances(q_rows, p_kb, p_sf, cnt, b_c, m_t, BT: tl.constexpr, GP: tl.constexpr, TL: tl.constexpr,
+                          G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, CAP: tl.constexpr, ROW: tl.constexpr,
+                          CC: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """I(j) of each token's listed survivors (slots in columns ROW + [0, cnt)), recomputed: the tokens' G query
+    heads [BT, GP, BD] against the gathered block means [BT, BD, CC] of CC survivors at a time (a batched dot), one
+    exponential per head with the same normaliser m + log2 l as the passes, summed over the group; stored in columns
+    [0, cnt) for `_rank_survivors`. q_rows [BT]: pointers to each token's first query head of the group."""
+    o_g = tl.arange(0, GP)
+    o_d = tl.arange(0, BD)
+    o_cc = tl.arange(0, CC)
+    m_q = m_t[:, None, None] & (o_g < G)[None, :, None] & (o_d < D)[None, None, :]
+    q3 = tl.load(q_rows[:, None, None] + (o_g * D)[None, :, None] + o_d[None, None, :], mask=m_q, other=0.0)
+    q3 = q3.to(p_kb.dtype.element_ty)
+    # the normaliser per (token, head): rows are ordered (token // TL, head, token % TL)
+    c3 = tl.reshape(tl.permute(tl.reshape(b_c, [BT // TL, GP, TL]), (0, 2, 1)), [BT, GP])
+    n_cnt = tl.minimum(cnt, CAP)
+    for c0 in range(0, tl.max(n_cnt, 0), CC):
+        col = c0 + o_cc
+        m_c = col[None, :] < n_cnt[:, None]  # [BT, CC]
+        slot = tl.load(p_sf[:, None] + ROW + col[None, :], mask=m_c, other=0.0).to(tl.int32, bitcast=True)
+        kb = tl.load(p_kb + slot[:, None, :] * BD + o_d[None, :, None], mask=m_c[:, None, :], other=0.0)
+        logit = tl.dot(q3, kb, input_precision=DOT_PREC)  # [BT, GP, CC]
+        imp = tl.sum(tl.exp2(logit - c3[:, :, None]), 1)
+        tl.store(p_sf[:, None] + col[None, :], imp, mask=m_c)
+
+
 @triton.jit(do_not_specialize=["T", "TK", "NSLOT", "NCH"])
 def _select_kernel(
     q,  # [B, T, HQ, D]
@@ -320,10 +397,17 @@ def _select_kernel(
     ROW: tl.constexpr,
     INTERIOR: tl.constexpr,  # pass 1's chunks inside every row's range skip the masks (False: every chunk masked)
     SKIP: tl.constexpr,  # pass 3 skips the chunks where no token of the tile reaches its bound
+    MASKS: tl.constexpr,  # pass 3 stores survivor masks; the survivors' importances are recomputed afterwards
+    WL: tl.constexpr,  # MASKS: bits per mask word (min(LANES, 32))
+    CC: tl.constexpr,  # MASKS: survivors per step of the recomputation
+    MASK_MIN: tl.constexpr,  # MASKS: tiles with fewer pass-3 chunks take the plain loop
+    LONGEST_FIRST: tl.constexpr,  # the grid's first programs take the last tiles (the most blocks)
     HAS_DOCS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     i_t = tl.program_id(0)
+    if LONGEST_FIRST:  # causal: a tile's work grows with its index, so the longest start first, not last
+        i_t = tl.num_programs(0) - 1 - i_t
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -424,7 +508,24 @@ def _select_kernel(
     PREFIX_DOT: tl.constexpr = (BT >= 16) & (LANES >= 16)  # the shapes a tensor-core product takes
     o_l = tl.arange(0, LANES)
     tri = (o_l[:, None] <= o_l[None, :]).to(tl.float16)  # [LANES, LANES]
-    if SKIP:
+    # MASKS: tiles with at least MASK_MIN chunks store one word of survivor bits per token and WL blocks instead of
+    # a store per survivor (no prefix count, no layout conversions in the loop); the masks of SEG chunks fill the
+    # scratch row's first ROW columns, then go to the tokens' slot lists, segment by segment. Shorter tiles take
+    # the plain loop: the masks' decoding and the recomputed importances cost about as much as ~20 chunks save.
+    masked = MASKS and n2 >= MASK_MIN
+    if masked:
+        W: tl.constexpr = LANES // WL
+        SEG: tl.constexpr = ROW // W
+        bit = tl.full([BT, W, WL], 1, tl.uint32) << tl.arange(0, WL).to(tl.uint32)[None, None, :]
+        for c0 in range(0, n2, SEG):
+            c1 = tl.minimum(c0 + SEG, n2)
+            for c in range(c0, c1):
+                _mask_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, bound, bit, p_sf + (c - c0) * W,
+                            m_t, BT, GP, TL, BD, LANES, WL, SINK, DOT_PREC)  # fmt: skip
+            tl.debug_barrier()
+            cnt = _decode_masks(p_sf, cnt, lo2 + c0 * LANES, (c1 - c0) * W, m_t, WL, ROW, CAP, BT)
+            tl.debug_barrier()
+    elif SKIP:
         # A chunk holds a survivor of a token only if the token's best importance there (pass 2, rounded to
         # bfloat16: within 2^-9 relative) reaches its bound, lowered here by 2^-7 to stay on the safe side. The
         # tile's hot chunks are listed first, so that pass 3's loop has no branch and keeps its loads asynchronous.
@@ -460,6 +561,12 @@ def _select_kernel(
     if tl.max(cnt, 0) > CAP:
         j_top = _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_c, t_base, t_n, bound,
                                 BT, GP, TL, BD, LANES, KP, SINK, DOT_PREC)  # fmt: skip
+    elif masked:
+        q_rows = q + (i_b * T * HQ + i_h * G) * D + o_t.to(tl.int64) * (HQ * D)
+        _survivor_importances(q_rows, p_kb, p_sf, cnt, b_c, m_t, BT, GP, TL, G, D, BD, CAP, ROW, CC, DOT_PREC)
+        tl.debug_barrier()
+        j_top = _rank_survivors(p_sf, cnt, CAP, ROW, KP, BT)  # slots: the blocks relative to the document
+        j_top = tl.where(j_top >= 0, j_top - t_base[:, None], -1)
     else:
         j_top = _rank_survivors(p_sf, cnt, CAP, ROW, KP, BT)
 
@@ -528,7 +635,9 @@ def select_kernel_config(H: int, G: int, D: int, block_size: int, block_count: i
         H=H, G=G, GP=GP, D=D, BD=max(16, next_pow2(D)), BS=block_size, S=block_count, KP=KP, SINK=sink_blocks,
         LOCAL=local_blocks, BT=max(1, opt.rows // GP), BN=next_pow2(opt.blocks), LANES=lanes, CAP=cap,
         ROW=max(cap, lanes), INTERIOR=GP >= opt.interior_min_group if opt.interior == "auto" else opt.interior,
-        SKIP=opt.skip_chunks, HAS_DOCS=has_docs, DOT_PREC=dot_precision(dtype),
+        SKIP=opt.skip_chunks, MASKS=opt.survivor_masks, WL=min(lanes, 32), CC=16,
+        MASK_MIN=opt.mask_min_chunks, LONGEST_FIRST=opt.longest_first,
+        HAS_DOCS=has_docs, DOT_PREC=dot_precision(dtype),
     )  # fmt: skip
     launch = dict(num_warps=opt.warps, num_stages=opt.stages)
     if opt.max_registers is not None:
