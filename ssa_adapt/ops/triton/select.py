@@ -324,7 +324,8 @@ def _decode_masks(p_sf, cnt, s0, n_words, m_t, WL: tl.constexpr, ROW: tl.constex
     words, not over blocks); the k-th step of the loop extracts every word's k-th lowest bit."""
     o_c = tl.arange(0, ROW)
     m_w = m_t[:, None] & (o_c[None, :] < n_words)
-    words = tl.load(p_sf[:, None] + o_c[None, :], mask=m_w, other=0.0).to(tl.uint32, bitcast=True)
+    one = (n_words >= 0).to(tl.int32)  # 1, unknown to the compiler
+    words = tl.load(p_sf[:, None] + o_c[None, :] * one, mask=m_w, other=0.0).to(tl.uint32, bitcast=True)
     n_w = _popc(words)  # [BT, ROW]
     at = cnt[:, None] + tl.cumsum(n_w, 1) - n_w
     slot0 = s0 + o_c * WL
@@ -635,7 +636,7 @@ def select_kernel_config(H: int, G: int, D: int, block_size: int, block_count: i
         H=H, G=G, GP=GP, D=D, BD=max(16, next_pow2(D)), BS=block_size, S=block_count, KP=KP, SINK=sink_blocks,
         LOCAL=local_blocks, BT=max(1, opt.rows // GP), BN=next_pow2(opt.blocks), LANES=lanes, CAP=cap,
         ROW=max(cap, lanes), INTERIOR=GP >= opt.interior_min_group if opt.interior == "auto" else opt.interior,
-        SKIP=opt.skip_chunks, MASKS=opt.survivor_masks, WL=min(lanes, 32), CC=16,
+        SKIP=opt.skip_chunks, MASKS=opt.survivor_masks, WL=min(lanes, 32), CC=8,
         MASK_MIN=opt.mask_min_chunks, LONGEST_FIRST=opt.longest_first,
         HAS_DOCS=has_docs, DOT_PREC=dot_precision(dtype),
     )  # fmt: skip
