@@ -324,7 +324,10 @@ def _decode_masks(p_sf, cnt, s0, n_words, m_t, WL: tl.constexpr, ROW: tl.constex
     words, not over blocks); the k-th step of the loop extracts every word's k-th lowest bit."""
     o_c = tl.arange(0, ROW)
     m_w = m_t[:, None] & (o_c[None, :] < n_words)
-    one = (n_words >= 0).to(tl.int32)  # 1, unknown to the compiler
+    # a stride of 1 the compiler cannot see: with columns known to be contiguous it vectorises this load, and the
+    # stores below (one element per thread) then convert their pointers, values and masks through shared memory
+    # at every step (187 instead of 101 instructions per step at G = 3, sm_90, Triton 3.6)
+    one = (n_words >= 0).to(tl.int32)
     words = tl.load(p_sf[:, None] + o_c[None, :] * one, mask=m_w, other=0.0).to(tl.uint32, bitcast=True)
     n_w = _popc(words)  # [BT, ROW]
     at = cnt[:, None] + tl.cumsum(n_w, 1) - n_w
