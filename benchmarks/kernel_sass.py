@@ -156,8 +156,8 @@ def markdown(result: dict) -> str:
         "LDL) in the whole kernel and inside loops; programs per SM from registers (65536 per SM, 128 threads per "
         "program) and shared memory. With pass 3's chunk skipping (`skip_chunks`) the listing of the tile's hot "
         "chunks is one more loop (32 chunks per step) before pass 3. With survivor masks (`survivor_masks`) pass 3 "
-        "is a loop over a segment's chunks inside a loop over segments, followed by the masks' decoding (one step "
-        "per extracted bit), and the plain pass 3 stays for short tiles; the survivors' importances are recomputed "
+        "is three loops over a segment's chunks (masked, interior, masked) inside a loop over segments, followed by the "
+        "masks' decoding (one step per extracted bit), and the plain pass 3 stays for short tiles; the survivors' importances are recomputed "
         "in one more loop (16 survivors per step) before the ranking.",
         "",
         "| G | D | interior | skip chunks | survivor masks | register cap | registers | programs / SM | shared KB "

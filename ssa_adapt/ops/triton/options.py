@@ -40,10 +40,10 @@ class SelectOptions:
     of scratch), and pass 3 skips the chunks where no token of the tile reaches its bound (README.md section 1:
     most chunks on a trained model's activations, none on random inputs); not yet timed, so off. survivor_masks:
     pass 3 stores one word of survivor bits per token and 32 blocks instead of each survivor's importance and block
-    (no prefix count and no layout conversions in its loop: 212 instead of 302 instructions per thread and step at
+    (no prefix count and no layout conversions in its loop: 164 instead of 302 instructions per thread and step at
     G = 3, sm_90), then the words become the tokens' survivor lists and the survivors' importances are recomputed,
     on tiles with at least `mask_min_chunks` chunks of pass 3 (shorter tiles: the plain pass 3, since the decoding
-    and the recomputation cost about what ~20 chunks save); excludes skip_chunks; not yet timed, so off.
+    and the recomputation cost about what ~12 chunks save); excludes skip_chunks; not yet timed, so off.
     longest_first: the grid's first programs take the last tiles of the causal triangle (the most blocks), so that
     the longest tiles do not start last and run alone at the end; the selection does not change."""
 

@@ -300,14 +300,17 @@ def _popc(x):
 @triton.jit
 def _mask_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, bound, bit, p_w, m_t, BT: tl.constexpr, GP: tl.constexpr,
                 TL: tl.constexpr, BD: tl.constexpr, LANES: tl.constexpr, WL: tl.constexpr, SINK: tl.constexpr,
-                DOT_PREC: tl.constexpr):  # fmt: skip
+                MASKED: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     """Pass 3 with survivor masks on the chunk of slots [s0, s0 + LANES): which candidates reach their token's
     bound, as LANES / WL words of WL bits per token (bit [BT, W, WL]: each lane's bit), stored to p_w [BT] (word i
     at p_w + i, float32 bits). No per-survivor store: the survivors' importances are recomputed once per tile
     (`_survivor_importances`)."""
     W: tl.constexpr = LANES // WL
     b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
-    b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
+    if MASKED:
+        b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
+    else:
+        b_i = _group_probabilities(b_s, b_c, BT, GP, TL, LANES)
     keep = tl.reshape(b_i >= bound[:, None], [BT, W, WL])
     words = tl.reduce_or(tl.where(keep, bit, 0), 2)  # [BT, W]
     o_w = tl.arange(0, W)
@@ -515,7 +518,7 @@ def _select_kernel(
     # MASKS: tiles with at least MASK_MIN chunks store one word of survivor bits per token and WL blocks instead of
     # a store per survivor (no prefix count, no layout conversions in the loop); the masks of SEG chunks fill the
     # scratch row's first ROW columns, then go to the tokens' slot lists, segment by segment. Shorter tiles take
-    # the plain loop: the masks' decoding and the recomputed importances cost about as much as ~20 chunks save.
+    # the plain loop: the masks' decoding and the recomputed importances cost about as much as ~12 chunks save.
     masked = MASKS and n2 >= MASK_MIN
     if masked:
         W: tl.constexpr = LANES // WL
@@ -523,9 +526,19 @@ def _select_kernel(
         bit = tl.full([BT, W, WL], 1, tl.uint32) << tl.arange(0, WL).to(tl.uint32)[None, None, :]
         for c0 in range(0, n2, SEG):
             c1 = tl.minimum(c0 + SEG, n2)
-            for c in range(c0, c1):
+            # pass 2's interior chunks (candidates of every valid token) need no candidate mask here either: one
+            # loop per kind of chunk, as there
+            a = tl.minimum(tl.maximum(c_lo2, c0), c1)
+            b = tl.minimum(tl.maximum(c_hi2, a), c1)
+            for c in range(c0, a):
                 _mask_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, bound, bit, p_sf + (c - c0) * W,
-                            m_t, BT, GP, TL, BD, LANES, WL, SINK, DOT_PREC)  # fmt: skip
+                            m_t, BT, GP, TL, BD, LANES, WL, SINK, True, DOT_PREC)  # fmt: skip
+            for c in range(a, b):
+                _mask_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, bound, bit, p_sf + (c - c0) * W,
+                            m_t, BT, GP, TL, BD, LANES, WL, SINK, False, DOT_PREC)  # fmt: skip
+            for c in range(b, c1):
+                _mask_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, bound, bit, p_sf + (c - c0) * W,
+                            m_t, BT, GP, TL, BD, LANES, WL, SINK, True, DOT_PREC)  # fmt: skip
             tl.debug_barrier()
             cnt = _decode_masks(p_sf, cnt, lo2 + c0 * LANES, (c1 - c0) * W, m_t, WL, ROW, CAP, BT)
             tl.debug_barrier()
