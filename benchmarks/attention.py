@@ -189,10 +189,13 @@ SWEEP = {
         # (`attention_real.py` times it where it skips)
         SelectOptions(skip_chunks=True),
         # pass 3 storing one word of survivor bits per token and 32 blocks, the survivors' importances recomputed
-        # (tiles of at least 16 / 32 chunks; kernel README section 1); and the tiles in launch order (ascending),
-        # against the default's longest first
+        # (tiles of at least 16 / 32 chunks; kernel README section 1); pass 1's running bound; and the tiles in
+        # launch order (ascending), against the default's longest first
         SelectOptions(survivor_masks=True),
         SelectOptions(survivor_masks=True, mask_min_chunks=32),
+        # pass 1's running bound instead of pass 2 (pass 2 and 3 again where it lets too many through)
+        SelectOptions(survivor_masks=True, running_bound=True),
+        SelectOptions(running_bound=True),
         SelectOptions(longest_first=False),
     ],
     "fwd": [

@@ -8,7 +8,8 @@ llama3 RoPE scaling x4 over 8192 as `docs/eval.md` runs 32k, captured after RoPE
 milliseconds (median of triton.testing.do_bench) of SDPA cuDNN and of SSA's selection, attention and whole sparse
 stream (16 x 16 blocks, one sink, one local), forward and forward+backward, on those very tensors, and of the
 selection with `SelectOptions(skip_chunks=True)` (with the share of pass-3 chunks it skipped) and with
-`SelectOptions(survivor_masks=True)` (with the share of rows choosing other blocks than the default); the mean number
+`SelectOptions(survivor_masks=True)`, also with `running_bound=True` (each with the share of rows choosing other
+blocks than the default); the mean number
 of distinct blocks selected by the tokens of a 16- and a 64-token query tile (per KV head, queries past 2048: the
 K/V blocks a kernel that loads each block once per tile reads, against 16 and 64 x 16 per token), and AttnSparsity
 (full attention's mass inside the selected blocks) of the last 256 queries. `--tokens` names a saved uint16 array of
@@ -111,6 +112,12 @@ def bench_layer(layer: int, q, k, v) -> dict:
         got = triton_ops.select_blocks(q, k, options=masks, **SEL)
         row["select_masks_rows_differ"] = (got != idx).any(-1).float().mean().item()
         row["select_masks_ms"] = timed(lambda: triton_ops.select_blocks(q, k, options=masks, **SEL))
+        # and with pass 1's running bound (`SelectOptions.running_bound`): on real activations some tiles may need
+        # pass 2 after all, which only the time shows
+        running = KernelOptions(select=SelectOptions(survivor_masks=True, running_bound=True))
+        got = triton_ops.select_blocks(q, k, options=running, **SEL)
+        row["select_running_rows_differ"] = (got != idx).any(-1).float().mean().item()
+        row["select_running_ms"] = timed(lambda: triton_ops.select_blocks(q, k, options=running, **SEL))
         row["attend_fwd_ms"] = timed(lambda: triton_ops.attend_blocks(q, k, v, idx, block_size=16))
         row["stream_fwd_ms"] = timed(lambda: stream(q, k, v))
     row["cudnn_fwd_bwd_ms"] = timed(lambda: torch.autograd.grad(cudnn(q, k, v), (q, k, v), do))
@@ -164,15 +171,17 @@ def markdown(result: dict) -> str:
         "consecutive queries (per KV head, queries past 2048; a per-token kernel loads 16 / 64 x 16).",
         "",
         "| layer | cuDNN fwd / fwd+bwd | SSA select | select, pass-3 chunks skipped: ms / share "
-        "| select, survivor masks: ms / rows differing | SSA attend fwd | SSA stream fwd / fwd+bwd "
+        "| select, survivor masks: ms / rows differing | + running bound: ms / rows differing | SSA attend fwd "
+        "| SSA stream fwd / fwd+bwd "
         "| speedup fwd / fwd+bwd | union 16 / 64 | AttnSparsity | rel. err. sparse vs full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['layer']} | {r['cudnn_fwd_ms']:.2f} / {r['cudnn_fwd_bwd_ms']:.2f} | {r['select_ms']:.2f} | "
             f"{r['select_skip_ms']:.2f} / {r['select_skip_share']:.2f}{'' if r['select_skip_equal'] else ' (differs!)'} | "
             f"{r['select_masks_ms']:.2f} / {r['select_masks_rows_differ']:.4f} | "
+            f"{r['select_running_ms']:.2f} / {r['select_running_rows_differ']:.4f} | "
             f"{r['attend_fwd_ms']:.2f} | {r['stream_fwd_ms']:.2f} / {r['stream_fwd_bwd_ms']:.2f} | "
             f"{r['speedup_fwd']:.2f}x / {r['speedup_fwd_bwd']:.2f}x | {r['union_tile16']:.1f} / "
             f"{r['union_tile64']:.1f} | {r['attn_sparsity_last256']:.3f} | {r['sparse_vs_full_rel_err_last256']:.3f} |"

@@ -3,7 +3,7 @@ GPU needed): registers, spill instructions, shared memory, programs per SM and t
 per group size and register cap (selection) and per warps and keys per step (attention).
 
     python benchmarks/kernel_sass.py [--G 1 2 3 4 8 16] [--D 64] [--max-registers none 128 96] [--interior off on]
-        [--skip-chunks off] [--survivor-masks off] [--attend-warps 1 2 4] [--attend-keys 32 64]
+        [--skip-chunks off] [--survivor-masks off] [--running-bound off] [--attend-warps 1 2 4] [--attend-keys 32 64]
         # -> benchmarks/results/kernel-sass-sm90.{json,md}
 
 Compiled as the JIT compiles a launch (pointers 16-byte aligned; without that hint the block means' loads come out
@@ -62,11 +62,13 @@ ATTEND_TYPES = dict(
 
 
 def compile_select(G: int, D: int, max_registers: int | None, interior: bool | str = "auto", skip: bool = False,
-                   masks: bool = False):  # fmt: skip
+                   masks: bool = False, running: bool = False):  # fmt: skip
     """The selection kernel for (G, D) (bf16, 16 x 16 blocks, one sink and one local block, no documents) as
     `select_blocks` launches it on a GPU: the same constexprs and launch options (`select_kernel_config`); skip:
-    `SelectOptions.skip_chunks` (without the skip counter); masks: `SelectOptions.survivor_masks`."""
-    opt = SelectOptions(interior=interior, max_registers=max_registers, skip_chunks=skip, survivor_masks=masks)
+    `SelectOptions.skip_chunks` (without the skip counter); masks / running: `SelectOptions.survivor_masks` /
+    `.running_bound`."""
+    opt = SelectOptions(interior=interior, max_registers=max_registers, skip_chunks=skip, survivor_masks=masks,
+                        running_bound=running)  # fmt: skip
     consts, launch = sel.select_kernel_config(2 if G > 1 else 1, G, D, 16, 16, 1, 1, False, torch.bfloat16, opt)
     return compile_ahead(sel._select_kernel, dict(consts, skip_stats=None), SELECT_TYPES, launch)
 
@@ -125,8 +127,8 @@ def spills(instructions: list[str]) -> int:
 
 
 def row(G: int, D: int, max_registers: int | None, interior: bool | str, skip: bool = False,
-        masks: bool = False) -> dict:  # fmt: skip
-    compiled = compile_select(G, D, max_registers, interior, skip, masks)
+        masks: bool = False, running: bool = False) -> dict:  # fmt: skip
+    compiled = compile_select(G, D, max_registers, interior, skip, masks, running)
     regs, sass = sass_of(compiled)
     ins, bodies = loops(sass)
     shared = compiled.metadata.shared
@@ -134,6 +136,7 @@ def row(G: int, D: int, max_registers: int | None, interior: bool | str, skip: b
     per_sm = min(REGISTERS_PER_SM // (threads * ((regs + 7) // 8 * 8)), SHARED_PER_SM // (shared + 1024), 32)
     return dict(
         G=G, D=D, max_registers=max_registers, interior=interior, skip_chunks=skip, survivor_masks=masks,
+        running_bound=running,
         registers=regs, shared_bytes=shared,
         programs_per_sm=per_sm, spill_instructions=spills(ins), loops=[len(b) for b in bodies],
         loop_spills=[spills(b) for b in bodies],
@@ -160,14 +163,15 @@ def markdown(result: dict) -> str:
         "masks' decoding (one step per extracted bit), and the plain pass 3 stays for short tiles; the survivors' importances are recomputed "
         "in one more loop (16 survivors per step) before the ranking.",
         "",
-        "| G | D | interior | skip chunks | survivor masks | register cap | registers | programs / SM | shared KB "
-        "| loops | spills: all / in loops |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| G | D | interior | skip chunks | survivor masks | running bound | register cap | registers | programs / SM "
+        "| shared KB | loops | spills: all / in loops |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         cap = "-" if r["max_registers"] is None else r["max_registers"]
         out.append(
             f"| {r['G']} | {r['D']} | {r['interior']} | {r['skip_chunks']} | {r.get('survivor_masks', False)} | "
+            f"{r.get('running_bound', False)} | "
             f"{cap} | {r['registers']} | "
             f"{r['programs_per_sm']} | "
             f"{r['shared_bytes'] / 1024:.1f} | {' / '.join(map(str, r['loops']))} | "
@@ -202,6 +206,7 @@ def main() -> None:
     p.add_argument("--interior", nargs="+", default=["off", "on"], choices=["auto", "on", "off"])
     p.add_argument("--skip-chunks", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--survivor-masks", nargs="+", default=["off"], choices=["off", "on"])
+    p.add_argument("--running-bound", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--attend-warps", type=int, nargs="*", default=[1, 2, 4])
     p.add_argument("--attend-keys", type=int, nargs="*", default=[32, 64])
     p.add_argument("--out", default="benchmarks/results/kernel-sass-sm90.json")
@@ -219,10 +224,17 @@ def main() -> None:
     )
     for D in a.D:
         for G in a.G:
-            variants = [(k == "on", m == "on") for k in a.skip_chunks for m in a.survivor_masks]
-            variants = [(k, m) for k, m in variants if not (k and m)]  # the two options exclude each other
-            for cap, interior, (skip, masks) in ((c, i, v) for v in variants for i in interiors for c in caps):
-                r = row(G, D, cap, interior, skip, masks)
+            variants = [
+                (k == "on", m == "on", b == "on")
+                for k in a.skip_chunks
+                for m in a.survivor_masks
+                for b in a.running_bound
+            ]
+            variants = [v for v in variants if not (v[0] and (v[1] or v[2]))]  # skipping excludes the other two
+            for cap, interior, (skip, masks, running) in (
+                (c, i, v) for v in variants for i in interiors for c in caps
+            ):
+                r = row(G, D, cap, interior, skip, masks, running)
                 print(json.dumps(r), flush=True)
                 result["rows"].append(r)
     for D in a.D:

@@ -32,12 +32,14 @@ TIE = 1e-3  # selection may differ from the reference only between blocks whose 
 
 
 def _case(B, T, H, G, D, dtype="float16", TK=None, S=4, sink=1, local=1, docs=None, rows=None, select=None,
-          attend=None):  # fmt: skip
+          attend=None, late=False):  # fmt: skip
     """`select` / `attend`: `SelectOptions` / `AttendOptions` fields for this case (e.g. cap=1 sends every tile to
-    the exact fallback; lanes=8 makes several blocks share a lane of the lower bound)."""
+    the exact fallback; lanes=8 makes several blocks share a lane of the lower bound). late: the first head of each
+    group and the second half of the keys lean towards one direction, more so the later the key, so that this
+    head's softmax normaliser keeps growing to the end (the running bound of pass 1 then comes out loose)."""
     return dict(
         B=B, T=T, TK=TK or T, H=H, G=G, D=D, dtype=dtype, S=S, sink=sink, local=local, docs=docs, rows=rows,
-        select=select, attend=attend,
+        select=select, attend=attend, late=late,
     )  # fmt: skip
 
 
@@ -45,7 +47,8 @@ def case_id(c) -> str:
     tk = f"-TK{c['TK']}" if c["TK"] != c["T"] else ""
     docs = f"-{c['docs']}" if c["docs"] else ""
     sel = "".join(f"-{n}{x}" for n, x in {**(c["select"] or {}), **(c["attend"] or {})}.items())
-    return f"B{c['B']}-T{c['T']}{tk}-H{c['H']}-G{c['G']}-D{c['D']}-S{c['S']}-{c['dtype']}{docs}{sel}"
+    late = "-late" if c.get("late") else ""
+    return f"B{c['B']}-T{c['T']}{tk}-H{c['H']}-G{c['G']}-D{c['D']}-S{c['S']}-{c['dtype']}{docs}{late}{sel}"
 
 
 # interpreted on CPU: G in {1, 2, 3, 4, 7, 8, 16}, D 64/128, documents, left padding, TK > T
@@ -73,6 +76,8 @@ CPU_CASES = [
     # holds 16 words of 8 lanes, 128 blocks), and 64 lanes as two 32-bit words (the sign bit set)
     _case(1, 2100, 1, 4, 64, S=6, select=dict(lanes=8, cap=16)),
     _case(1, 600, 1, 3, 64, S=6, select=dict(lanes=64)),
+    # the running bound of pass 1 too loose for a scratch row of 8: pass 2's bound and pass 3 again
+    _case(1, 640, 1, 2, 64, S=6, late=True, select=dict(lanes=8, blocks=16, cap=8)),
 ]
 
 # compiled on the GPU: the benchmark's five head shapes (so compiles are shared) at odd T, documents, TK > T, and
@@ -106,6 +111,11 @@ def make_inputs(c, device):
     q = torch.randn(B, T, H * G, D, generator=g).to(device, dtype)
     k = torch.randn(B, TK, H, D, generator=g).to(device, dtype)
     v = torch.randn(B, TK, H, D, generator=g).to(device, dtype)
+    if c.get("late"):
+        u = torch.randn(D, generator=g)
+        u = (u / u.norm()).to(device, dtype)
+        q[:, :, ::G] += 4 * u
+        k[:, TK // 2 :] += 3 * u * torch.linspace(0, 1, TK - TK // 2, device=device, dtype=dtype)[None, :, None, None]
     ds = None
     if c["docs"] == "varlen":  # packed documents of one row, through flash-style cu_seqlens
         assert B == 1 and T == TK
@@ -204,10 +214,15 @@ def run_case(c, device) -> dict:
         # the tiles in launch order instead of longest first: the same selection
         ascending = KernelOptions(select=dataclasses.replace(select_opts, longest_first=False), poison=True)
         res["select_order_equal"] = float(torch.equal(got, triton_ops.select_blocks(q, k, options=ascending, **sel)))
+        # pass 1's running bound with the plain pass 3: the same survivors' ranking as with pass 2's bound
+        running = KernelOptions(select=dataclasses.replace(select_opts, running_bound=True), poison=True)
+        res["select_running_equal"] = float(torch.equal(got, triton_ops.select_blocks(q, k, options=running, **sel)))
     res["select_written"] = float(bool(((got >= -1) & (got < 2**20)).all()))
     # pass 3 storing survivor masks (the survivors' importances recomputed): held to the reference within ties (the
     # recomputed importances may round differently from pass 3's)
-    masks = dataclasses.replace(select_opts, survivor_masks=True, skip_chunks=False)
+    # with pass 1's running bound in place of pass 2's (pass 2 and pass 3 again where it lets more than the scratch
+    # row through)
+    masks = dataclasses.replace(select_opts, survivor_masks=True, skip_chunks=False, running_bound=True)
     if rows == T:  # short cases: on every tile; the long ones keep the threshold (plain and masked tiles mixed)
         masks = dataclasses.replace(masks, mask_min_chunks=1)
     got_masks = triton_ops.select_blocks(q, k, options=KernelOptions(select=masks, poison=True), **sel)
@@ -257,6 +272,7 @@ def check(res: dict, c, parts=("select", "attend")):
         assert res.get("select_masked_equal", 1.0) == 1.0, "interior (unmasked) chunks changed the selection"
         assert res.get("select_skip_equal", 1.0) == 1.0, "skipping pass-3 chunks changed the selection"
         assert res.get("select_order_equal", 1.0) == 1.0, "the tiles' launch order changed the selection"
+        assert res.get("select_running_equal", 1.0) == 1.0, "pass 1's running bound changed the selection"
         assert res["select_masks_written"] == 1.0, "selection with survivor masks left unwritten (poisoned) slots"
         assert res["select_masks_gap"] <= TIE, (
             f"survivor masks: {res['select_masks_rows_differ']} rows differ beyond ties: gap {res['select_masks_gap']}"
@@ -335,6 +351,8 @@ def test_skip_stats_needs_skip_chunks():
         SelectOptions(skip_chunks=True, survivor_masks=True)
     with pytest.raises(ValueError, match="mask_min_chunks"):
         SelectOptions(survivor_masks=True, mask_min_chunks=0)
+    with pytest.raises(ValueError, match="running_bound=True"):
+        SelectOptions(skip_chunks=True, running_bound=True)
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
@@ -479,8 +497,8 @@ def test_select_register_cap_reaches_the_launch(monkeypatch):
 @pytest.mark.parametrize(
     "G, options",
     [(3, {}), (4, {}), (16, {}), (3, dict(skip_chunks=True)), (3, dict(survivor_masks=True)),
-     (2, dict(survivor_masks=True, lanes=64, longest_first=False))],
-    ids=["G3", "G4", "G16", "G3-skip", "G3-masks", "G2-masks-lanes64-ascending"],
+     (2, dict(survivor_masks=True, lanes=64, longest_first=False)), (3, dict(survivor_masks=True, running_bound=True))],
+    ids=["G3", "G4", "G16", "G3-skip", "G3-masks", "G2-masks-lanes64-ascending", "G3-masks-running"],
 )  # fmt: skip
 def test_select_kernel_compiles_for_sm90(G, options):
     """The interpreter accepts code the compiler rejects: the selection kernel compiled ahead of time for sm_90 with

@@ -44,6 +44,11 @@ class SelectOptions:
     G = 3, sm_90), then the words become the tokens' survivor lists and the survivors' importances are recomputed,
     on tiles with at least `mask_min_chunks` chunks of pass 3 (shorter tiles: the plain pass 3, since the decoding
     and the recomputation cost about what ~12 chunks save); excludes skip_chunks; not yet timed, so off.
+    running_bound: pass 1 also keeps lane maxima of the importances under its running statistics, rescaled as the
+    normalisers grow (a lower bound at any point), and pass 3 runs on their bound without pass 2; a tile where some
+    token then has more than `cap` survivors runs pass 2 and pass 3 again (exact either way). Pass 1 costs ~64% more
+    per block and pass 2 (its equal in cost) goes; excludes skip_chunks (which reads pass 2's chunk maxima);
+    needs blocks >= lanes (else off); not yet timed, so off.
     longest_first: the grid's first programs take the last tiles of the causal triangle (the most blocks), so that
     the longest tiles do not start last and run alone at the end; the selection does not change."""
 
@@ -60,18 +65,24 @@ class SelectOptions:
     skip_chunks: bool = False
     survivor_masks: bool = False
     mask_min_chunks: int = 16
+    running_bound: bool = False
     longest_first: bool = True
 
     def __post_init__(self):
         tiles = ("rows", "blocks", "lanes", "cap", "warps", "stages", "means_slots")
         _check_positive(self, (*tiles, "interior_min_group", "mask_min_chunks"))
-        for name in ("skip_chunks", "survivor_masks", "longest_first"):
+        for name in ("skip_chunks", "survivor_masks", "running_bound", "longest_first"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SelectOptions.{name}={getattr(self, name)!r}: use True or False.")
         if self.skip_chunks and self.survivor_masks:
             raise ValueError(
                 "SelectOptions(skip_chunks=True, survivor_masks=True): pass 3 either skips chunks or stores survivor "
                 "masks; set one of them."
+            )
+        if self.skip_chunks and self.running_bound:
+            raise ValueError(
+                "SelectOptions(skip_chunks=True, running_bound=True): chunk skipping reads pass 2's chunk maxima, "
+                "which the running bound leaves out; set one of them."
             )
         if self.interior not in (True, False, "auto"):
             raise ValueError(f"SelectOptions.interior={self.interior!r}: use True, False or 'auto'.")

@@ -167,6 +167,50 @@ def _stats_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, b_m, b_l, BD: tl.constexpr,
 
 
 @triton.jit
+def _stats_lane_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane, BT: tl.constexpr, GP: tl.constexpr,
+                      TL: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
+                      DOT_PREC: tl.constexpr):  # fmt: skip
+    """`_stats_chunk`, and lane maxima that bound each token's importances from below while the statistics grow:
+    b_lane [BT, BN] (lane i: blocks j = s0 + i mod BN) first scaled by the token's smallest ratio of a head's old
+    to new normaliser (2^m l; each <= 1), then raised by the chunk's importances under the new statistics. A value
+    from chunk c so scaled up to the end is at most its block's final importance (README.md section 1)."""
+    o_s = s0 + tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    if MASKED:
+        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
+        j = o_s[None, :] - r_base[:, None]
+        b_s = tl.where(j.to(tl.uint32) < tl.maximum(r_nc, 0).to(tl.uint32)[:, None], b_s, float("-inf"))
+    else:
+        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :])
+        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
+    m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    b_e = tl.exp2(b_s - m_use[:, None])
+    old = b_l * tl.exp2(b_m - m_use)
+    l_new = old + tl.sum(b_e, 1)
+    ok = m_r & (l_new > 0)
+    inv = tl.where(ok, 1.0 / tl.where(ok, l_new, 1.0), 0.0)
+    ratio = tl.where(ok, old * inv, 1.0)  # [M]
+    r_tok = tl.reshape(tl.min(tl.reshape(ratio, [BT // TL, GP, TL]), 1), [BT])
+    imp = tl.reshape(tl.sum(tl.reshape(b_e * inv[:, None], [BT // TL, GP, TL, BN]), 1), [BT, BN])
+    return m_new, l_new, tl.maximum(b_lane * r_tok[:, None], imp)
+
+
+@triton.jit
+def _pass1_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane, BT: tl.constexpr, GP: tl.constexpr,
+                 TL: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, RUNNING: tl.constexpr,
+                 DOT_PREC: tl.constexpr):  # fmt: skip
+    """Pass 1 on a chunk: `_stats_lane_chunk` (RUNNING) or `_stats_chunk` (b_lane returned as it came)."""
+    if RUNNING:
+        return _stats_lane_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane, BT, GP, TL, BD, BN,
+                                 MASKED, DOT_PREC)  # fmt: skip
+    else:
+        b_m, b_l = _stats_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, b_m, b_l, BD, BN, MASKED, DOT_PREC)
+        return b_m, b_l, b_lane
+
+
+@triton.jit
 def _token_geometry(doc_start, i_b, i_t, T, off, BT: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr,
                     LOCAL: tl.constexpr, S: tl.constexpr, HAS_DOCS: tl.constexpr):  # fmt: skip
     """Per token of the tile [BT]: (valid, its block, its document's block-0 slot, end of its candidates (SINK <= j
@@ -372,128 +416,13 @@ def _survivor_importances(q_rows, p_kb, p_sf, cnt, b_c, m_t, BT: tl.constexpr, G
         tl.store(p_sf[:, None] + col[None, :], imp, mask=m_c)
 
 
-@triton.jit(do_not_specialize=["T", "TK", "NSLOT", "NCH"])
-def _select_kernel(
-    q,  # [B, T, HQ, D]
-    kbar,  # [B, H, NSLOT, BD]
-    doc_start,  # [B, T] int64 or None
-    scratch,  # [B, T, H, ROW + CAP] float32: the lane maxima (for their ranks), then the survivors' importances;
-    # from column ROW the survivors' blocks (int32 bits)
-    chunk_max,  # SKIP: [B, T, H, NCH] bfloat16, each token's best importance per chunk of pass 2 (else unused)
-    chunk_list,  # SKIP: [B * H, tiles, NCH] int32, each tile's chunks with a survivor (else unused)
-    skip_stats,  # SKIP: int32 [2] or None: pass 3's chunks and the skipped ones, added atomically
-    out,  # [B, T, H, S] int32
-    T,
-    TK,
-    NSLOT,
-    NCH,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
-    BD: tl.constexpr,
-    BS: tl.constexpr,
-    S: tl.constexpr,
-    KP: tl.constexpr,
-    SINK: tl.constexpr,
-    LOCAL: tl.constexpr,
-    BT: tl.constexpr,
-    BN: tl.constexpr,
-    LANES: tl.constexpr,
-    CAP: tl.constexpr,
-    ROW: tl.constexpr,
-    INTERIOR: tl.constexpr,  # pass 1's chunks inside every row's range skip the masks (False: every chunk masked)
-    SKIP: tl.constexpr,  # pass 3 skips the chunks where no token of the tile reaches its bound
-    MASKS: tl.constexpr,  # pass 3 stores survivor masks; the survivors' importances are recomputed afterwards
-    WL: tl.constexpr,  # MASKS: bits per mask word (min(LANES, 32))
-    CC: tl.constexpr,  # MASKS: survivors per step of the recomputation
-    MASK_MIN: tl.constexpr,  # MASKS: tiles with fewer pass-3 chunks take the plain loop
-    LONGEST_FIRST: tl.constexpr,  # the grid's first programs take the last tiles (the most blocks)
-    HAS_DOCS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    i_t = tl.program_id(0)
-    if LONGEST_FIRST:  # causal: a tile's work grows with its index, so the longest start first, not last
-        i_t = tl.num_programs(0) - 1 - i_t
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    HQ: tl.constexpr = H * G
-    M: tl.constexpr = BT * GP
-    TL: tl.constexpr = min(BT, max(1, 16 // GP))  # tokens per run of rows (`_row_token_head`)
-    off = TK - T
-    o_d = tl.arange(0, BD)
-
-    # ---- rows: (token, head of the group), [M]; padded heads (g >= G) are masked out
-    o_r = tl.arange(0, M)
-    r_tt, r_g = _row_token_head(o_r, GP, TL)
-    r_t = i_t * BT + r_tt
-    m_r = (r_t < T) & (r_g < G)
-    if HAS_DOCS:
-        r_ds = tl.load(doc_start + i_b * T + r_t, mask=r_t < T, other=0).to(tl.int32)
-    else:
-        r_ds = tl.zeros([M], dtype=tl.int32)
-    r_nc = (r_t + off - r_ds + 1) // BS  # complete blocks of the row's document
-    r_base = (r_ds + BS - 1) // BS  # slot of the document's block 0
-    p_q = q + (i_b * T * HQ + i_h * G) * D + ((r_t * HQ + r_g) * D)[:, None] + o_d[None, :]
-    # [M, BD]
-    b_q = tl.load(p_q, mask=m_r[:, None] & (o_d < D)[None, :], other=0.0)
-    b_q = b_q.to(kbar.dtype.element_ty)
-    p_kb = kbar + i_bh * NSLOT * BD
-
-    # ---- tokens, [BT]: candidates SINK <= j < t_hi, `budget` of them to choose
-    m_t, t_cur, t_base, t_hi, budget = _token_geometry(doc_start, i_b, i_t, T, off, BT, BS, SINK, LOCAL, S, HAS_DOCS)
-    o_t = i_t * BT + tl.arange(0, BT)
-    lo2 = tl.min(tl.where(m_t, t_base + SINK, NSLOT), 0)
-    hi2 = tl.max(tl.where(m_t, t_base + t_hi, 0), 0)
-    t_n = tl.maximum(t_hi - SINK, 0)
-    o_k = tl.arange(0, KP)
-    p_row = ((i_b * T + o_t) * H + i_h).to(tl.int64)  # [BT] the tokens' scratch rows
-    p_sf = scratch + p_row * (ROW + CAP)
-    p_cm = chunk_max + p_row * NCH  # [BT] (SKIP only)
-
-    # ---- pass 1: per-row softmax max and normaliser over the complete blocks
-    lo = tl.min(tl.where(m_r, r_base, NSLOT), 0)
-    hi = tl.max(tl.where(m_r, r_base + r_nc, 0), 0)
-    b_m = tl.full([M], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([M], dtype=tl.float32)
-    # chunks inside [lo_in, hi_in) hold complete blocks of every valid row and need no masks: with INTERIOR they
-    # run in a loop of their own between the masked chunks before and after them (one loop per kind of chunk, so
-    # that each loop's loads are software-pipelined; a branch inside one loop kept them synchronous)
-    if INTERIOR:
-        lo_in = tl.max(tl.where(m_r, r_base, 0), 0)
-        hi_in = tl.min(tl.where(m_r, r_base + r_nc, NSLOT), 0)
-        n_ch = tl.cdiv(hi - lo, BN)
-        c_lo = tl.minimum(tl.maximum(tl.cdiv(lo_in - lo, BN), 0), n_ch)
-        c_hi = tl.minimum(tl.maximum((hi_in - lo) // BN, c_lo), n_ch)
-        for c in range(0, c_lo):
-            b_m, b_l = _stats_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, b_m, b_l, BD, BN, True, DOT_PREC)
-        for c in range(c_lo, c_hi):
-            b_m, b_l = _stats_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, b_m, b_l, BD, BN, False, DOT_PREC)
-        for c in range(c_hi, n_ch):
-            b_m, b_l = _stats_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, b_m, b_l, BD, BN, True, DOT_PREC)
-    else:
-        for s0 in range(lo, hi, BN):
-            b_m, b_l = _stats_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, b_m, b_l, BD, BN, True, DOT_PREC)
-    # passes 2 and 3 take exp2(logit - (m + log2 l)); rows without a normaliser get BIG there, so exp2 gives 0
-    has_l = m_r & (b_l > 0)
-    b_c = tl.where(has_l, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), 1e30)
-
-    # ---- pass 2: a lower bound on each token's budget-th best importance. Lane i of a chunk keeps the best
-    # importance of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima belong to
-    # distinct candidates, so their budget-th largest cannot exceed the budget-th largest of all candidates.
-    # With INTERIOR the chunks that hold candidates of every valid token (c_lo2 <= c < c_hi2) run without the
-    # candidate mask, in a loop of their own (rows of tokens past T have m + log2 l = BIG: importance 0, and they
-    # choose nothing).
+@triton.jit
+def _pass2_bound(b_q, p_kb, NSLOT, b_c, t_base, t_n, p_sf, p_cm, m_t, budget, lo2, n2, c_lo2, c_hi2,
+                 BT: tl.constexpr, GP: tl.constexpr, TL: tl.constexpr, BD: tl.constexpr, LANES: tl.constexpr,
+                 SINK: tl.constexpr, INTERIOR: tl.constexpr, SKIP: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """Pass 2 (the kernel's comment): each token's lower bound on its budget-th best importance [BT]."""
     b_lane = tl.full([BT, LANES], -1.0, dtype=tl.float32)
-    n2 = tl.cdiv(hi2 - lo2, LANES)
-    c_lo2 = n2
-    c_hi2 = n2
     if INTERIOR:
-        lo_c = tl.max(tl.where(m_t, t_base + SINK, 0), 0)
-        hi_c = tl.min(tl.where(m_t, t_base + t_hi, NSLOT), 0)
-        c_lo2 = tl.minimum(tl.maximum(tl.cdiv(lo_c - lo2, LANES), 0), n2)
-        c_hi2 = tl.minimum(tl.maximum((hi_c - lo2) // LANES, c_lo2), n2)
         for c in range(c_lo2, c_hi2):
             b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane, p_cm + c, m_t,
                                  BT, GP, TL, BD, LANES, SINK, False, SKIP, DOT_PREC)  # fmt: skip
@@ -503,14 +432,15 @@ def _select_kernel(
     for c in range(c_hi2, n2):
         b_lane = _lane_chunk(b_q, p_kb, lo2 + c * LANES, NSLOT, b_c, t_base, t_n, b_lane, p_cm + c, m_t,
                              BT, GP, TL, BD, LANES, SINK, True, SKIP, DOT_PREC)  # fmt: skip
-    bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
+    return _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
 
-    # ---- pass 3: the candidates at or above the bound (about `budget` of them; the same importances bit for
-    # bit: same chunks, same code) go to the token's scratch row, a prefix count giving their columns (one pointer
-    # tensor for both stores: 168 registers instead of 190 at G = 4 with Triton 3.6, three programs per SM instead
-    # of two). The prefix count is a [BT, LANES] x [LANES, LANES] product with a triangle of ones where the tile
-    # allows one: exact (counts <= LANES in float32), and at G = 3 it takes pass 3 from 391 to 309 instructions
-    # per thread and chunk (sm_90, Triton 3.6) by replacing tl.cumsum's scan and its layout conversions.
+
+@triton.jit
+def _pass3(b_q, p_kb, NSLOT, b_c, t_base, t_n, bound, p_sf, p_cm, m_t, lo2, hi2, n2, c_lo2, c_hi2, chunk_list,
+           skip_stats, i_bh, i_t, NCH, BT: tl.constexpr, GP: tl.constexpr, TL: tl.constexpr, BD: tl.constexpr,
+           LANES: tl.constexpr, WL: tl.constexpr, SINK: tl.constexpr, CAP: tl.constexpr, ROW: tl.constexpr,
+           MASKS: tl.constexpr, MASK_MIN: tl.constexpr, SKIP: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """Pass 3 (the kernel's comment) -> each token's survivor count [BT]; the survivors in its scratch row."""
     cnt = tl.zeros([BT], dtype=tl.int32)
     PREFIX_DOT: tl.constexpr = (BT >= 16) & (LANES >= 16)  # the shapes a tensor-core product takes
     o_l = tl.arange(0, LANES)
@@ -574,6 +504,167 @@ def _select_kernel(
         for s0 in range(lo2, hi2, LANES):
             cnt = _survivor_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, bound, cnt, p_sf, tri,
                                   BT, GP, TL, BD, LANES, SINK, CAP, ROW, PREFIX_DOT, DOT_PREC)  # fmt: skip
+    return cnt
+
+
+@triton.jit(do_not_specialize=["T", "TK", "NSLOT", "NCH"])
+def _select_kernel(
+    q,  # [B, T, HQ, D]
+    kbar,  # [B, H, NSLOT, BD]
+    doc_start,  # [B, T] int64 or None
+    scratch,  # [B, T, H, ROW + CAP] float32: the lane maxima (for their ranks), then the survivors' importances;
+    # from column ROW the survivors' blocks (int32 bits)
+    chunk_max,  # SKIP: [B, T, H, NCH] bfloat16, each token's best importance per chunk of pass 2 (else unused)
+    chunk_list,  # SKIP: [B * H, tiles, NCH] int32, each tile's chunks with a survivor (else unused)
+    skip_stats,  # SKIP: int32 [2] or None: pass 3's chunks and the skipped ones, added atomically
+    out,  # [B, T, H, S] int32
+    T,
+    TK,
+    NSLOT,
+    NCH,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    S: tl.constexpr,
+    KP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+    LANES: tl.constexpr,
+    CAP: tl.constexpr,
+    ROW: tl.constexpr,
+    INTERIOR: tl.constexpr,  # pass 1's chunks inside every row's range skip the masks (False: every chunk masked)
+    SKIP: tl.constexpr,  # pass 3 skips the chunks where no token of the tile reaches its bound
+    MASKS: tl.constexpr,  # pass 3 stores survivor masks; the survivors' importances are recomputed afterwards
+    WL: tl.constexpr,  # MASKS: bits per mask word (min(LANES, 32))
+    CC: tl.constexpr,  # MASKS: survivors per step of the recomputation
+    MASK_MIN: tl.constexpr,  # MASKS: tiles with fewer pass-3 chunks take the plain loop
+    RUNNING: tl.constexpr,  # pass 1 also keeps a lower bound (no pass 2 unless a token has more than CAP above it)
+    LONGEST_FIRST: tl.constexpr,  # the grid's first programs take the last tiles (the most blocks)
+    HAS_DOCS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    if LONGEST_FIRST:  # causal: a tile's work grows with its index, so the longest start first, not last
+        i_t = tl.num_programs(0) - 1 - i_t
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    HQ: tl.constexpr = H * G
+    M: tl.constexpr = BT * GP
+    TL: tl.constexpr = min(BT, max(1, 16 // GP))  # tokens per run of rows (`_row_token_head`)
+    off = TK - T
+    o_d = tl.arange(0, BD)
+
+    # ---- rows: (token, head of the group), [M]; padded heads (g >= G) are masked out
+    o_r = tl.arange(0, M)
+    r_tt, r_g = _row_token_head(o_r, GP, TL)
+    r_t = i_t * BT + r_tt
+    m_r = (r_t < T) & (r_g < G)
+    if HAS_DOCS:
+        r_ds = tl.load(doc_start + i_b * T + r_t, mask=r_t < T, other=0).to(tl.int32)
+    else:
+        r_ds = tl.zeros([M], dtype=tl.int32)
+    r_nc = (r_t + off - r_ds + 1) // BS  # complete blocks of the row's document
+    r_base = (r_ds + BS - 1) // BS  # slot of the document's block 0
+    p_q = q + (i_b * T * HQ + i_h * G) * D + ((r_t * HQ + r_g) * D)[:, None] + o_d[None, :]
+    # [M, BD]
+    b_q = tl.load(p_q, mask=m_r[:, None] & (o_d < D)[None, :], other=0.0)
+    b_q = b_q.to(kbar.dtype.element_ty)
+    p_kb = kbar + i_bh * NSLOT * BD
+
+    # ---- tokens, [BT]: candidates SINK <= j < t_hi, `budget` of them to choose
+    m_t, t_cur, t_base, t_hi, budget = _token_geometry(doc_start, i_b, i_t, T, off, BT, BS, SINK, LOCAL, S, HAS_DOCS)
+    o_t = i_t * BT + tl.arange(0, BT)
+    lo2 = tl.min(tl.where(m_t, t_base + SINK, NSLOT), 0)
+    hi2 = tl.max(tl.where(m_t, t_base + t_hi, 0), 0)
+    t_n = tl.maximum(t_hi - SINK, 0)
+    o_k = tl.arange(0, KP)
+    p_row = ((i_b * T + o_t) * H + i_h).to(tl.int64)  # [BT] the tokens' scratch rows
+    p_sf = scratch + p_row * (ROW + CAP)
+    p_cm = chunk_max + p_row * NCH  # [BT] (SKIP only)
+
+    # ---- pass 1: per-row softmax max and normaliser over the complete blocks
+    lo = tl.min(tl.where(m_r, r_base, NSLOT), 0)
+    hi = tl.max(tl.where(m_r, r_base + r_nc, 0), 0)
+    b_m = tl.full([M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([M], dtype=tl.float32)
+    b_lane1 = tl.zeros([BT, BN if RUNNING else 1], dtype=tl.float32)  # RUNNING: lane maxima (`_stats_lane_chunk`)
+    # chunks inside [lo_in, hi_in) hold complete blocks of every valid row and need no masks: with INTERIOR they
+    # run in a loop of their own between the masked chunks before and after them (one loop per kind of chunk, so
+    # that each loop's loads are software-pipelined; a branch inside one loop kept them synchronous)
+    if INTERIOR:
+        lo_in = tl.max(tl.where(m_r, r_base, 0), 0)
+        hi_in = tl.min(tl.where(m_r, r_base + r_nc, NSLOT), 0)
+        n_ch = tl.cdiv(hi - lo, BN)
+        c_lo = tl.minimum(tl.maximum(tl.cdiv(lo_in - lo, BN), 0), n_ch)
+        c_hi = tl.minimum(tl.maximum((hi_in - lo) // BN, c_lo), n_ch)
+        for c in range(0, c_lo):
+            b_m, b_l, b_lane1 = _pass1_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
+                                             BT, GP, TL, BD, BN, True, RUNNING, DOT_PREC)  # fmt: skip
+        for c in range(c_lo, c_hi):
+            b_m, b_l, b_lane1 = _pass1_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
+                                             BT, GP, TL, BD, BN, False, RUNNING, DOT_PREC)  # fmt: skip
+        for c in range(c_hi, n_ch):
+            b_m, b_l, b_lane1 = _pass1_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
+                                             BT, GP, TL, BD, BN, True, RUNNING, DOT_PREC)  # fmt: skip
+    else:
+        for s0 in range(lo, hi, BN):
+            b_m, b_l, b_lane1 = _pass1_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
+                                             BT, GP, TL, BD, BN, True, RUNNING, DOT_PREC)  # fmt: skip
+    # passes 2 and 3 take exp2(logit - (m + log2 l)); rows without a normaliser get BIG there, so exp2 gives 0
+    has_l = m_r & (b_l > 0)
+    b_c = tl.where(has_l, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), 1e30)
+
+    # ---- pass 2: a lower bound on each token's budget-th best importance. Lane i of a chunk keeps the best
+    # importance of the blocks j = i (mod LANES) (elementwise max, no reduction); the lane maxima belong to
+    # distinct candidates, so their budget-th largest cannot exceed the budget-th largest of all candidates.
+    # With INTERIOR the chunks that hold candidates of every valid token (c_lo2 <= c < c_hi2) run without the
+    # candidate mask, in a loop of their own (rows of tokens past T have m + log2 l = BIG: importance 0, and they
+    # choose nothing).
+    n2 = tl.cdiv(hi2 - lo2, LANES)
+    c_lo2 = n2
+    c_hi2 = n2
+    if INTERIOR:
+        lo_c = tl.max(tl.where(m_t, t_base + SINK, 0), 0)
+        hi_c = tl.min(tl.where(m_t, t_base + t_hi, NSLOT), 0)
+        c_lo2 = tl.minimum(tl.maximum(tl.cdiv(lo_c - lo2, LANES), 0), n2)
+        c_hi2 = tl.minimum(tl.maximum((hi_c - lo2) // LANES, c_lo2), n2)
+    # ---- pass 3: the candidates at or above the bound (about `budget` of them; the same importances bit for
+    # bit: same chunks, same code) go to the token's scratch row, a prefix count giving their columns (one pointer
+    # tensor for both stores: 168 registers instead of 190 at G = 4 with Triton 3.6, three programs per SM instead
+    # of two). The prefix count is a [BT, LANES] x [LANES, LANES] product with a triangle of ones where the tile
+    # allows one: exact (counts <= LANES in float32), and at G = 3 it takes pass 3 from 391 to 309 instructions
+    # per thread and chunk (sm_90, Triton 3.6) by replacing tl.cumsum's scan and its layout conversions.
+    if RUNNING:
+        # the bound pass 1 kept (lanes of forced blocks left out, folded to LANES lanes); where some token of the
+        # tile has more than CAP survivors above it, pass 2's tighter bound and pass 3 again (exact either way)
+        o_ln = tl.arange(0, BN)
+        forced = ((o_ln[None, :] - (t_base - lo)[:, None]) & (BN - 1)) < SINK
+        forced |= ((o_ln[None, :] - (t_base + t_hi - lo)[:, None]) & (BN - 1)) < LOCAL
+        b_lane = tl.max(tl.reshape(tl.where(forced, -1.0, b_lane1), [BT, BN // LANES, LANES]), 1)
+        bound = _lane_bound(p_sf, b_lane, budget, m_t, BT, LANES)
+        cnt = _pass3(b_q, p_kb, NSLOT, b_c, t_base, t_n, bound, p_sf, p_cm, m_t, lo2, hi2, n2, c_lo2, c_hi2,
+                     chunk_list, skip_stats, i_bh, i_t, NCH, BT, GP, TL, BD, LANES, WL, SINK, CAP, ROW, MASKS,
+                     MASK_MIN, SKIP, DOT_PREC)  # fmt: skip
+        tl.debug_barrier()
+        if tl.max(cnt, 0) > CAP:
+            bound = _pass2_bound(b_q, p_kb, NSLOT, b_c, t_base, t_n, p_sf, p_cm, m_t, budget, lo2, n2, c_lo2, c_hi2,
+                                 BT, GP, TL, BD, LANES, SINK, INTERIOR, SKIP, DOT_PREC)  # fmt: skip
+            cnt = _pass3(b_q, p_kb, NSLOT, b_c, t_base, t_n, bound, p_sf, p_cm, m_t, lo2, hi2, n2, c_lo2, c_hi2,
+                         chunk_list, skip_stats, i_bh, i_t, NCH, BT, GP, TL, BD, LANES, WL, SINK, CAP, ROW, MASKS,
+                         MASK_MIN, SKIP, DOT_PREC)  # fmt: skip
+    else:
+        bound = _pass2_bound(b_q, p_kb, NSLOT, b_c, t_base, t_n, p_sf, p_cm, m_t, budget, lo2, n2, c_lo2, c_hi2,
+                             BT, GP, TL, BD, LANES, SINK, INTERIOR, SKIP, DOT_PREC)  # fmt: skip
+        cnt = _pass3(b_q, p_kb, NSLOT, b_c, t_base, t_n, bound, p_sf, p_cm, m_t, lo2, hi2, n2, c_lo2, c_hi2,
+                     chunk_list, skip_stats, i_bh, i_t, NCH, BT, GP, TL, BD, LANES, WL, SINK, CAP, ROW, MASKS,
+                     MASK_MIN, SKIP, DOT_PREC)  # fmt: skip
+    masked = MASKS and n2 >= MASK_MIN
     tl.debug_barrier()
     if tl.max(cnt, 0) > CAP:
         j_top = _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_c, t_base, t_n, bound,
@@ -653,7 +744,8 @@ def select_kernel_config(H: int, G: int, D: int, block_size: int, block_count: i
         LOCAL=local_blocks, BT=max(1, opt.rows // GP), BN=next_pow2(opt.blocks), LANES=lanes, CAP=cap,
         ROW=max(cap, lanes), INTERIOR=GP >= opt.interior_min_group if opt.interior == "auto" else opt.interior,
         SKIP=opt.skip_chunks, MASKS=opt.survivor_masks, WL=min(lanes, 32), CC=8,
-        MASK_MIN=opt.mask_min_chunks, LONGEST_FIRST=opt.longest_first,
+        MASK_MIN=opt.mask_min_chunks,
+        RUNNING=opt.running_bound and next_pow2(opt.blocks) >= lanes, LONGEST_FIRST=opt.longest_first,
         HAS_DOCS=has_docs, DOT_PREC=dot_precision(dtype),
     )  # fmt: skip
     launch = dict(num_warps=opt.warps, num_stages=opt.stages)
