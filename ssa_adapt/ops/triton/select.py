@@ -142,11 +142,17 @@ def _row_token_head(o_r, GP: tl.constexpr, TL: tl.constexpr):
 
 
 @triton.jit
-def _stats_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, b_m, b_l, BD: tl.constexpr, BN: tl.constexpr,
-                 MASKED: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+def _stats_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane, BT: tl.constexpr, GP: tl.constexpr,
+                 TL: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, RUNNING: tl.constexpr,
+                 DOT_PREC: tl.constexpr):  # fmt: skip
     """Pass 1's online softmax statistics (max b_m, normaliser b_l, [M]) updated with the chunk of slots
     [s0, s0 + BN). MASKED: logits of blocks that are not complete blocks of the row's document become -inf (a chunk
-    inside every row's complete blocks needs no mask: the same values)."""
+    inside every row's complete blocks needs no mask: the same values).
+    RUNNING: also lane maxima that bound each token's importances from below while the statistics grow: b_lane
+    [BT, BN] (lane i: blocks j = s0 + i mod BN) first scaled by the token's smallest ratio of a head's old to new
+    normaliser (2^m l; each <= 1), then raised by the chunk's importances under the new statistics; a value from
+    chunk c so scaled up to the end is at most its block's final importance (README.md section 1). Else b_lane is
+    returned as it came."""
     o_s = s0 + tl.arange(0, BN)
     o_d = tl.arange(0, BD)
     if MASKED:
@@ -163,51 +169,16 @@ def _stats_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, b_m, b_l, BD: tl.constexpr,
     m_new = tl.maximum(b_m, tl.max(b_s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     b_e = tl.exp2(b_s - m_use[:, None])
-    return m_new, b_l * tl.exp2(b_m - m_use) + tl.sum(b_e, 1)
-
-
-@triton.jit
-def _stats_lane_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane, BT: tl.constexpr, GP: tl.constexpr,
-                      TL: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
-                      DOT_PREC: tl.constexpr):  # fmt: skip
-    """`_stats_chunk`, and lane maxima that bound each token's importances from below while the statistics grow:
-    b_lane [BT, BN] (lane i: blocks j = s0 + i mod BN) first scaled by the token's smallest ratio of a head's old
-    to new normaliser (2^m l; each <= 1), then raised by the chunk's importances under the new statistics. A value
-    from chunk c so scaled up to the end is at most its block's final importance (README.md section 1)."""
-    o_s = s0 + tl.arange(0, BN)
-    o_d = tl.arange(0, BD)
-    if MASKED:
-        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :], mask=(o_s < NSLOT)[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
-        j = o_s[None, :] - r_base[:, None]
-        b_s = tl.where(j.to(tl.uint32) < tl.maximum(r_nc, 0).to(tl.uint32)[:, None], b_s, float("-inf"))
-    else:
-        b_kb = tl.load(p_kb + o_s[:, None] * BD + o_d[None, :])
-        b_s = tl.dot(b_q, tl.trans(b_kb), input_precision=DOT_PREC)
-    m_new = tl.maximum(b_m, tl.max(b_s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    b_e = tl.exp2(b_s - m_use[:, None])
     old = b_l * tl.exp2(b_m - m_use)
     l_new = old + tl.sum(b_e, 1)
-    ok = m_r & (l_new > 0)
-    inv = tl.where(ok, 1.0 / tl.where(ok, l_new, 1.0), 0.0)
-    ratio = tl.where(ok, old * inv, 1.0)  # [M]
-    r_tok = tl.reshape(tl.min(tl.reshape(ratio, [BT // TL, GP, TL]), 1), [BT])
-    imp = tl.reshape(tl.sum(tl.reshape(b_e * inv[:, None], [BT // TL, GP, TL, BN]), 1), [BT, BN])
-    return m_new, l_new, tl.maximum(b_lane * r_tok[:, None], imp)
-
-
-@triton.jit
-def _pass1_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane, BT: tl.constexpr, GP: tl.constexpr,
-                 TL: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, RUNNING: tl.constexpr,
-                 DOT_PREC: tl.constexpr):  # fmt: skip
-    """Pass 1 on a chunk: `_stats_lane_chunk` (RUNNING) or `_stats_chunk` (b_lane returned as it came)."""
     if RUNNING:
-        return _stats_lane_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane, BT, GP, TL, BD, BN,
-                                 MASKED, DOT_PREC)  # fmt: skip
-    else:
-        b_m, b_l = _stats_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, b_m, b_l, BD, BN, MASKED, DOT_PREC)
-        return b_m, b_l, b_lane
+        ok = m_r & (l_new > 0)
+        inv = tl.where(ok, 1.0 / tl.where(ok, l_new, 1.0), 0.0)
+        ratio = tl.where(ok, old * inv, 1.0)  # [M]
+        r_tok = tl.reshape(tl.min(tl.reshape(ratio, [BT // TL, GP, TL]), 1), [BT])
+        imp = tl.reshape(tl.sum(tl.reshape(b_e * inv[:, None], [BT // TL, GP, TL, BN]), 1), [BT, BN])
+        b_lane = tl.maximum(b_lane * r_tok[:, None], imp)
+    return m_new, l_new, b_lane
 
 
 @triton.jit
@@ -593,7 +564,7 @@ def _select_kernel(
     hi = tl.max(tl.where(m_r, r_base + r_nc, 0), 0)
     b_m = tl.full([M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([M], dtype=tl.float32)
-    b_lane1 = tl.zeros([BT, BN if RUNNING else 1], dtype=tl.float32)  # RUNNING: lane maxima (`_stats_lane_chunk`)
+    b_lane1 = tl.zeros([BT, BN if RUNNING else 1], dtype=tl.float32)  # RUNNING: lane maxima (`_stats_chunk`)
     # chunks inside [lo_in, hi_in) hold complete blocks of every valid row and need no masks: with INTERIOR they
     # run in a loop of their own between the masked chunks before and after them (one loop per kind of chunk, so
     # that each loop's loads are software-pipelined; a branch inside one loop kept them synchronous)
@@ -604,17 +575,17 @@ def _select_kernel(
         c_lo = tl.minimum(tl.maximum(tl.cdiv(lo_in - lo, BN), 0), n_ch)
         c_hi = tl.minimum(tl.maximum((hi_in - lo) // BN, c_lo), n_ch)
         for c in range(0, c_lo):
-            b_m, b_l, b_lane1 = _pass1_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
+            b_m, b_l, b_lane1 = _stats_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
                                              BT, GP, TL, BD, BN, True, RUNNING, DOT_PREC)  # fmt: skip
         for c in range(c_lo, c_hi):
-            b_m, b_l, b_lane1 = _pass1_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
+            b_m, b_l, b_lane1 = _stats_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
                                              BT, GP, TL, BD, BN, False, RUNNING, DOT_PREC)  # fmt: skip
         for c in range(c_hi, n_ch):
-            b_m, b_l, b_lane1 = _pass1_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
+            b_m, b_l, b_lane1 = _stats_chunk(b_q, p_kb, lo + c * BN, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
                                              BT, GP, TL, BD, BN, True, RUNNING, DOT_PREC)  # fmt: skip
     else:
         for s0 in range(lo, hi, BN):
-            b_m, b_l, b_lane1 = _pass1_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
+            b_m, b_l, b_lane1 = _stats_chunk(b_q, p_kb, s0, NSLOT, r_base, r_nc, m_r, b_m, b_l, b_lane1,
                                              BT, GP, TL, BD, BN, True, RUNNING, DOT_PREC)  # fmt: skip
     # passes 2 and 3 take exp2(logit - (m + log2 l)); rows without a normaliser get BIG there, so exp2 gives 0
     has_l = m_r & (b_l > 0)
