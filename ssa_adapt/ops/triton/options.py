@@ -46,9 +46,9 @@ class SelectOptions:
     and the recomputation cost about what ~12 chunks save); excludes skip_chunks; not yet timed, so off.
     running_bound: pass 1 also keeps lane maxima of the importances under its running statistics, rescaled as the
     normalisers grow (a lower bound at any point), and pass 3 runs on their bound without pass 2; a tile where some
-    token then has more than `cap` survivors runs pass 2 and pass 3 again (exact either way). Pass 1 costs ~64% more
-    per block and pass 2 (its equal in cost) goes; excludes skip_chunks (which reads pass 2's chunk maxima);
-    needs blocks >= lanes (else off); not yet timed, so off.
+    token then has more than `cap` survivors runs pass 2 and pass 3 again (exact either way). At G = 3 pass 1 costs
+    ~64% more per block (sm_90) and pass 2 (1.3x pass 1's default) goes; excludes skip_chunks (which reads pass 2's
+    chunk maxima); needs blocks >= lanes (else off); not yet timed, so off.
     longest_first: the grid's first programs take the last tiles of the causal triangle (the most blocks), so that
     the longest tiles do not start last and run alone at the end; the selection does not change."""
 
