@@ -218,10 +218,9 @@ def run_case(c, device) -> dict:
         running = KernelOptions(select=dataclasses.replace(select_opts, running_bound=True), poison=True)
         res["select_running_equal"] = float(torch.equal(got, triton_ops.select_blocks(q, k, options=running, **sel)))
     res["select_written"] = float(bool(((got >= -1) & (got < 2**20)).all()))
-    # pass 3 storing survivor masks (the survivors' importances recomputed): held to the reference within ties (the
-    # recomputed importances may round differently from pass 3's)
-    # with pass 1's running bound in place of pass 2's (pass 2 and pass 3 again where it lets more than the scratch
-    # row through)
+    # pass 3 storing survivor masks (the survivors' importances recomputed), on pass 1's running bound (pass 2 and
+    # pass 3 again where it lets more than the scratch row through): held to the reference within ties, since the
+    # recomputed importances may round differently from pass 3's
     masks = dataclasses.replace(select_opts, survivor_masks=True, skip_chunks=False, running_bound=True)
     if rows == T:  # short cases: on every tile; the long ones keep the threshold (plain and masked tiles mixed)
         masks = dataclasses.replace(masks, mask_min_chunks=1)

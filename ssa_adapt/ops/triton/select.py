@@ -305,7 +305,8 @@ def _survivor_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, bound, cnt, p_sf, tr
 
 @triton.jit
 def _popc(x):
-    """Set bits of each uint32 element -> int32 (SWAR: the interpreter has no popcount; used once per word)."""
+    """Set bits of each uint32 element -> int32. Written out (SWAR) since the interpreter has no popcount; ptxas
+    compiles it to one POPC."""
     x = x - ((x >> 1) & 0x55555555)
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F
@@ -323,7 +324,7 @@ def _mask_chunk(b_q, p_kb, s0, NSLOT, b_c, t_base, t_n, bound, bit, p_w, m_t, BT
     W: tl.constexpr = LANES // WL
     b_s = _chunk_logits(b_q, p_kb, s0, NSLOT, BD, LANES, DOT_PREC)
     if MASKED:
-        b_i, jt = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
+        b_i, _ = _importances(b_s, s0, b_c, t_base, t_n, BT, GP, TL, LANES, SINK)
     else:
         b_i = _group_probabilities(b_s, b_c, BT, GP, TL, LANES)
     keep = tl.reshape(b_i >= bound[:, None], [BT, W, WL])
@@ -629,13 +630,13 @@ def _select_kernel(
             cnt = _pass3(b_q, p_kb, NSLOT, b_c, t_base, t_n, bound, p_sf, p_cm, m_t, lo2, hi2, n2, c_lo2, c_hi2,
                          chunk_list, skip_stats, i_bh, i_t, NCH, BT, GP, TL, BD, LANES, WL, SINK, CAP, ROW, MASKS,
                          MASK_MIN, SKIP, DOT_PREC)  # fmt: skip
-    else:
+    else:  # written out again, not shared with the retry: a shared runtime branch would enter the default kernel
         bound = _pass2_bound(b_q, p_kb, NSLOT, b_c, t_base, t_n, p_sf, p_cm, m_t, budget, lo2, n2, c_lo2, c_hi2,
                              BT, GP, TL, BD, LANES, SINK, INTERIOR, SKIP, DOT_PREC)  # fmt: skip
         cnt = _pass3(b_q, p_kb, NSLOT, b_c, t_base, t_n, bound, p_sf, p_cm, m_t, lo2, hi2, n2, c_lo2, c_hi2,
                      chunk_list, skip_stats, i_bh, i_t, NCH, BT, GP, TL, BD, LANES, WL, SINK, CAP, ROW, MASKS,
                      MASK_MIN, SKIP, DOT_PREC)  # fmt: skip
-    masked = MASKS and n2 >= MASK_MIN
+    masked = MASKS and n2 >= MASK_MIN  # as `_pass3` decided
     tl.debug_barrier()
     if tl.max(cnt, 0) > CAP:
         j_top = _exact_fallback(b_q, p_kb, lo2, hi2, NSLOT, b_c, t_base, t_n, bound,
